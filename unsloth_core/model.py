@@ -1,0 +1,277 @@
+"""The Llama architecture: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, and a static KV cache.
+
+Shape legend used in comments:
+    B  batch            T  tokens in this call          S  KV-cache slots (static, preallocated)
+    C  hidden size      H  query heads                  KVH key/value heads (GQA: H is a multiple of KVH)
+    D  head dim         V  vocabulary
+
+Parameter names are exactly HF transformers' (`model.layers.0.self_attn.q_proj.weight`, ...), so HF checkpoints
+load without remapping and adapters get PEFT's key names. RoPE uses HF's half-split layout; llama.cpp's
+interleaved layout is undone once, at GGUF import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unsloth_core import kernels
+from unsloth_core.config import LlamaConfig
+
+
+@dataclass
+class CausalLMOutput:
+    """What `Llama.forward` returns, with transformers' field names so user code ports unchanged."""
+
+    logits: Tensor | None = None
+    loss: Tensor | None = None
+    loss_sum: Tensor | None = None  # summed token losses, for normalising over a whole accumulation window
+    n_tokens: Tensor | None = None  # number of target (non -100) tokens behind loss_sum
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(config: LlamaConfig) -> Tensor:
+    """Inverse frequencies (D/2,), in fp32, with llama3 frequency scaling when the config asks for it."""
+    d = config.d_head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, and the band between is interpolated.
+    factor = scaling["factor"]
+    low_freq_wavelen = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+    high_freq_wavelen = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (scaling["original_max_position_embeddings"] / wavelen - scaling["low_freq_factor"]) / (
+        scaling["high_freq_factor"] - scaling["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (B, T, D) for the given positions; computed in fp32, then cast, as HF does."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values (B, KVH, S, D): shapes never change, so a compiled decode step never retraces."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_slots: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, KVH, T, D) at slots `input_pos` (T,) and return the whole cache."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.n_kv_heads, config.d_head
+        c, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = kernels.rope(q, k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, KVH, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        c, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(c, i, bias=bias)
+        self.up_proj = nn.Linear(c, i, bias=bias)
+        self.down_proj = nn.Linear(i, c, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF's `LlamaModel`: embeddings, the blocks and the final norm (named `model` inside `Llama`)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def attention_mask_4d(attention_mask: Tensor | None, position_ids: Tensor | None, t: int,
+                      device: torch.device) -> Tensor | None:
+    """Boolean mask (B, 1, T, T) for a cache-less forward, or None when plain causal attention is exact.
+
+    Keys are hidden when padding (`attention_mask` == 0) or when they belong to another sample of a packed row:
+    a sample starts wherever `position_ids` resets to 0, so packed samples never attend to each other.
+    """
+    packed = position_ids is not None and t > 1 and bool((position_ids[:, 1:] == 0).any())
+    if attention_mask is None and not packed:
+        return None
+    mask = torch.ones(t, t, dtype=torch.bool, device=device).tril()[None]  # (1, T, T)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]
+    if packed:
+        assert position_ids is not None
+        doc = (position_ids == 0).cumsum(-1)  # (B, T): which sample of the row each token belongs to
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    # A query whose keys are all hidden (a left-padding position) would make softmax NaN; let it see itself.
+    mask = mask | torch.eye(t, dtype=torch.bool, device=device)
+    return mask[:, None]
+
+
+class Llama(nn.Module):
+    """Llama for causal LM: `forward(input_ids, position_ids, attention_mask, labels)` as in transformers."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
+
+    # ---- construction ----
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
+        """Random init as HF's `initializer_range`: normal(0, std) for linear and embedding weights, ones for norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                with torch.no_grad():
+                    module.weight.copy_(w)
+                    if isinstance(module, nn.Linear) and module.bias is not None:
+                        module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Rebuild non-persistent buffers (after building on the meta device and loading weights)."""
+        device = device if device is not None else self.lm_head.weight.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        self.causal_mask = torch.empty(0, dtype=torch.bool, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ---- KV cache ----
+
+    def setup_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a static KV cache for generation; slots are rounded up to a multiple of 8."""
+        max_slots = (max_seq_length + 7) // 8 * 8
+        dtype = dtype or self.dtype
+        for block in self.model.layers:
+            block.self_attn.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_slots, self.config.d_head,
+                                               dtype, self.device)
+        self.causal_mask = torch.ones(max_slots, max_slots, dtype=torch.bool, device=self.device).tril()
+
+    def clear_caches(self) -> None:
+        for block in self.model.layers:
+            block.self_attn.kv_cache = None
+        self.causal_mask = torch.empty(0, dtype=torch.bool, device=self.device)
+
+    @property
+    def cache_slots(self) -> int:
+        return self.causal_mask.size(0)
+
+    # ---- forward ----
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None,
+                      attention_mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, C).
+
+        Without a cache, `attention_mask` (B, T) marks real tokens. With a cache (`input_pos` (T,) = the slots these
+        tokens occupy), `attention_mask` (B, S) marks which cache slots hold real tokens, and `position_ids` carry
+        each sample's own positions (they differ from the slots when prompts are left-padded).
+        """
+        b, t = input_ids.shape
+        if position_ids is None:
+            start = 0 if input_pos is None else input_pos[:1]
+            position_ids = (torch.arange(t, device=input_ids.device) + start).expand(b, t)
+        if input_pos is not None:
+            mask = self.causal_mask[input_pos][None, None]  # (1, 1, T, S)
+            if attention_mask is not None:
+                mask = mask & attention_mask.bool()[:, None, None, :]
+        else:
+            mask = attention_mask_4d(attention_mask, position_ids, t, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_tables(self.inv_freq, position_ids, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, input_pos)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, input_pos: Tensor | None = None,
+                return_logits: bool = True) -> CausalLMOutput:
+        """Logits (B, T, V) and, given `labels` (B, T), the mean next-token loss over labels != -100.
+
+        Labels are shifted inside, as in transformers. `return_logits=False` with labels computes the loss chunk by
+        chunk so the full logits never exist (the training path).
+        """
+        h = self.hidden_states(input_ids, position_ids, attention_mask, input_pos)
+        out = CausalLMOutput()
+        if return_logits:
+            out.logits = self.lm_head(h)
+        if labels is not None:
+            shifted = F.pad(labels, (0, 1), value=kernels.IGNORE_INDEX)[:, 1:]
+            out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(h.reshape(-1, h.size(-1)),
+                                                                      self.lm_head.weight, shifted.reshape(-1))
+            out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+        return out
