@@ -13,6 +13,9 @@ from unsloth_core.model import Llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter; it must be on before any kernel is decorated.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
