@@ -59,9 +59,8 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ModelFormatError(
-                    f"rope scaling of type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-                )
+                supported = ", ".join(SUPPORTED_ROPE_TYPES)
+                raise ModelFormatError(f"rope scaling of type {rope_type!r} is not supported (supported: {supported})")
             if rope_type == "default":
                 self.rope_scaling = None
             else:

@@ -160,14 +160,15 @@ def build_tokenizer(f: GGUFFile) -> tuple[Any, dict[str, Any]]:
 
     bos = name("bos")
     add_bos = bool(f.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    if add_bos:
+    if add_bos and bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, tokens.index(bos))])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     config: dict[str, Any] = {
         "bos_token": bos, "eos_token": name("eos"), "pad_token": name("padding"), "unk_token": name("unknown"),
-        "add_bos_token": add_bos, "clean_up_tokenization_spaces": False, "model_max_length": f.get(f"{f.arch}.context_length", 2048), "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos, "clean_up_tokenization_spaces": False,
+        "model_max_length": f.get(f"{f.arch}.context_length", 2048), "tokenizer_class": "PreTrainedTokenizerFast",
     }
     template = f.get("tokenizer.chat_template")
     if template:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,9 @@ def rope_tables(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> t
 class KVCache(nn.Module):
     """Preallocated keys and values (B, KVH, S, D): shapes never change, so a compiled decode step never retraces."""
 
+    k: Tensor
+    v: Tensor
+
     def __init__(self, batch_size: int, n_kv_heads: int, max_slots: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -107,6 +111,8 @@ class Attention(nn.Module):
         q, k = kernels.rope(q, k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, KVH, S, D)
+            if mask is not None and mask.size(-1) < k.size(2):  # eager decoding reads only the slots in use
+                k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
@@ -169,18 +175,33 @@ def attention_mask_4d(attention_mask: Tensor | None, position_ids: Tensor | None
     return mask[:, None]
 
 
+def cache_mask(input_pos: Tensor, slot_mask: Tensor | None) -> Tensor:
+    """Boolean mask (B, 1, T, S') for queries at cache slots `input_pos` (T,) over keys in slots [0, S').
+
+    Causal over slots, restricted to slots `slot_mask` (B, S') marks as real. Each query also sees its own slot,
+    so a padding query never has every key hidden (softmax over nothing is NaN).
+    """
+    n_slots = slot_mask.size(-1) if slot_mask is not None else int(input_pos.max()) + 1
+    slots = torch.arange(n_slots, device=input_pos.device)
+    causal = slots[None, :] <= input_pos[:, None]  # (T, S')
+    mask = causal[None, None] if slot_mask is None else causal[None, None] & slot_mask.bool()[:, None, None, :]
+    return mask | (slots[None, :] == input_pos[:, None])[None, None]
+
+
 class Llama(nn.Module):
     """Llama for causal LM: `forward(input_ids, position_ids, attention_mask, labels)` as in transformers."""
+
+    inv_freq: Tensor
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
+        self.lora_config: Any = None  # a LoRAConfig once unsloth_core.lora has injected adapters
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
 
     # ---- construction ----
 
@@ -201,7 +222,6 @@ class Llama(nn.Module):
         """Rebuild non-persistent buffers (after building on the meta device and loading weights)."""
         device = device if device is not None else self.lm_head.weight.device
         self.inv_freq = rope_inv_freq(self.config).to(device)
-        self.causal_mask = torch.empty(0, dtype=torch.bool, device=device)
 
     @property
     def device(self) -> torch.device:
@@ -211,25 +231,28 @@ class Llama(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def blocks(self) -> list[Block]:
+        return [cast(Block, b) for b in self.model.layers]
+
     # ---- KV cache ----
 
     def setup_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate a static KV cache for generation; slots are rounded up to a multiple of 8."""
         max_slots = (max_seq_length + 7) // 8 * 8
         dtype = dtype or self.dtype
-        for block in self.model.layers:
+        for block in self.blocks():
             block.self_attn.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_slots, self.config.d_head,
                                                dtype, self.device)
-        self.causal_mask = torch.ones(max_slots, max_slots, dtype=torch.bool, device=self.device).tril()
 
     def clear_caches(self) -> None:
-        for block in self.model.layers:
+        for block in self.blocks():
             block.self_attn.kv_cache = None
-        self.causal_mask = torch.empty(0, dtype=torch.bool, device=self.device)
 
     @property
-    def cache_slots(self) -> int:
-        return self.causal_mask.size(0)
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(batch, slots) of the KV cache, or None when there is none."""
+        cache = self.blocks()[0].self_attn.kv_cache
+        return None if cache is None else (cache.k.size(0), cache.k.size(2))
 
     # ---- forward ----
 
@@ -238,22 +261,20 @@ class Llama(nn.Module):
         """Final-norm hidden states (B, T, C).
 
         Without a cache, `attention_mask` (B, T) marks real tokens. With a cache (`input_pos` (T,) = the slots these
-        tokens occupy), `attention_mask` (B, S) marks which cache slots hold real tokens, and `position_ids` carry
-        each sample's own positions (they differ from the slots when prompts are left-padded).
+        tokens occupy), `attention_mask` (B, S') marks which of the first S' cache slots hold real tokens (S' may be
+        less than the cache's S: attention then reads only those slots), and `position_ids` carry each sample's own
+        positions (they differ from the slots when prompts are left-padded).
         """
         b, t = input_ids.shape
         if position_ids is None:
-            start = 0 if input_pos is None else input_pos[:1]
-            position_ids = (torch.arange(t, device=input_ids.device) + start).expand(b, t)
-        if input_pos is not None:
-            mask = self.causal_mask[input_pos][None, None]  # (1, 1, T, S)
-            if attention_mask is not None:
-                mask = mask & attention_mask.bool()[:, None, None, :]
-        else:
-            mask = attention_mask_4d(attention_mask, position_ids, t, input_ids.device)
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            if input_pos is not None:
+                position_ids = position_ids + input_pos[:1]
+        mask = (cache_mask(input_pos, attention_mask) if input_pos is not None
+                else attention_mask_4d(attention_mask, position_ids, t, input_ids.device))
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(self.inv_freq, position_ids, x.dtype)
-        for block in self.model.layers:
+        for block in self.blocks():
             x = block(x, cos, sin, mask, input_pos)
         return self.model.norm(x)
 

@@ -135,7 +135,8 @@ class Tokenizer:
     def _template(self) -> jinja2.Template:
         if not self.chat_template:
             raise ModelFormatError("this tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -1,0 +1,303 @@
+"""Generation over a static KV cache: prefill, a one-token decode step, sampling, stop handling, streaming.
+
+The decode step has static shapes (whole cache, tensor positions), so on a GPU it is compiled once with
+`torch.compile(mode="reduce-overhead")` (CUDA graphs) and the loop never waits on the host: tokens are read back
+every `sync_every` steps, not every step. On the CPU it runs eagerly and attends only to the slots in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from unsloth_core.errors import ContextLengthError
+from unsloth_core.model import Llama
+from unsloth_core.sampling import Sampler, SamplingParams
+from unsloth_core.tokenizer import StreamDecoder, Tokenizer
+
+FinishReason = Literal["stop", "length"]
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), most likely first
+
+
+@dataclass
+class Delta:
+    """What one row produced since the last event: text (possibly empty while a character or a possible stop
+    string is held back), the new tokens, and on the last event of the row its finish reason."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class _Row:
+    """Host-side state of one sequence: its text so far, stop strings, and what has been emitted."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, params: SamplingParams, stop_ids: set[int]) -> None:
+        self.index, self.params, self.stop_ids = index, params, stop_ids
+        self.decoder = StreamDecoder(tokenizer, params.skip_special_tokens)
+        self.text = ""  # decoded so far
+        self.emitted = 0  # characters of self.text already handed out
+        self.token_ids: list[int] = []
+        self.finish: FinishReason | None = None
+
+    def push(self, token_id: int) -> None:
+        if token_id in self.stop_ids:
+            self.text += self.decoder.flush()
+            self.finish = "stop"  # an EOS / stop token ends the text and is not part of it
+            return
+        self.token_ids.append(token_id)
+        self.text += self.decoder.push(token_id)
+        if self._cut_at_stop_string():
+            return
+        if len(self.token_ids) >= self.params.max_new_tokens:
+            self.text += self.decoder.flush()
+            self._cut_at_stop_string()
+            self.finish = self.finish or "length"
+
+    def _cut_at_stop_string(self) -> bool:
+        # A stop string may straddle tokens; search from just before the unemitted text.
+        start = max(0, self.emitted - max((len(s) for s in self.params.stop), default=0))
+        hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish = "stop"
+        return bool(hits)
+
+    def take(self) -> str:
+        """Text safe to hand out: everything, once finished; else all but a tail that could begin a stop string."""
+        end = len(self.text)
+        if self.finish is None:
+            for s in self.params.stop:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        end = max(end, self.emitted)
+        out, self.emitted = self.text[self.emitted:end], end
+        return out
+
+
+class Generator:
+    """Generates from a model and tokenizer. One instance per model; not thread-safe (one call at a time)."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, compile: bool | None = None,
+                 max_seq_length: int | None = None, sync_every: int = 8) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_seq_length = min(max_seq_length or model.config.max_position_embeddings,
+                                  model.config.max_position_embeddings)
+        self.compile = model.device.type == "cuda" if compile is None else compile
+        self.sync_every = sync_every if self.compile else 1
+        self._decode: Callable[..., Tensor] | None = None
+
+    # ---- the model steps ----
+
+    def _prefill(self, tokens: Tensor, slot_mask: Tensor, positions: Tensor) -> Tensor:
+        t = tokens.size(1)
+        input_pos = torch.arange(t, device=tokens.device)
+        hidden = self.model.hidden_states(tokens, positions, slot_mask[:, :t], input_pos)
+        return self.model.lm_head(hidden[:, -1]).float()  # only the last position's logits are needed
+
+    def _decode_step(self, tokens: Tensor, input_pos: Tensor, positions: Tensor, slot_mask: Tensor) -> Tensor:
+        hidden = self.model.hidden_states(tokens, positions, slot_mask, input_pos)
+        return self.model.lm_head(hidden[:, -1]).float()
+
+    def _decoder(self) -> Callable[..., Tensor]:
+        if self._decode is None:
+            fn = self._decode_step
+            self._decode = torch.compile(fn, mode="reduce-overhead", fullgraph=True) if self.compile else fn
+        return self._decode
+
+    # ---- public API ----
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if n_prompt + max_new_tokens > self.max_seq_length:
+            raise ContextLengthError(
+                f"the prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, "
+                f"{n_prompt + max_new_tokens} in all; this model's context is {self.max_seq_length} tokens. "
+                f"Shorten the prompt or ask for fewer tokens."
+            )
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Complete each prompt; returns one Completion per prompt, in order."""
+        batch = self._as_batch(prompts)
+        texts: dict[int, list[str]] = {i: [] for i in range(len(batch))}
+        done: dict[int, Completion] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(batch))}
+        token_ids: dict[int, list[int]] = {i: [] for i in range(len(batch))}
+        for deltas in self.stream(batch, params):
+            for d in deltas:
+                texts[d.index].append(d.text)
+                token_ids[d.index].extend(d.token_ids)
+                if d.logprobs is not None:
+                    logprobs[d.index].extend(d.logprobs)
+                if d.finish_reason is not None:
+                    done[d.index] = Completion(d.index, "".join(texts[d.index]), token_ids[d.index], d.finish_reason,
+                                               len(self.encode_prompt(batch[d.index])),
+                                               logprobs[d.index] if d.logprobs is not None else None)
+        return [done[i] for i in range(len(batch))]
+
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[list[Delta]]:
+        """Yield, after each decode step, the deltas of rows that produced something.
+
+        Closing the iterator (a client that went away) stops the generation at the next step.
+        """
+        batch = self._as_batch(prompts)
+        params = params or SamplingParams()
+        per_row = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
+        if len(per_row) != len(batch):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [self.encode_prompt(p) for p in batch]
+        for row_ids, p in zip(ids, per_row):
+            self.check_context(len(row_ids), p.max_new_tokens)
+        with torch.inference_mode():
+            yield from self._run(ids, per_row)
+
+    @staticmethod
+    def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        if len(prompts) and isinstance(prompts[0], int):
+            return [list(prompts)]  # type: ignore[arg-type]  # one prompt given as token ids
+        return list(prompts)  # type: ignore[arg-type]
+
+    # ---- the loop ----
+
+    def _setup(self, batch_size: int, n_slots: int) -> int:
+        """Make sure a cache of at least (batch_size, n_slots) exists; return its slot count."""
+        if self.compile:
+            n_slots = self.max_seq_length  # one static shape: the compiled step is captured once
+        shape = self.model.cache_shape
+        if shape is None or shape[0] != batch_size or shape[1] < n_slots or (not self.compile and shape[1] > 2 *
+                                                                              n_slots + 64):
+            self.model.setup_caches(batch_size, n_slots)
+            shape = self.model.cache_shape
+            assert shape is not None
+        return shape[1]
+
+    def _run(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[Delta]]:
+        dev, b = self.model.device, len(ids)
+        t = max(len(x) for x in ids)
+        max_new = max(p.max_new_tokens for p in params)
+        n_slots = self._setup(b, t + max_new)
+        # Left-pad so every row's next token lands in the same cache slot.
+        pad = [t - len(x) for x in ids]
+        tokens = torch.tensor([[0] * p + x for p, x in zip(pad, ids)], device=dev)
+        slot_mask = torch.zeros(b, n_slots, dtype=torch.bool, device=dev)
+        for i, p in enumerate(pad):
+            slot_mask[i, p:t] = True
+        positions = (slot_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)
+        next_pos = positions[:, -1:] + 1  # (B, 1)
+        eos = set(self.tokenizer.eos_token_ids) | set(self.model.config.eos_token_ids)
+        rows = [_Row(i, self.tokenizer, p, set(p.stop_token_ids) if p.stop_token_ids is not None else eos)
+                for i, p in enumerate(params)]
+        sampler = Sampler(params, self.model.config.vocab_size, dev)
+        for i, x in enumerate(ids):
+            sampler.observe_prompt(i, x)
+        want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+
+        logits = self._prefill(tokens, slot_mask, positions)
+        decode = self._decoder()
+        pending: list[tuple[Tensor, Tensor | None]] = []
+        for step in range(max_new):
+            chosen = sampler.sample(logits)
+            pending.append((chosen, self._logprobs(logits, chosen, want_logprobs)))
+            last = step == max_new - 1
+            if len(pending) >= self.sync_every or last:
+                deltas = self._emit(rows, pending, params)
+                pending = []
+                if deltas:
+                    yield deltas
+                if all(r.finish is not None for r in rows):
+                    return
+            if last:
+                break
+            slot = t + step
+            slot_mask[:, slot] = True
+            width = n_slots if self.compile else slot + 1
+            input_pos = torch.tensor([slot], device=dev)
+            logits = decode(chosen[:, None], input_pos, next_pos + step, slot_mask[:, :width])
+            if self.compile:
+                logits = logits.clone()  # the CUDA-graph output buffer is overwritten by the next replay
+
+    def _logprobs(self, logits: Tensor, chosen: Tensor, top: int | None) -> Tensor | None:
+        """(B, 1 + 2*top): the chosen token's logprob, then the top ids and their logprobs (raw distribution)."""
+        if top is None:
+            return None
+        lp = logits.log_softmax(-1)
+        parts = [lp.gather(-1, chosen[:, None])]
+        if top:
+            vals, idx = lp.topk(top, dim=-1)
+            parts += [idx.to(lp.dtype), vals]
+        return torch.cat(parts, dim=-1)
+
+    def _emit(self, rows: list[_Row], pending: list[tuple[Tensor, Tensor | None]],
+              params: list[SamplingParams]) -> list[Delta]:
+        tokens = torch.stack([c for c, _ in pending], dim=1).tolist()  # one host sync per `sync_every` steps
+        lps = [lp.tolist() if lp is not None else None for _, lp in pending]
+        deltas = []
+        for row in rows:
+            if row.finish is not None:
+                continue
+            new_ids: list[int] = []
+            new_lps: list[TokenLogprob] | None = [] if params[row.index].logprobs is not None else None
+            for j, tok in enumerate(tokens[row.index]):
+                before = len(row.token_ids)
+                row.push(tok)
+                if len(row.token_ids) > before:
+                    new_ids.append(tok)
+                    step_lps = lps[j]
+                    if new_lps is not None and step_lps is not None:
+                        new_lps.append(self._token_logprob(tok, step_lps[row.index], params[row.index].logprobs or 0))
+                if row.finish is not None:
+                    break
+            text = row.take()
+            if text or new_ids or row.finish is not None:
+                deltas.append(Delta(row.index, text, new_ids, new_lps, row.finish))
+        return deltas
+
+    def _token_logprob(self, tok: int, values: list[float], top: int) -> TokenLogprob:
+        dec = self.tokenizer.decode
+        ids = [int(i) for i in values[1 : 1 + top]]
+        return TokenLogprob(tok, dec([tok]), values[0], [(i, dec([i]), v) for i, v in zip(ids, values[1 + top:])])
+
+
+def generate(model: Llama, tokenizer: Tokenizer, prompts: Prompt | Sequence[Prompt],
+             params: SamplingParams | None = None) -> list[Completion]:
+    """One-shot convenience around `Generator`."""
+    return Generator(model, tokenizer).generate(prompts, params or SamplingParams())
+

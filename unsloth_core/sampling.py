@@ -1,0 +1,135 @@
+"""Sampling: turn next-token logits into tokens, with per-row parameters and no host sync.
+
+Every knob is a per-row tensor so one batch can mix requests (greedy next to sampled, different penalties).
+Random choices use the exponential-race trick (argmax of p / Exp(1) noise is a sample from p), which needs no
+`torch.multinomial` and so no device-to-host synchronisation; each row draws its noise from its own generator, so a
+seed reproduces a row's sample whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    """What a caller may ask of one generation (OpenAI's and HF's knobs, with their defaults)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means no limit
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # OpenAI: subtract once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence among generated tokens
+    repetition_penalty: float = 1.0  # HF: divide positive / multiply negative logits of tokens seen (prompt too)
+    seed: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)
+    stop_token_ids: Sequence[int] | None = None  # None: the model's EOS ids
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Per-row sampling state for a batch: parameters as tensors, token counts for the penalties, generators."""
+
+    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> None:
+        def col(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # (B, 1)
+
+        self.temperature = col([p.temperature for p in params])
+        self.greedy = self.temperature == 0
+        self.top_k = torch.tensor([p.top_k or vocab_size for p in params], device=device)[:, None]
+        self.top_p, self.min_p = col([p.top_p for p in params]), col([p.min_p for p in params])
+        self.presence, self.frequency = col([p.presence_penalty for p in params]), col([p.frequency_penalty
+                                                                                          for p in params])
+        self.repetition = col([p.repetition_penalty for p in params])
+        self.any_sampling = any(not p.greedy for p in params)
+        self.any_filter = any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params)
+        self.any_count_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
+        self.any_repetition = any(p.repetition_penalty != 1 for p in params)
+        b = len(params)
+        self.counts = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)  # generated tokens
+        self.seen = torch.zeros(b, vocab_size, dtype=torch.bool, device=device)  # prompt + generated
+        self.generators = [self._generator(p.seed, device) for p in params]
+
+    @staticmethod
+    def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(seed)
+        return g
+
+    def observe_prompt(self, row: int, token_ids: Sequence[int]) -> None:
+        if token_ids:
+            self.seen[row, torch.tensor(list(token_ids), device=self.seen.device)] = True
+
+    def observe(self, tokens: Tensor) -> None:
+        """Record the tokens (B,) just chosen, for the penalties of the next steps."""
+        ones = torch.ones_like(tokens, dtype=self.counts.dtype)[:, None]
+        self.counts.scatter_add_(1, tokens[:, None], ones)
+        self.seen.scatter_(1, tokens[:, None], True)
+
+    def penalize(self, logits: Tensor) -> Tensor:
+        if self.any_repetition:
+            penalized = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+            logits = torch.where(self.seen, penalized, logits)
+        if self.any_count_penalty:
+            logits = logits - self.frequency * self.counts - self.presence * (self.counts > 0).float()
+        return logits
+
+    def filter(self, logits: Tensor) -> Tensor:
+        """Apply temperature, then top-k, top-p and min-p by setting excluded logits to -inf."""
+        logits = logits / torch.where(self.greedy, 1.0, self.temperature)
+        if not self.any_filter:
+            return logits
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(logits.size(-1), device=logits.device)[None, :]
+        probs = sorted_logits.softmax(-1)
+        drop = rank >= self.top_k
+        drop |= (probs.cumsum(-1) - probs) >= self.top_p  # keep the smallest prefix reaching top_p (at least one)
+        drop |= probs < self.min_p * probs[:, :1]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+    def sample(self, logits: Tensor) -> Tensor:
+        """Next tokens (B,) from fp32 logits (B, V)."""
+        logits = self.penalize(logits)
+        choice = logits.argmax(-1)
+        if self.any_sampling:
+            probs = self.filter(logits).softmax(-1)
+            noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in self.generators])
+            sampled = (probs / noise).argmax(-1)
+            choice = torch.where(self.greedy[:, 0], choice, sampled)
+        self.observe(choice)
+        return choice
