@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from unsloth_core.config import LlamaConfig
+from tests.helpers import tiny_model
 from unsloth_core.model import Llama
+
+__all__ = ["tiny_model"]  # re-exported for older imports; new code imports tests.helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,13 +28,6 @@ def pytest_collection_modifyitems(config: pytest.Config,  # noqa: ARG001 (pytest
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def tiny_model(seed: int = 0, std: float = 0.5, **overrides: object) -> Llama:
-    """A 2-layer GQA model with weights large enough that logits differ meaningfully between positions."""
-    model = Llama(LlamaConfig.from_name("tiny", **overrides))
-    model.init_weights(seed=seed, std=std)
-    return model.eval()
 
 
 @pytest.fixture(scope="session")

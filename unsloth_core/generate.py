@@ -60,9 +60,10 @@ class Completion:
 class _Row:
     """Host-side state of one sequence: its text so far, stop strings, and what has been emitted."""
 
-    def __init__(self, index: int, tokenizer: Tokenizer, params: SamplingParams, stop_ids: set[int]) -> None:
+    def __init__(self, index: int, tokenizer: Tokenizer | None, params: SamplingParams, stop_ids: set[int]) -> None:
         self.index, self.params, self.stop_ids = index, params, stop_ids
-        self.decoder = StreamDecoder(tokenizer, params.skip_special_tokens)
+        # Without a tokenizer (token ids in, token ids out) there is no text and no stop strings.
+        self.decoder = StreamDecoder(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
         self.text = ""  # decoded so far
         self.emitted = 0  # characters of self.text already handed out
         self.token_ids: list[int] = []
@@ -70,15 +71,15 @@ class _Row:
 
     def push(self, token_id: int) -> None:
         if token_id in self.stop_ids:
-            self.text += self.decoder.flush()
+            self.text += self.decoder.flush() if self.decoder else ""
             self.finish = "stop"  # an EOS / stop token ends the text and is not part of it
             return
         self.token_ids.append(token_id)
-        self.text += self.decoder.push(token_id)
+        self.text += self.decoder.push(token_id) if self.decoder else ""
         if self._cut_at_stop_string():
             return
         if len(self.token_ids) >= self.params.max_new_tokens:
-            self.text += self.decoder.flush()
+            self.text += self.decoder.flush() if self.decoder else ""
             self._cut_at_stop_string()
             self.finish = self.finish or "length"
 
@@ -108,7 +109,7 @@ class _Row:
 class Generator:
     """Generates from a model and tokenizer. One instance per model; not thread-safe (one call at a time)."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer, compile: bool | None = None,
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None, compile: bool | None = None,
                  max_seq_length: int | None = None, sync_every: int = 8) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_length = min(max_seq_length or model.config.max_position_embeddings,
@@ -138,7 +139,11 @@ class Generator:
     # ---- public API ----
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; give token ids")
+        return self.tokenizer.encode(prompt)
 
     def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
         if n_prompt == 0:
@@ -184,6 +189,8 @@ class Generator:
         ids = [self.encode_prompt(p) for p in batch]
         for row_ids, p in zip(ids, per_row):
             self.check_context(len(row_ids), p.max_new_tokens)
+            if p.stop and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer")
         with torch.inference_mode():
             yield from self._run(ids, per_row)
 
@@ -222,7 +229,7 @@ class Generator:
             slot_mask[i, p:t] = True
         positions = (slot_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)
         next_pos = positions[:, -1:] + 1  # (B, 1)
-        eos = set(self.tokenizer.eos_token_ids) | set(self.model.config.eos_token_ids)
+        eos = set(self.model.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
         rows = [_Row(i, self.tokenizer, p, set(p.stop_token_ids) if p.stop_token_ids is not None else eos)
                 for i, p in enumerate(params)]
         sampler = Sampler(params, self.model.config.vocab_size, dev)
@@ -291,13 +298,39 @@ class Generator:
         return deltas
 
     def _token_logprob(self, tok: int, values: list[float], top: int) -> TokenLogprob:
-        dec = self.tokenizer.decode
+        tokenizer = self.tokenizer
+        def dec(ids: list[int]) -> str:
+            return tokenizer.decode(ids) if tokenizer is not None else ""
+
         ids = [int(i) for i in values[1 : 1 + top]]
         return TokenLogprob(tok, dec([tok]), values[0], [(i, dec([i]), v) for i, v in zip(ids, values[1 + top:])])
 
 
-def generate(model: Llama, tokenizer: Tokenizer, prompts: Prompt | Sequence[Prompt],
+def generate(model: Llama, tokenizer: Tokenizer | None, prompts: Prompt | Sequence[Prompt],
              params: SamplingParams | None = None) -> list[Completion]:
     """One-shot convenience around `Generator`."""
     return Generator(model, tokenizer).generate(prompts, params or SamplingParams())
+
+
+def generate_ids(model: Llama, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, seed: int | None = None, tokenizer: Tokenizer | None = None
+                 ) -> Tensor:
+    """transformers-style `generate`: (B, T) ids in (left padding marked by `attention_mask`), (B, T + new) out,
+    rows that stop early padded with `pad_token_id` (default: the first EOS id)."""
+    rows = [ids[mask.bool()].tolist() if attention_mask is not None else ids.tolist()
+            for ids, mask in zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
+    stop = [eos_token_id] if isinstance(eos_token_id, int) else (list(eos_token_id) if eos_token_id is not None
+                                                                 else None)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                            top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                            stop_token_ids=stop)
+    out = Generator(model, tokenizer, max_seq_length=getattr(model, "max_seq_length", None)).generate(rows, params)
+    eos_ids = stop if stop is not None else model.config.eos_token_ids
+    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    width = max(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
+    new = [c.token_ids + ([eos_ids[0]] if c.finish_reason == "stop" and eos_ids else []) for c in out]
+    tail = torch.tensor([n + [pad] * (width - len(n)) for n in new], dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids, tail], dim=1)
 

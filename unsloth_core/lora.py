@@ -271,21 +271,23 @@ def our_key(key: str) -> str:
     return key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
 
 
-def save_adapter(model: Llama, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None,
-                 extra_files: dict[str, str] | None = None) -> Path:
+def save_adapter(model: Llama, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (PEFT's format), atomically."""
+    with atomic_directory(directory) as tmp:
+        write_adapter_files(model, tmp, base_model_name_or_path)
+    return Path(directory)
+
+
+def write_adapter_files(model: Llama, directory: Path, base_model_name_or_path: str | None = None) -> None:
+    """The two PEFT files, written into an existing directory (the caller makes the write atomic)."""
     config: LoRAConfig | None = model.lora_config
     if config is None:
         raise ValueError("this model has no LoRA adapters to save (call apply_lora / get_peft_model first)")
     if base_model_name_or_path is not None:
         config.base_model_name_or_path = base_model_name_or_path
     tensors = {peft_key(k): v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    with atomic_directory(directory) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(), indent=2, sort_keys=True) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return Path(directory)
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(), indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter_config(directory: str | os.PathLike[str]) -> LoRAConfig:

@@ -32,6 +32,7 @@ class CausalLMOutput:
     loss: Tensor | None = None
     loss_sum: Tensor | None = None  # summed token losses, for normalising over a whole accumulation window
     n_tokens: Tensor | None = None  # number of target (non -100) tokens behind loss_sum
+    n_correct: Tensor | None = None  # targets the model ranks first (only when asked: it costs an LM-head pass)
 
 
 class RMSNorm(nn.Module):
@@ -197,6 +198,9 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.lora_config: Any = None  # a LoRAConfig once unsloth_core.lora has injected adapters
+        # Training only: False, True (recompute each block in backward) or "offload" (keep block inputs on the host)
+        self.gradient_checkpointing: bool | str = False
+        self.max_seq_length: int | None = None  # the context generation may use (None: max_position_embeddings)
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -274,25 +278,74 @@ class Llama(nn.Module):
                 else attention_mask_4d(attention_mask, position_ids, t, input_ids.device))
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(self.inv_freq, position_ids, x.dtype)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks():
-            x = block(x, cos, sin, mask, input_pos)
+            if checkpointing:
+                x = kernels.checkpoint(block, x, cos, sin, mask, input_pos,
+                                       offload=self.gradient_checkpointing == "offload")
+            else:
+                x = block(x, cos, sin, mask, input_pos)
         return self.model.norm(x)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None, input_pos: Tensor | None = None,
-                return_logits: bool = True) -> CausalLMOutput:
+                labels: Tensor | None = None, input_pos: Tensor | None = None, return_logits: bool = True,
+                accuracy: bool = False) -> CausalLMOutput:
         """Logits (B, T, V) and, given `labels` (B, T), the mean next-token loss over labels != -100.
 
         Labels are shifted inside, as in transformers. `return_logits=False` with labels computes the loss chunk by
-        chunk so the full logits never exist (the training path).
+        chunk so the full logits never exist (the training path); `accuracy` also counts correct argmax predictions.
         """
         h = self.hidden_states(input_ids, position_ids, attention_mask, input_pos)
         out = CausalLMOutput()
         if return_logits:
             out.logits = self.lm_head(h)
         if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=kernels.IGNORE_INDEX)[:, 1:]
-            out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(h.reshape(-1, h.size(-1)),
-                                                                      self.lm_head.weight, shifted.reshape(-1))
+            shifted = F.pad(labels, (0, 1), value=kernels.IGNORE_INDEX)[:, 1:].reshape(-1)
+            flat = h.reshape(-1, h.size(-1))
+            out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(flat, self.lm_head.weight, shifted)
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+            if accuracy:
+                out.n_correct = kernels.reference.count_correct(flat.detach(), self.lm_head.weight.detach(), shifted)
         return out
+
+    # ---- transformers / Unsloth conveniences (the work is done in generate.py, checkpoint.py and lora.py) ----
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """transformers-style: returns prompt + new token ids; see `unsloth_core.generate.generate_ids`."""
+        from unsloth_core.generate import generate_ids
+
+        return generate_ids(self, input_ids, attention_mask, **kwargs)
+
+    def save_pretrained(self, directory: str, tokenizer: Any = None) -> None:
+        """The adapter (PEFT format) when the model has LoRA adapters, else the whole model (HF format)."""
+        from unsloth_core.checkpoint import save_model
+        from unsloth_core.lora import save_adapter
+
+        if self.lora_config is not None:
+            save_adapter(self, directory)
+        else:
+            save_model(self, directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+    def save_pretrained_merged(self, directory: str, tokenizer: Any = None, save_method: str = "merged_16bit") -> None:
+        """Unsloth's export: "lora" (the adapter), "merged_16bit" / "merged_32bit" (adapters folded in, HF format).
+
+        The merge happens on a copy, so this model keeps training or serving with its adapters.
+        """
+        import copy
+
+        from unsloth_core.checkpoint import save_model
+        from unsloth_core.lora import strip_lora
+
+        if save_method == "lora":
+            self.save_pretrained(directory, tokenizer)
+            return
+        dtypes = {"merged_16bit": torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16,
+                  "merged_32bit": torch.float32}
+        if save_method not in dtypes:
+            raise ValueError(f"save_method must be 'lora', 'merged_16bit' or 'merged_32bit', not {save_method!r}")
+        merged = strip_lora(copy.deepcopy(self)) if self.lora_config is not None else self
+        save_model(merged, directory, dtype=dtypes[save_method])
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 from unsloth_core.checkpoint import atomic_directory, is_complete, load_model, save_model
 from unsloth_core.config import LlamaConfig
 from unsloth_core.errors import ModelFormatError

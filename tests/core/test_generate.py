@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import tiny_model
-from tests.core.data.conftest import make_tiny_tokenizer
+from tests.helpers import make_tiny_tokenizer, tiny_model
 from unsloth_core.errors import ContextLengthError
 from unsloth_core.generate import Generator
 from unsloth_core.model import Llama

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 from unsloth_core.model import Llama
 
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

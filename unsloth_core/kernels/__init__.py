@@ -3,11 +3,83 @@
 `UNSLOTH_KERNELS=reference` forces the reference everywhere, `UNSLOTH_KERNELS=triton` forces Triton (with
 `TRITON_INTERPRET=1` that runs Triton kernels on the CPU, which is how CI tests them). `set_backend()` does the
 same from code.
+
+One file per op: `norm.py` (RMSNorm), `rotary.py` (RoPE), `glu.py` (SwiGLU), `cross_entropy.py` (LM head + loss,
+chunked), `lora.py` (LoRA projections with a hand-written backward), `offload.py` (checkpointing with the layer
+input offloaded). The Triton files are imported on first use only, so importing this package never needs triton.
+Their names differ from the functions here on purpose: importing a submodule binds its name on the package, and a
+`kernels/rms_norm.py` would replace `kernels.rms_norm` the function with the module.
 """
 
 from __future__ import annotations
 
-from unsloth_core.kernels import reference
-from unsloth_core.kernels.reference import IGNORE_INDEX, linear_cross_entropy, rms_norm, rope, swiglu
+from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "linear_cross_entropy", "reference", "rms_norm", "rope", "swiglu"]
+from unsloth_core.kernels import reference
+from unsloth_core.kernels.backend import get_backend, set_backend, use_triton
+from unsloth_core.kernels.lora import lora_linear, lora_mlp, lora_qkv
+from unsloth_core.kernels.offload import checkpoint
+from unsloth_core.kernels.reference import IGNORE_INDEX, LoRAProj
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LoRAProj",
+    "checkpoint",
+    "get_backend",
+    "linear_cross_entropy",
+    "lora_linear",
+    "lora_mlp",
+    "lora_qkv",
+    "reference",
+    "rms_norm",
+    "rope",
+    "set_backend",
+    "swiglu",
+]
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim, statistics in fp32 (HF's numerics)."""
+    if use_triton("rms_norm", x):
+        from unsloth_core.kernels.norm import rms_norm as triton_rms_norm
+
+        return triton_rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q (B, H, T, D) and k (B, KVH, T, D) rotated by the per-token tables cos/sin (B, T, D), HF half-split layout.
+
+    Use the returned tensors: the Triton path rotates q and k in place, the reference returns new ones.
+    """
+    if use_triton("rope", q):
+        from unsloth_core.kernels.rotary import rope as triton_rope
+
+        return triton_rope(q, k, cos, sin)
+    return reference.rope(q, k, cos, sin)
+
+
+def swiglu(gate: Tensor, up: Tensor, *, inplace_backward: bool = False) -> Tensor:
+    """silu(gate) * up, silu in fp32 then cast to the input dtype (as HF).
+
+    `inplace_backward=True` (Triton path) writes the gradients into gate's and up's buffers: pass it only when
+    they are private temporaries, like an MLP's projection outputs (see `glu.swiglu`).
+    """
+    if use_triton("swiglu", gate):
+        from unsloth_core.kernels.glu import swiglu as triton_swiglu
+
+        return triton_swiglu(gate, up, inplace_backward=inplace_backward)
+    return reference.swiglu(gate, up)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
+                         ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """(sum of token losses in fp32, number of target tokens) of hidden (N, C) @ weight (V, C)^T vs labels (N,).
+
+    Chunked so the (N, V) logits never exist, on every device; the `reference` backend computes them whole.
+    """
+    if get_backend() == "reference":
+        return reference.linear_cross_entropy(hidden, weight, labels, ignore_index)
+    from unsloth_core.kernels.cross_entropy import linear_cross_entropy as chunked
+
+    return chunked(hidden, weight, labels, ignore_index, use_triton=use_triton("cross_entropy", hidden))

@@ -47,3 +47,55 @@ def linear_cross_entropy(
     loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=ignore_index,
                            reduction="sum")
     return loss, (labels != ignore_index).sum()
+
+
+def swiglu_backward(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(h, d gate, d up) for h = silu(gate) * up given dh, in fp32 then cast, as the Triton kernel computes them.
+
+    `h` is recomputed rather than saved: the fused LoRA MLP needs it for the down projection's adapter gradients.
+    """
+    e, d = gate.float(), dh.float()
+    sig = torch.sigmoid(e)
+    f = (e * sig).to(gate.dtype)
+    h = f * up
+    dg = (d * f.float()).to(up.dtype)
+    de = (d * up.float() * sig * (1 + e * (1 - sig))).to(gate.dtype)
+    return h, de, dg
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float,
+                dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """PEFT's LoRA layer: x W^T + b + scale * (dropout(x) A^T) B^T, with W (out, in), A (r, in), B (out, r)."""
+    dropped = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(dropped, lora_a), lora_b)
+
+
+# One adapted projection: (base weight (out, in), base bias (out,) or None, lora_A.weight (r, in),
+# lora_B.weight (out, r)).
+LoRAProj = tuple[Tensor, Tensor | None, Tensor, Tensor]
+
+
+def lora_qkv(x: Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, scale: float, dropout_p: float = 0.0,
+             training: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The q, k and v projections of x, each a `lora_linear` with its own dropout draw (as PEFT's three layers)."""
+    qo, ko, vo = (lora_linear(x, *proj, scale, dropout_p, training) for proj in (q, k, v))
+    return qo, ko, vo
+
+
+def lora_mlp(x: Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj, scale: float, dropout_p: float = 0.0,
+             training: bool = False) -> Tensor:
+    """down(silu(gate(x)) * up(x)) with every projection a `lora_linear`."""
+    h = swiglu(lora_linear(x, *gate, scale, dropout_p, training), lora_linear(x, *up, scale, dropout_p, training))
+    return lora_linear(h, *down, scale, dropout_p, training)
+
+
+@torch.no_grad()
+def count_correct(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 2048,
+                  ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """How many target tokens are the argmax of `hidden @ weight.T`, a chunk of rows at a time (bounded memory)."""
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for start in range(0, hidden.size(0), chunk):
+        lab = labels[start:start + chunk]
+        pred = (hidden[start:start + chunk] @ weight.t()).argmax(-1)
+        correct += ((pred == lab) & (lab != ignore_index)).sum()
+    return correct

@@ -1,0 +1,65 @@
+"""Checkpointing with the layer input kept (or offloaded): gradients equal those of running without it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from unsloth_core import kernels
+
+C, R = 16, 4
+
+
+class Layer(nn.Module):
+    """A residual layer with a frozen base, a trainable adapter with dropout, and a per-token side input."""
+
+    def __init__(self, gen: torch.Generator) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(C, C, generator=gen) / C**0.5, requires_grad=False)
+        self.lora_a = nn.Parameter(torch.randn(R, C, generator=gen) / C**0.5)
+        self.lora_b = nn.Parameter(torch.randn(C, R, generator=gen))
+
+    def forward(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        y = kernels.lora_linear(x, self.weight, None, self.lora_a, self.lora_b, 2.0, 0.3, self.training)
+        return x + torch.tanh(y) * gain + torch.nn.functional.dropout(y, 0.1, self.training)
+
+
+def _train_step(layers: nn.ModuleList, x0: torch.Tensor, gain: torch.Tensor,
+                run: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    layers.zero_grad(set_to_none=True)
+    for t in (x0, gain):
+        t.grad = None
+    torch.manual_seed(7)  # same dropout draws in both runs
+    x = x0
+    for layer in layers:
+        x = run(layer, x, gain)
+    (x.square().sum()).backward()
+    grads = [p.grad for layer in layers for p in (layer.lora_a, layer.lora_b)]
+    grads += [t.grad for t in (x0, gain) if t.requires_grad]
+    assert all(g is not None for g in grads)
+    return [x.detach(), *grads]  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("offload", [False, True])  # on the CPU offload=True keeps x where it is
+@pytest.mark.parametrize("input_grad", [False, True])  # False: the first layer sits on a frozen embedding
+def test_gradients_match_no_checkpointing(offload: bool, input_grad: bool, device: torch.device) -> None:
+    gen = torch.Generator().manual_seed(0)
+    layers = nn.ModuleList(Layer(gen) for _ in range(3)).train().to(device)
+    x0 = torch.randn(2, 5, C, generator=gen).to(device).requires_grad_(input_grad)
+    gain = torch.tensor(0.7, device=device, requires_grad=input_grad)
+    plain = _train_step(layers, x0, gain, lambda layer, x, g: layer(x, g))
+    ckpt = _train_step(layers, x0, gain, lambda layer, x, g: kernels.checkpoint(layer, x, g, offload=offload))
+    for a, b in zip(ckpt, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_outside_grad_mode_it_is_a_plain_call() -> None:
+    layer = Layer(torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(3, C)
+    with torch.no_grad():
+        out = kernels.checkpoint(layer, x, torch.tensor(1.0), offload=True)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, layer(x, torch.tensor(1.0)))

@@ -1,0 +1,119 @@
+"""One fine-tuning run end to end: load the base, read and tokenize the data, adapt, train, save the result.
+
+This is what `unsloth train` and the Celery worker call; the loop itself lives in trainer.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from unsloth_core.checkpoint import TOKENIZER_FILES, atomic_directory, copy_tokenizer_files, load_model, save_model
+from unsloth_core.data import (
+    PreferenceExample,
+    epoch_order,
+    load_examples,
+    pack,
+    tokenize_preference,
+    tokenize_sft,
+)
+from unsloth_core.lora import LoRAConfig, inject, write_adapter_files
+from unsloth_core.model import Llama
+from unsloth_core.tokenizer import Tokenizer
+from unsloth_core.trainer import Callbacks, TrainArgs, Trainer, TrainResult
+
+FINAL_DIR = "final"
+
+
+@dataclass
+class Datasets:
+    train: list[Any]
+    eval: list[Any]
+    n_examples: int
+    n_truncated: int
+    n_tokens: int
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare_datasets(tokenizer: Tokenizer, args: TrainArgs, train_file: str | Path,
+                     validation_file: str | Path | None = None) -> Datasets:
+    """Validate (every bad line reported at once, see data.validation), tokenize, split and pack."""
+    purpose: Literal["sft", "dpo"] = args.method
+    examples = load_examples(train_file, purpose=purpose, tokenizer=tokenizer, max_seq_length=args.max_seq_length)
+    held_out: Sequence[Any] = []
+    if validation_file is not None:
+        held_out = load_examples(validation_file, purpose=purpose, tokenizer=tokenizer,
+                                 max_seq_length=args.max_seq_length)
+    elif args.validation_split > 0 and len(examples) > 1:
+        order = epoch_order(len(examples), args.seed, -1)  # epoch -1: a split independent of training order
+        n_eval = max(1, int(len(examples) * args.validation_split))
+        held_out = [examples[i] for i in order[:n_eval]]
+        examples = [examples[i] for i in order[n_eval:]]
+    train, evaluation = (tokenize(examples, tokenizer, args), tokenize(held_out, tokenizer, args))
+    n_truncated = sum(x.truncated for x in train)
+    n_tokens = sum(sum(len(ids) for ids in x) if args.method == "dpo" else len(x) for x in train)
+    if args.packing and args.method == "sft":
+        train, evaluation = pack(train, args.max_seq_length), pack(evaluation, args.max_seq_length)
+    return Datasets(train, evaluation, len(examples), n_truncated, n_tokens)
+
+
+def tokenize(examples: Sequence[Any], tokenizer: Tokenizer, args: TrainArgs) -> list[Any]:
+    if args.method == "dpo":
+        return [tokenize_preference(e, tokenizer, args.max_seq_length) for e in examples
+                if isinstance(e, PreferenceExample)]
+    return [tokenize_sft(e, tokenizer, args.max_seq_length, args.train_on_inputs) for e in examples]
+
+
+def load_base(model_path: str | Path, device: torch.device | None = None) -> tuple[Llama, Tokenizer]:
+    """A base model for training, in fp32 (the trainer casts frozen weights to the compute dtype)."""
+    from unsloth_core.facade import resolve_model_dir
+
+    directory = resolve_model_dir(model_path)
+    return load_model(directory, device or default_device(), dtype=torch.float32), Tokenizer.from_dir(directory)
+
+
+def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lora: LoRAConfig | None,
+             validation_file: str | Path | None = None, callbacks: Callbacks | None = None,
+             resume: str | Path | None = "latest", device: torch.device | None = None) -> tuple[TrainResult, Path]:
+    """Train and write `<output_dir>/final` (a PEFT adapter, or a full model when `lora` is None).
+
+    `lora` None trains every weight. Returns the trainer's result and the final directory, which is written only
+    when training ran to its end (after a cancel or pause, the result's checkpoint is where to resume from).
+    """
+    model, tokenizer = load_base(model_path, device)
+    data = prepare_datasets(tokenizer, args, train_file, validation_file)
+    base_name = str(model_path)
+    if lora is not None:
+        inject(model, lora, seed=args.seed)
+    else:
+        model.requires_grad_(True)
+    output = Path(args.output_dir)
+    tokenizer_dir = output / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(tokenizer_dir)
+    artifacts = {name: tokenizer_dir / name for name in TOKENIZER_FILES}
+    trainer = Trainer(model, args, data.train, data.eval, callbacks, pad_id=tokenizer.pad_token_id or 0,
+                      artifact_files=artifacts, base_model=base_name)
+    result = trainer.train(resume_from=resume)
+    final = output / FINAL_DIR
+    if result.status in ("completed", "early_stopped"):
+        save_final(model, final, tokenizer_dir, base_name)
+    return result, final
+
+
+def save_final(model: Llama, directory: Path, tokenizer_dir: Path, base_name: str) -> Path:
+    """The run's result: the adapter (PEFT format) or the full model, with the tokenizer and chat template."""
+    if model.lora_config is None:
+        return save_model(model, directory, tokenizer_dir=tokenizer_dir, dtype=torch.float32)
+    with atomic_directory(directory) as tmp:
+        write_adapter_files(model, tmp, base_name)
+        copy_tokenizer_files(tokenizer_dir, tmp)
+    return directory
+

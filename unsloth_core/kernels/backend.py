@@ -1,0 +1,48 @@
+"""Which implementation each fused op runs: the Triton kernels or the plain-torch reference.
+
+`auto` (the default) runs Triton on CUDA tensors and the reference elsewhere; `triton` forces the Triton kernels
+(on CPU tensors that needs `TRITON_INTERPRET=1`, which is how the tests run them); `reference` forces plain torch.
+The environment variable `UNSLOTH_KERNELS` sets the starting choice, `set_backend()` changes it from code.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from torch import Tensor
+
+Backend = Literal["auto", "triton", "reference"]
+BACKENDS: tuple[Backend, ...] = ("auto", "triton", "reference")
+
+# Ops whose Triton kernel `auto` picks on a GPU. An op leaves this set until a benchmark shows its kernel beating
+# the torch path on the GPU it runs on; forcing `triton` still runs it (that is how tests keep it correct).
+AUTO_TRITON_OPS: frozenset[str] = frozenset({"rms_norm", "rope", "swiglu", "cross_entropy"})
+
+
+def _check(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend: Backend = _check(os.environ.get("UNSLOTH_KERNELS", "auto").strip().lower() or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Force `triton` or `reference` for every op, or return to `auto` (Triton on CUDA, reference elsewhere)."""
+    global _backend
+    _backend = _check(name)
+
+
+def get_backend() -> Backend:
+    return _backend
+
+
+def use_triton(op: str, x: Tensor) -> bool:
+    """Whether `op` on tensor `x` runs its Triton kernel under the current backend."""
+    if _backend == "reference":
+        return False
+    if _backend == "triton":
+        return True
+    return x.is_cuda and op in AUTO_TRITON_OPS
