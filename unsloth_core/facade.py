@@ -52,6 +52,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
         if not is_complete(target):
             import_gguf(path, target)
         return target
+    if text.startswith((os.sep, ".", "~")) or text.count("/") != 1:
+        raise ModelFormatError(f"model path {text} does not exist")
     raise ModelFormatError(
         f"model {text!r} is not a local directory or .gguf file; download it first "
         f"(`unsloth models pull {text}` where the Hugging Face Hub is reachable) or give a local path"

@@ -1,0 +1,98 @@
+"""GGUF import on files written here with the gguf package: names, the Q/K permutation, metadata, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import make_tiny_tokenizer, tiny_model
+from unsloth_core.checkpoint import load_model
+from unsloth_core.errors import ModelFormatError
+from unsloth_core.gguf_import import TENSOR_NAMES, import_gguf
+from unsloth_core.model import Llama
+from unsloth_core.tokenizer import Tokenizer
+
+HF_TO_GGUF = {hf: g for g, hf in TENSOR_NAMES.items()}
+
+
+def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's conversion (convert_hf_to_gguf.py): rows of each head reordered for its interleaved RoPE."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, model: Llama, arch: str = "llama") -> Path:
+    cfg = model.config
+    tok = make_tiny_tokenizer()
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.d_head)
+    vocab = sorted(tok.backend.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"<unused{i}>" for i in range(cfg.vocab_size - len(vocab))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges([])
+    w.add_bos_token_id(tok.bos_token_id or 0)
+    w.add_eos_token_id(tok.eos_token_id or 0)
+    w.add_chat_template(tok.chat_template or "")
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        arr = t.numpy().astype(np.float32)
+        if name.endswith("q_proj.weight"):
+            arr = permute(arr, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            arr = permute(arr, cfg.n_kv_heads)
+        parts = name.split(".")
+        key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if parts[1] == "layers" else name
+        gname = HF_TO_GGUF[key].replace("{i}", parts[2]) if parts[1] == "layers" else HF_TO_GGUF[name]
+        w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_import_round_trips_weights_and_logits(tmp_path: Path, tied: bool) -> None:
+    model = tiny_model(seed=31, tie_word_embeddings=tied)
+    out = import_gguf(write_gguf(tmp_path / "m.gguf", model), tmp_path / "hf", progress=False)
+    loaded = load_model(out)
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    tok = Tokenizer.from_dir(out)
+    assert tok.encode("hello") == make_tiny_tokenizer().encode("hello")
+    assert tok.chat_template == make_tiny_tokenizer().chat_template
+    assert loaded.config.tie_word_embeddings is tied
+
+
+def test_other_architecture_is_refused(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(), arch="mistral")
+    with pytest.raises(ModelFormatError, match="'mistral' model; only the Llama architecture"):
+        import_gguf(path, tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", tiny_model())
+    path.write_bytes(path.read_bytes()[:4000])
+    with pytest.raises(ModelFormatError, match="not a readable GGUF file"):
+        import_gguf(path, tmp_path / "hf", progress=False)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelFormatError, match="does not exist"):
+        import_gguf(tmp_path / "none.gguf", tmp_path / "hf", progress=False)
