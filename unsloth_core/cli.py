@@ -67,7 +67,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": a.prompt}]
-        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        prompt = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
     gen = Generator(model, tokenizer)
     if a.stream:
         for deltas in gen.stream([prompt], params):
@@ -102,7 +102,7 @@ def _parser_for(hint: Any) -> Callable[[str], Any]:
     if origin is tuple:
         return lambda s: tuple(float(x) for x in s.split(","))
     if hint in (int, float):
-        return hint  # type: ignore[no-any-return]
+        return hint
     return _bool_or_str  # bool, str and Literal values: "true"/"false" become booleans
 
 

@@ -377,8 +377,9 @@ class Trainer:
 
     def _log(self, metrics: dict[str, Any]) -> None:
         s = self.state
-        entry = {"step": s.step, "total_steps": self.total_steps, "epoch": s.epoch + s.batch_in_epoch / max(1, self.batches_per_epoch),
-                 "tokens_seen": s.tokens_seen, **metrics}
+        epoch = s.epoch + s.batch_in_epoch / max(1, self.batches_per_epoch)
+        entry = {"step": s.step, "total_steps": self.total_steps, "epoch": epoch, "tokens_seen": s.tokens_seen,
+                 **metrics}
         s.log_history.append(entry)
         self.callbacks.on_log(entry)
 

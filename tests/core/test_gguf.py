@@ -56,8 +56,10 @@ def write_gguf(path: Path, model: Llama, arch: str = "llama") -> Path:
         elif name.endswith("k_proj.weight"):
             arr = permute(arr, cfg.n_kv_heads)
         parts = name.split(".")
-        key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if parts[1] == "layers" else name
-        gname = HF_TO_GGUF[key].replace("{i}", parts[2]) if parts[1] == "layers" else HF_TO_GGUF[name]
+        if parts[1] == "layers":  # model.layers.N.rest -> the "{i}" template of the name table
+            gname = HF_TO_GGUF[".".join([*parts[:2], "{i}", *parts[3:]])].replace("{i}", parts[2])
+        else:
+            gname = HF_TO_GGUF[name]
         w.add_tensor(gname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
