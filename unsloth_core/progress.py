@@ -18,7 +18,8 @@ class ProgressBar(TrainerCallbacks):
         total = metrics.get("total_steps")
         if self.bar is None:
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, desc="training")
-        postfix: dict[str, str] = {k: f"{metrics[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate") if k in metrics}
+        shown = ("loss", "eval_loss", "learning_rate")
+        postfix: dict[str, str] = {k: f"{metrics[k]:.4g}" for k in shown if k in metrics}
         if "tokens_per_second" in metrics:
             postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
         self.bar.set_postfix(postfix, refresh=False)
