@@ -93,6 +93,27 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def fused_lora(*layers: nn.Module) -> list[kernels.LoRAProj] | None:
+    """(W, b, A, B) of each layer when all are active LoRA layers with the same scaling and dropout, and gradients
+    are being recorded: then a group's hand-written autograd Function replaces the per-layer graph. Else None."""
+    if not (torch.is_grad_enabled() and kernels.fused_lora_enabled()):
+        return None
+    parts: list[kernels.LoRAProj] = []
+    for layer in layers:
+        lora: Any = layer  # a LoRALinear (duck-typed: unsloth_core.lora imports this module)
+        if getattr(lora, "lora_A", None) is None or lora.disabled or lora.merged:
+            return None
+        parts.append((lora.weight, lora.bias, lora.lora_A.weight, lora.lora_B.weight))
+    if len({lora_hparams(layer) for layer in layers}) != 1:
+        return None
+    return parts
+
+
+def lora_hparams(layer: nn.Module) -> tuple[float, float]:
+    lora: Any = layer
+    return float(lora.scaling), float(lora.dropout_p)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -106,9 +127,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = kernels.rope(q, k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, KVH, S, D)
@@ -117,6 +139,13 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        fused = fused_lora(self.q_proj, self.k_proj, self.v_proj)
+        if fused is not None:  # one autograd node that keeps only x for backward
+            (q, k, v), (scale, dropout) = fused, lora_hparams(self.q_proj)
+            return kernels.lora_qkv(x, q, k, v, scale, dropout, self.training)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):
@@ -128,6 +157,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, c, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = fused_lora(self.gate_proj, self.up_proj, self.down_proj)
+        if fused is not None:  # keeps x and the two pre-activations; recomputes the rest in backward
+            (gate, up, down), (scale, dropout) = fused, lora_hparams(self.gate_proj)
+            return kernels.lora_mlp(x, gate, up, down, scale, dropout, self.training)
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 

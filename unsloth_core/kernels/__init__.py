@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from unsloth_core.kernels import reference
-from unsloth_core.kernels.backend import get_backend, set_backend, use_triton
+from unsloth_core.kernels.backend import fused_lora_enabled, get_backend, set_backend, set_fused_lora, use_triton
 from unsloth_core.kernels.lora import lora_linear, lora_mlp, lora_qkv
 from unsloth_core.kernels.offload import checkpoint
 from unsloth_core.kernels.reference import IGNORE_INDEX, LoRAProj
@@ -25,6 +25,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LoRAProj",
     "checkpoint",
+    "fused_lora_enabled",
     "get_backend",
     "linear_cross_entropy",
     "lora_linear",
@@ -34,6 +35,7 @@ __all__ = [
     "rms_norm",
     "rope",
     "set_backend",
+    "set_fused_lora",
     "swiglu",
 ]
 

@@ -46,3 +46,16 @@ def use_triton(op: str, x: Tensor) -> bool:
     if _backend == "triton":
         return True
     return x.is_cuda and op in AUTO_TRITON_OPS
+
+
+_fused_lora = os.environ.get("UNSLOTH_FUSED_LORA", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_fused_lora(enabled: bool) -> None:
+    """Use the hand-written LoRA autograd Functions (QKV, MLP) in training, or PEFT-style per-layer autograd."""
+    global _fused_lora
+    _fused_lora = enabled
+
+
+def fused_lora_enabled() -> bool:
+    return _fused_lora
