@@ -1,0 +1,61 @@
+"""The OpenAPI document, with the error responses the API really gives: FastAPI's default 422 validation answer is
+replaced by our envelope on 400, 401, 404 and the rest, declared per operation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "code": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}},
+}
+DESCRIPTIONS = {"400": "Invalid request", "401": "Missing or wrong API key", "403": "Not allowed",
+                "404": "Not found (or another key's)", "409": "Changing state; retry", "413": "Body too large",
+                "422": "Idempotency-Key reused with another body", "429": "Too many generations; retry after",
+                "500": "Server error", "503": "Database or broker unavailable"}
+V1_ERRORS = ("400", "401", "404", "413", "500", "503")
+EXTRA: list[tuple[str, str, tuple[str, ...]]] = [  # (method, path pattern, statuses)
+    ("post", r"^/v1/fine_tuning/jobs$", ("422",)),
+    ("post", r"^/v1/fine_tuning/jobs/\{job_id\}/(cancel|pause|resume)$", ("409",)),
+    ("post", r"completions$", ("429",)),
+    ("delete", r"^/v1/models/", ("403",)),
+    ("get", r"^/ready$", ("503",)),
+]
+
+
+def _error(status: str) -> dict[str, Any]:
+    return {"description": DESCRIPTIONS[status],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
+def install_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["ErrorResponse"] = ERROR_SCHEMA
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                statuses = list(V1_ERRORS if path.startswith("/v1/") else ("500",))
+                statuses += [s for m, pattern, more in EXTRA if m == method and re.search(pattern, path) for s in more]
+                for status in statuses:
+                    responses[status] = _error(status)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return openapi
+

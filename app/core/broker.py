@@ -1,0 +1,65 @@
+"""A lightweight Celery app for *sending* tasks by name: the API never imports the worker's (torch-heavy) task code.
+The worker builds its own app on the same configuration (`celery_config`), so routes and queues agree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from app.core.config import Settings
+
+TRAIN_TASK = "worker.tasks.train"
+GPU_QUEUE, DEFAULT_QUEUE = "gpu", "default"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    options = dict(settings.broker_transport_options)
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "task_queues": [Queue(GPU_QUEUE, Exchange(GPU_QUEUE), routing_key=GPU_QUEUE),
+                        Queue(DEFAULT_QUEUE, Exchange(DEFAULT_QUEUE), routing_key=DEFAULT_QUEUE)],
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_create_missing_queues": False,
+        "task_routes": {TRAIN_TASK: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE}},
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+    }
+
+
+def make_celery(settings: Settings, name: str = "unsloth-api") -> Celery:
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class Broker:
+    """Sends train messages; checks the broker is reachable; counts the messages waiting in a queue."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.celery = make_celery(settings)
+
+    def send_train(self, job_id: str, attempt: int) -> None:
+        self.celery.send_task(TRAIN_TASK, args=[job_id, attempt], queue=GPU_QUEUE, routing_key=GPU_QUEUE,
+                              retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+
+    def ping(self, timeout: float = 3.0) -> None:
+        """Raises when the broker cannot be reached within `timeout` seconds."""
+        with self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+            conn.default_channel  # noqa: B018 (opening a channel proves the transport works, e.g. the SQLite tables)
+
+    def queue_depth(self, queue: str = GPU_QUEUE) -> int:
+        with self.celery.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3.0)
+            declared = conn.default_channel.queue_declare(queue=queue, passive=False, durable=True,
+                                                          auto_delete=False)
+            return int(declared.message_count)
+
+    def close(self) -> None:
+        self.celery.close()

@@ -1,0 +1,158 @@
+"""Settings: one pydantic-settings class read from `UNSLOTH_*` environment variables (and `.env`), shared by the API,
+the worker and the `unsloth keys` command. `load_settings()` turns any problem into one line a person can act on."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+ENV_PREFIX = "UNSLOTH_"
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sqla+sqlite", "sqla+postgresql",
+                  "sqla+postgresql+psycopg", "memory")
+
+
+class SettingsError(Exception):
+    """A setting that cannot work; the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    data_dir: Path = Path("./data")
+    database_url: str = ""  # empty: SQLite in the data dir
+    broker_url: str = ""  # empty: the embedded SQLAlchemy transport on SQLite in the data dir
+    broker_transport_options: dict[str, Any] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = None
+    auto_migrate: bool | None = None  # None: migrate at start on SQLite only (compose runs a `migrate` service)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # ---- limits ----
+    max_upload_bytes: int = Field(512 * 2**20, ge=1)
+    max_file_lines: int = Field(1_000_000, ge=1)
+    max_request_bytes: int = Field(16 * 2**20, ge=1024)
+    max_tokens: int = Field(4096, ge=1)  # per completion choice
+    max_n: int = Field(16, ge=1)
+    max_concurrent_generations: int = Field(4, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    max_loaded_base_models: int = Field(2, ge=1)
+    max_loaded_adapters: int = Field(16, ge=1)
+    max_lora_rank: int = Field(256, ge=1)
+    max_job_restarts: int = Field(3, ge=0)  # crash recoveries before a job fails
+
+    # ---- inference ----
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+
+    # ---- jobs ----
+    idempotency_window_s: float = Field(600.0, ge=0)
+    resend_after_s: float = Field(120.0, gt=0)  # a queued job unclaimed this long gets its message again
+    resend_max_interval_s: float = Field(3600.0, gt=0)  # backoff cap between re-sends of one job
+    event_poll_interval_s: float = Field(0.5, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, v: str) -> str:
+        if not v:
+            return v
+        if v.startswith("postgres://"):
+            v = "postgresql://" + v.removeprefix("postgres://")
+        try:
+            url = make_url(v)
+        except ArgumentError:
+            raise ValueError(f"{v!r} is not a database URL (postgresql://user@host/db, sqlite:///path)") from None
+        backend = url.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"database {backend!r} is not supported; use postgresql:// or sqlite://")
+        if backend == "postgresql" and url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        return url.render_as_string(hide_password=False)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, v: str) -> str:
+        if v and v.split("://", 1)[0] not in BROKER_SCHEMES:
+            raise ValueError(f"{v!r} is not a broker URL; use redis://host:6379/0 (or sqla+sqlite:///path)")
+        return v
+
+    @field_validator("broker_transport_options", mode="before")
+    @classmethod
+    def _parse_options(cls, v: Any) -> Any:
+        return json.loads(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'unsloth.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        return self
+
+    # ---- derived ----
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def embedded(self) -> bool:
+        """One machine, no other service: SQLite and the SQLAlchemy broker transport (what `make serve` runs)."""
+        return self.is_sqlite and self.broker_url.startswith("sqla+")
+
+    @property
+    def should_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @cached_property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @cached_property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @cached_property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @cached_property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "api_key"
+
+    def prepare_dirs(self) -> None:
+        """Create the data dir (its parent must exist: a typo should not grow a tree) and its subdirectories."""
+        if not self.data_dir.is_dir():
+            if not self.data_dir.parent.is_dir():
+                raise SettingsError(f"{ENV_PREFIX}DATA_DIR={self.data_dir}: its parent directory does not exist")
+            try:
+                self.data_dir.mkdir()
+            except OSError as e:
+                raise SettingsError(f"{ENV_PREFIX}DATA_DIR={self.data_dir}: cannot create it ({e.strerror})") from None
+        for d in (self.models_dir, self.files_dir, self.jobs_dir):
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError as e:
+                message = f"{ENV_PREFIX}DATA_DIR={self.data_dir}: cannot write to it ({e.strerror})"
+                raise SettingsError(message) from None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (keyword overrides win); raises SettingsError with one line on any problem."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise SettingsError(f"invalid setting {ENV_PREFIX}{field.upper()}: {message}") from None
+    settings.prepare_dirs()
+    return settings

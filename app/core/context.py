@@ -1,0 +1,74 @@
+"""Everything a running API holds, built once from settings: the database engine and sessions, the broker, the
+inference engine and the metrics. Kept on `app.state.ctx`; there are no module-level globals, so tests can run two
+apps (SQLite and PostgreSQL) in one process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.broker import Broker
+from app.core.config import Settings, SettingsError
+from app.core.metrics import Metrics
+from app.db import migrate
+from app.db.session import make_engine, make_session_factory
+from app.inference.engine import InferenceEngine
+
+log = logging.getLogger("app")
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    broker: Broker
+    metrics: Metrics
+    inference: InferenceEngine
+    embedded_key: str | None = None
+
+    @classmethod
+    def build(cls, settings: Settings) -> AppContext:
+        engine = make_engine(settings.database_url)
+        metrics = Metrics()
+        ctx = cls(settings=settings, engine=engine, sessions=make_session_factory(engine), broker=Broker(settings),
+                  metrics=metrics, inference=InferenceEngine(settings, metrics))
+        metrics.add_scrape_sources(ctx.jobs_by_status, ctx.broker.queue_depth)
+        return ctx
+
+    def prepare_database(self) -> None:
+        """Migrate (SQLite by default) or check the schema is current; then the admin keys and the base models.
+        Raises SettingsError with one line when the database is unreachable or behind."""
+        from app.services.keys import bootstrap_keys
+        from app.services.models import sync_base_models
+
+        url = self.engine.url.render_as_string(hide_password=True)
+        try:
+            if self.settings.should_migrate:
+                migrate.upgrade(self.settings.database_url)
+            else:
+                current, head = migrate.current_revision(self.engine), migrate.head_revision()
+                if current != head:
+                    raise SettingsError(f"the database at {url} is at schema revision {current}, not {head}: run "
+                                        "`alembic upgrade head` (the compose file's `migrate` service does)")
+            with self.sessions() as session:
+                self.embedded_key = bootstrap_keys(session=session, settings=self.settings)
+                sync_base_models(session=session, settings=self.settings)
+        except SQLAlchemyError as e:
+            reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(e) else type(e).__name__
+            raise SettingsError(f"cannot use the database at {url} (UNSLOTH_DATABASE_URL): {reason}") from None
+
+    def jobs_by_status(self) -> dict[str, int]:
+        from app.services.jobs import jobs_by_status
+
+        with self.sessions() as session:
+            return jobs_by_status(session)
+
+    def close(self) -> None:
+        self.inference.shutdown()
+        self.broker.close()
+        self.engine.dispose()

@@ -1,0 +1,162 @@
+"""The tables. Rows are the truth for every object the API shows; a broker message is only a wake-up call.
+
+Ids are server-generated and time-ordered (`app.core.ids`), so "newest first" is `ORDER BY id DESC` and a cursor is
+an id. Paths are stored relative to the data dir and never built from user strings.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base, utcnow
+
+JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+FILE_STATUSES = ("uploaded", "processed", "error")
+MODEL_KINDS = ("base", "fine_tune", "checkpoint")
+STOP_REQUESTS = ("cancel", "pause", "preempt")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class ApiKey(Base):
+    """A Bearer key: only its SHA-256 is stored; `prefix` is the first characters, shown so people can tell keys
+    apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    prefix: Mapped[str] = mapped_column(String(32))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    source: Mapped[str] = mapped_column(String(16), default="cli")  # cli | env | embedded
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class File(Base):
+    __tablename__ = "files"
+    __table_args__ = (
+        CheckConstraint(_in("status", FILE_STATUSES), name="status"),
+        Index(None, "owner_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    filename: Mapped[str] = mapped_column(String(255))  # the client's name: a label, never a path
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    status_details: Mapped[str | None] = mapped_column(Text)
+    validation: Mapped[dict[str, Any] | None]  # unsloth_core ValidationReport.to_dict()
+    path: Mapped[str] = mapped_column(String(255))  # relative to the data dir
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None]
+
+
+class Job(Base):
+    """A fine-tuning job. `attempt` is the fencing token: every (re)queue increments it, the broker message carries
+    it, and a worker's claim and every later write match on it (plus `lease_owner`)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        CheckConstraint(f"stop_requested IS NULL OR {_in('stop_requested', STOP_REQUESTS)}", name="stop_requested"),
+        UniqueConstraint("owner_id", "idempotency_key"),
+        Index(None, "owner_id", "id"),
+        Index(None, "owner_id", "request_hash"),
+        Index(None, "status", "enqueued_at"),
+        Index(None, "status", "lease_expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str] = mapped_column(String(512))  # the base model id
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    method: Mapped[dict[str, Any]]  # resolved: {"type", "<type>": {"hyperparameters": {...}}}, no "auto" left
+    integrations: Mapped[list[Any] | None]
+    status: Mapped[str] = mapped_column(String(32))
+    stop_requested: Mapped[str | None] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)  # lease expiries recovered (capped)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]  # last time a train message was sent
+    send_count: Mapped[int] = mapped_column(Integer, default=0)  # messages sent for this attempt
+    progress: Mapped[dict[str, Any] | None]  # worker-written: step, total_steps, epoch, ...
+    last_checkpoint_id: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[dict[str, Any] | None]  # {"code", "message", "param"}
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(512))
+    trained_tokens: Mapped[int | None] = mapped_column(Integer)
+    result_files: Mapped[list[Any] | None]
+    estimated_finish: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    __table_args__ = (
+        CheckConstraint(_in("level", ("info", "warn", "error")), name="level"),
+        Index(None, "job_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    type: Mapped[str] = mapped_column(String(16), default="message")  # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None]
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step_number"), Index(None, "job_id", "id"))
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    step_number: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]]
+    path: Mapped[str] = mapped_column(String(512))  # adapter dir, relative to the data dir
+    model_id: Mapped[str] = mapped_column(String(512), unique=True)  # `<fine-tune id>:ckpt-step-<N>`
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Model(Base):
+    """Everything `/v1/models` lists: base models (public, `owner_id` NULL), fine-tunes and checkpoints (owned).
+    `parent` is the model this one was trained from, `root` the base model underneath."""
+
+    __tablename__ = "models"
+    __table_args__ = (CheckConstraint(_in("kind", MODEL_KINDS), name="kind"), Index(None, "owner_id"))
+
+    id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    owner_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"))
+    parent: Mapped[str | None] = mapped_column(String(512))
+    root: Mapped[str] = mapped_column(String(512))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    checkpoint_id: Mapped[str | None] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))  # model or adapter dir, relative to the data dir
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None]

@@ -1,0 +1,157 @@
+"""Loaded models for serving: each base model once (LRU), each fine-tune or checkpoint as its adapter applied on a
+shared base (LRU), each with its tokenizer and a `Generator`. torch and the engine are imported on first use only,
+so an API process that never serves a completion never loads them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.core.config import Settings
+from app.services.models import Servable
+
+if TYPE_CHECKING:
+    from unsloth_core.generate import Generator
+    from unsloth_core.model import Llama
+    from unsloth_core.tokenizer import Tokenizer
+
+log = logging.getLogger("app.inference")
+
+
+@dataclass
+class Served:
+    """One servable model. `lock` serialises generation on it (a Generator is not thread-safe)."""
+
+    id: str
+    kind: str
+    base_id: str
+    generator: Generator
+    tokenizer: Tokenizer
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def max_len(self) -> int:
+        return int(self.generator.max_seq_length)
+
+
+def resolve_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(setting: str, device: str) -> str | None:
+    if setting != "auto":
+        return setting
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+class ModelCache:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._device: str | None = None
+        self._lock = threading.Lock()  # guards the dicts
+        self._load_lock = threading.Lock()  # one load at a time (loads are rare, memory is not)
+        self._bases: OrderedDict[str, tuple[Llama, Tokenizer]] = OrderedDict()
+        self._served: OrderedDict[tuple[str, str], Served] = OrderedDict()
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = resolve_device(self.settings.device)
+        return self._device
+
+    def get(self, servable: Servable) -> Served:
+        """The loaded model for `servable`, loading its base and adapter when needed (blocking: call off the loop)."""
+        key = (servable.id, str(servable.adapter_path or servable.base_path))
+        with self._lock:
+            served = self._served.get(key)
+            if served is not None:
+                self._served.move_to_end(key)
+                self._bases.move_to_end(served.base_id)
+                return served
+        with self._load_lock:
+            with self._lock:
+                if key in self._served:
+                    return self._served[key]
+            served = self._load(servable)
+            with self._lock:
+                self._served[key] = served
+                self._evict()
+            return served
+
+    def evict(self, model_ids: list[str]) -> None:
+        with self._lock:
+            for key in [k for k in self._served if k[0] in model_ids]:
+                del self._served[key]
+
+    def peek(self, model_id: str) -> Served | None:
+        """The loaded model with this id, if any (no loading, no LRU update)."""
+        with self._lock:
+            return next((s for k, s in self._served.items() if k[0] == model_id), None)
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [k[0] for k in self._served]
+
+    # ---- loading ----
+
+    def _load(self, servable: Servable) -> Served:
+        from unsloth_core.generate import Generator
+
+        base, base_tokenizer = self._base(servable.base_id, servable.base_path)
+        if servable.adapter_path is None:
+            return Served(servable.id, servable.kind, servable.base_id, Generator(base, base_tokenizer),
+                          base_tokenizer)
+        from unsloth_core.lora import load_adapter
+
+        log.info("loading adapter %s", servable.id)
+        model = load_adapter(base, servable.adapter_path)
+        tokenizer = self._adapter_tokenizer(servable.adapter_path, base_tokenizer)
+        return Served(servable.id, servable.kind, servable.base_id, Generator(model, tokenizer), tokenizer)
+
+    def _base(self, base_id: str, path: Path) -> tuple[Llama, Tokenizer]:
+        with self._lock:
+            if base_id in self._bases:
+                self._bases.move_to_end(base_id)
+                return self._bases[base_id]
+        from unsloth_core.checkpoint import load_model
+        from unsloth_core.tokenizer import Tokenizer
+
+        log.info("loading base model %s on %s", base_id, self.device)
+        model = load_model(path, self.device, resolve_dtype(self.settings.dtype, self.device))
+        loaded = (model, Tokenizer.from_dir(path))
+        with self._lock:
+            self._bases[base_id] = loaded
+        return loaded
+
+    @staticmethod
+    def _adapter_tokenizer(adapter: Path, base: Tokenizer) -> Tokenizer:
+        """The tokenizer the adapter was trained with: its own files when saved beside it, else the base's; a chat
+        template saved with the adapter wins over the base's."""
+        from unsloth_core.tokenizer import Tokenizer
+
+        if (adapter / "tokenizer.json").is_file():
+            return Tokenizer.from_dir(adapter)
+        template = adapter / "chat_template.jinja"
+        if template.is_file():
+            return Tokenizer(base.backend, base.config, template.read_text(), base.eos_token_ids)
+        return base
+
+    def _evict(self) -> None:
+        """Drop least-recently-used adapters, then bases (with everything served on them), beyond the limits."""
+        adapters = [k for k, s in self._served.items() if s.kind != "base"]
+        for key in adapters[: max(0, len(adapters) - self.settings.max_loaded_adapters)]:
+            del self._served[key]
+        while len(self._bases) > self.settings.max_loaded_base_models:
+            base_id, _ = self._bases.popitem(last=False)
+            for key in [k for k, s in self._served.items() if s.base_id == base_id]:
+                del self._served[key]
+            log.info("unloaded base model %s", base_id)
+

@@ -1,0 +1,90 @@
+"""The FastAPI app. `create_app(settings)` builds it (tests pass their own settings); `factory()` is for
+`uvicorn --factory app.main:factory`; `run()` (also `python -m app`) validates the settings, prepares the database
+and serves on UNSLOTH_HOST:UNSLOTH_PORT. A bad setting is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import PurePosixPath
+
+from fastapi import FastAPI
+
+from app.api.openapi import install_openapi
+from app.api.router import root, route_template, v1
+from app.core.config import Settings, SettingsError, load_settings
+from app.core.context import AppContext
+from app.core.errors import install_error_handlers
+from app.core.middleware import BodyLimitMiddleware, MetricsMiddleware
+
+log = logging.getLogger("app")
+
+UPLOAD_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the file part
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app and prepare its database (migrate or check, admin keys, base models). Raises SettingsError."""
+    settings = settings or load_settings()
+    ctx = AppContext.build(settings)
+    try:
+        ctx.prepare_database()
+    except BaseException:
+        ctx.close()
+        raise
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            ctx.close()
+
+    app = FastAPI(title="Unsloth service", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible fine-tuning and completions for Llama-architecture models.")
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    install_openapi(app)
+    app.include_router(v1)
+    app.include_router(root)
+
+    def body_limit(path: str) -> int:
+        if PurePosixPath(path) == PurePosixPath("/v1/files"):
+            return settings.max_upload_bytes + UPLOAD_OVERHEAD
+        return settings.max_request_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(MetricsMiddleware, metrics=ctx.metrics, route_template=route_template)
+    return app
+
+
+def _exit_on_settings_error(error: SettingsError) -> None:
+    print(f"unsloth: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def factory() -> FastAPI:
+    try:
+        return create_app()
+    except SettingsError as e:
+        _exit_on_settings_error(e)
+        raise
+
+
+def run(settings: Settings | None = None) -> None:
+    import uvicorn
+
+    try:
+        settings = settings or load_settings()
+        logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        app = create_app(settings)
+    except SettingsError as e:
+        _exit_on_settings_error(e)
+        return
+    ctx: AppContext = app.state.ctx
+    print(f"unsloth: serving on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
+    if ctx.embedded_key:
+        print(f"unsloth: API key: {ctx.embedded_key}  (kept in {settings.api_key_file})", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)

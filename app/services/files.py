@@ -1,0 +1,117 @@
+"""Files: stored under server-generated names, validated line by line with the engine's validator on upload."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core import ids
+from app.core.config import Settings
+from app.core.errors import bad_request, not_found
+from app.db.base import unix, utcnow
+from app.db.models import TERMINAL_STATUSES, ApiKey, File, Job
+from app.schemas.files import UPLOAD_PURPOSES, FileList, FileObject
+from app.services.common import owned, page
+from app.services.uploads import Upload
+
+
+def staging_path(settings: Settings) -> Path:
+    """Where an upload streams to before it has a row: hidden, server-named, in the files dir (same filesystem)."""
+    return settings.files_dir / f".upload-{ids.new_id('')}.part"
+
+
+def check_purpose(purpose: str | None) -> str:
+    if not purpose:
+        raise bad_request("Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
+    if purpose not in UPLOAD_PURPOSES:
+        raise bad_request(f"Invalid value for 'purpose': {purpose!r}; use one of {', '.join(UPLOAD_PURPOSES)}.",
+                          param="purpose")
+    return purpose
+
+
+def validate_training_file(path: Path) -> dict[str, object]:
+    """The engine's report without a tokenizer: structure, format, example counts and every bad line."""
+    from unsloth_core.data import validate_file
+
+    return validate_file(path).to_dict()
+
+
+def create_file(*, session: Session, settings: Settings, owner: ApiKey, upload: Upload, staged: Path,
+                purpose: str) -> File:
+    file_id = ids.new_id(ids.FILE)
+    relative = Path("files") / f"{file_id}.jsonl"
+    final = settings.data_dir / relative
+    os.replace(staged, final)
+    status, details, report = "processed", None, None
+    if purpose == "fine-tune":
+        report = validate_training_file(final)
+        if not report["ok"]:
+            status = "error"
+            details = _summary(report)
+    row = File(id=file_id, owner_id=owner.id, filename=upload.filename or "upload.jsonl", purpose=purpose,
+               bytes=upload.size, status=status, status_details=details, validation=report, path=str(relative),
+               sha256=upload.sha256)
+    session.add(row)
+    try:
+        session.commit()
+    except BaseException:
+        final.unlink(missing_ok=True)
+        raise
+    return row
+
+
+def _summary(report: dict[str, object]) -> str:
+    errors = report.get("errors") or []
+    assert isinstance(errors, list)
+    n = report.get("n_errors", len(errors))
+    shown = "; ".join(f"line {e['line']}: {e['code']}: {e['message']}" if e.get("line") is not None
+                      else f"{e['code']}: {e['message']}" for e in errors[:3])
+    return f"{n} invalid line(s): {shown}" + (" ..." if isinstance(n, int) and n > 3 else "")
+
+
+def get_file(*, session: Session, key: ApiKey, file_id: str, param: str | None = None) -> File:
+    query = owned(select(File).where(File.id == file_id, File.deleted_at.is_(None)), File.owner_id, key)
+    row = session.scalar(query)
+    if row is None:
+        raise not_found("file", file_id, param=param, code="file_not_found")
+    return row
+
+
+def list_files(*, session: Session, key: ApiKey, after: str | None, limit: int, order: str,
+               purpose: str | None) -> FileList:
+    query = owned(select(File).where(File.deleted_at.is_(None)), File.owner_id, key)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    rows, more = page(session, query, File.id, after=after, limit=limit, descending=order == "desc")
+    data = [file_object(r) for r in rows]
+    return FileList(data=data, has_more=more, first_id=data[0].id if data else None,
+                    last_id=data[-1].id if data else None)
+
+
+def delete_file(*, session: Session, settings: Settings, key: ApiKey, file_id: str) -> None:
+    row = get_file(session=session, key=key, file_id=file_id)
+    busy = session.scalar(select(Job.id).where(Job.status.not_in(TERMINAL_STATUSES),
+                                               (Job.training_file == file_id) | (Job.validation_file == file_id))
+                          .limit(1))
+    if busy is not None:
+        raise bad_request(f"File {file_id} is in use by fine-tuning job {busy}; cancel the job first.",
+                          code="file_in_use")
+    row.deleted_at = utcnow()
+    session.commit()
+    content_path(settings, row).unlink(missing_ok=True)
+
+
+def content_path(settings: Settings, row: File) -> Path:
+    path = (settings.data_dir / row.path).resolve()
+    if not path.is_relative_to(settings.files_dir.resolve()):
+        raise RuntimeError(f"file row {row.id} points outside the files dir")
+    return path
+
+
+def file_object(row: File) -> FileObject:
+    return FileObject(id=row.id, bytes=row.bytes, created_at=unix(row.created_at) or 0, filename=row.filename,
+                      purpose=row.purpose, status=row.status,  # type: ignore[arg-type]
+                      status_details=row.status_details, expires_at=unix(row.expires_at), validation=row.validation)

@@ -1,0 +1,440 @@
+"""Fine-tuning jobs: plan (checks + resolved hyperparameters), create (idempotent), list, cancel / pause / resume,
+events and checkpoints. The worker side of the lifecycle (claim, checkpoints, finish) is in `lifecycle.py`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core import ids
+from app.core.broker import Broker
+from app.core.config import Settings
+from app.core.errors import APIError, bad_request, not_found
+from app.db.base import unix, utcnow
+from app.db.models import TERMINAL_STATUSES, ApiKey, Checkpoint, File, Job, JobEvent, Model
+from app.schemas.jobs import (
+    CheckpointList,
+    CheckpointObject,
+    DPOHyperparameters,
+    FineTuningJob,
+    JobCreate,
+    JobError,
+    JobEventList,
+    JobEventObject,
+    JobList,
+    JobValidation,
+    SupervisedHyperparameters,
+    ValidationIssue,
+)
+from app.services import hyperparameters
+from app.services.common import owned, page
+from app.services.dispatch import send_train
+from app.services.files import content_path
+from app.services.models import base_model_dir, context_length
+
+ORGANIZATION = "org-unsloth"
+MAX_LINE_ISSUES = 100  # per file, in a dry-run answer
+
+
+@dataclass
+class JobPlan:
+    """What a create body amounts to, once checked: the base model, the files and every hyperparameter resolved."""
+
+    model: str
+    method_type: str = "supervised"
+    base_path: Path | None = None
+    training: File | None = None
+    validation: File | None = None
+    hyperparameters: dict[str, Any] | None = None
+    issues: list[ValidationIssue] = field(default_factory=list)
+
+    def fail(self, param: str | None, code: str, message: str, line: int | None = None) -> None:
+        self.issues.append(ValidationIssue(param=param, code=code, message=message, line=line))
+
+    @property
+    def method(self) -> dict[str, Any]:
+        return {"type": self.method_type, self.method_type: {"hyperparameters": self.hyperparameters}}
+
+
+def request_hash(payload: JobCreate) -> str:
+    canonical = json.dumps(payload.model_dump(mode="json", exclude_unset=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---- planning (shared by create and the dry-run) ----
+
+
+def _method_hyperparameters(payload: JobCreate, plan: JobPlan) -> SupervisedHyperparameters:
+    method = payload.method
+    legacy = payload.hyperparameters
+    if method is None:
+        plan.method_type = "supervised"
+        return SupervisedHyperparameters(**(legacy.model_dump(exclude_unset=True) if legacy else {}))
+    plan.method_type = method.type
+    if method.type == "reinforcement":
+        plan.fail("method.type", "unsupported_method", "Reinforcement fine-tuning is not supported; use 'supervised' "
+                                                        "or 'dpo'.")
+        return SupervisedHyperparameters()
+    if method.type == "dpo":
+        if legacy is not None:
+            plan.fail("hyperparameters", "invalid_value", "Give DPO hyperparameters under method.dpo.hyperparameters, "
+                                                          "not the deprecated top-level 'hyperparameters'.")
+        return method.dpo.hyperparameters if method.dpo else DPOHyperparameters()
+    hp = method.supervised.hyperparameters if method.supervised else SupervisedHyperparameters()
+    if legacy is not None:  # the deprecated top-level field fills what `method` leaves unset
+        merged = {**legacy.model_dump(exclude_unset=True), **hp.model_dump(exclude_unset=True)}
+        hp = SupervisedHyperparameters(**merged)
+    return hp
+
+
+def _check_file(plan: JobPlan, *, session: Session, key: ApiKey, file_id: str, param: str,
+                wanted: str) -> File | None:
+    row = session.scalar(owned(select(File).where(File.id == file_id, File.deleted_at.is_(None)), File.owner_id, key))
+    if row is None:
+        plan.fail(param, "file_not_found", f"No file found with id '{file_id}'.")
+        return None
+    if row.purpose != "fine-tune":
+        plan.fail(param, "invalid_file_purpose", f"File {file_id} has purpose '{row.purpose}'; upload it with "
+                                                 "purpose 'fine-tune'.")
+        return None
+    report = row.validation or {}
+    if row.status == "error":
+        plan.fail(param, f"invalid_{param}", f"File {file_id} is not valid: {row.status_details}")
+        return row
+    if report.get("purpose") not in (None, wanted):
+        plan.fail(param, "wrong_purpose", f"File {file_id} holds {report.get('format')} data, for "
+                                          f"{str(report.get('purpose')).upper()}; a {plan.method_type} job needs "
+                                          f"{wanted.upper()} data.")
+    return row
+
+
+def plan_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobCreate) -> JobPlan:
+    plan = JobPlan(model=payload.model)
+    hp = _method_hyperparameters(payload, plan)
+    hp_param = f"method.{plan.method_type}.hyperparameters"
+    plan.base_path = base_model_dir(settings, payload.model)
+    if plan.base_path is None:
+        owned_model = session.scalar(select(Model).where(Model.id == payload.model, Model.deleted_at.is_(None),
+                                                         Model.owner_id == key.id))
+        if owned_model is not None:
+            plan.fail("model", "model_not_supported", f"Fine-tuning a fine-tuned model is not supported yet; use its "
+                                                      f"base model '{owned_model.root}'.")
+        else:
+            plan.fail("model", "model_not_found", f"The model '{payload.model}' does not exist or is not available "
+                                                  "for fine-tuning.")
+    wanted = "dpo" if plan.method_type == "dpo" else "sft"
+    plan.training = _check_file(plan, session=session, key=key, file_id=payload.training_file,
+                                param="training_file", wanted=wanted)
+    if payload.validation_file:
+        plan.validation = _check_file(plan, session=session, key=key, file_id=payload.validation_file,
+                                      param="validation_file", wanted=wanted)
+    ctx = context_length(plan.base_path) if plan.base_path else None
+    if hp.lora_r != "auto" and hp.lora_r > settings.max_lora_rank:
+        plan.fail(f"{hp_param}.lora_r", "invalid_value", f"lora_r must be at most {settings.max_lora_rank} (the "
+                                                          "largest rank this server serves).")
+    if hp.max_seq_length != "auto" and ctx is not None and hp.max_seq_length > ctx:
+        plan.fail(f"{hp_param}.max_seq_length", "invalid_value", f"max_seq_length must be at most {ctx}, the "
+                                                                  f"context length of {payload.model}.")
+    n_examples = int((plan.training.validation or {}).get("n_examples") or 0) if plan.training else 0
+    plan.hyperparameters = hyperparameters.resolve(hp, method_type=plan.method_type, n_examples=n_examples,
+                                                   context_length=ctx)
+    return plan
+
+
+def _raise_first(plan: JobPlan) -> None:
+    if plan.issues:
+        issue = plan.issues[0]
+        raise APIError(400, issue.message, param=issue.param, code=issue.code)
+
+
+# ---- create ----
+
+
+def create_job(*, session: Session, settings: Settings, broker: Broker, key: ApiKey, payload: JobCreate,
+               idempotency_key: str | None, retry_count: int | None) -> Job:
+    """Create and enqueue a job, or return the one an earlier identical request made.
+
+    With an `Idempotency-Key`: the same key returns the first job (a different body is 422). Without one: a request
+    that is a retry (the SDK's `x-stainless-retry-count` > 0, or a client that sends no such header) returns a job
+    made from the same body by the same key within `idempotency_window_s`.
+    """
+    digest = request_hash(payload)
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, key, idempotency_key, digest)
+        if existing is not None:
+            return existing
+    elif retry_count != 0 and settings.idempotency_window_s > 0:
+        since = utcnow() - timedelta(seconds=settings.idempotency_window_s)
+        existing = session.scalar(select(Job).where(Job.owner_id == key.id, Job.request_hash == digest,
+                                                    Job.idempotency_key.is_(None), Job.created_at >= since)
+                                  .order_by(Job.id.desc()).limit(1))
+        if existing is not None:
+            return existing
+    plan = plan_job(session=session, settings=settings, key=key, payload=payload)
+    _raise_first(plan)
+    assert plan.training is not None and plan.hyperparameters is not None
+    n_examples = int((plan.training.validation or {}).get("n_examples") or 0)
+    total_steps = hyperparameters.estimate_steps(plan.hyperparameters, n_examples=n_examples, n_tokens=None)
+    job = Job(id=ids.new_id(ids.JOB), owner_id=key.id, model=payload.model, training_file=payload.training_file,
+              validation_file=payload.validation_file, suffix=payload.suffix,
+              seed=payload.seed if payload.seed is not None else secrets.randbelow(2**31),
+              meta=payload.metadata, method=plan.method,
+              integrations=[i.model_dump(mode="json") for i in payload.integrations] if payload.integrations else None,
+              status="queued", idempotency_key=idempotency_key, request_hash=digest, result_files=[],
+              progress={"step": 0, "total_steps": total_steps})
+    session.add(job)
+    session.add(new_event(job.id, f"Created fine-tuning job: {job.id}"))
+    session.add(new_event(job.id, "Files validated, moving job to queued state"))
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the insert
+        session.rollback()
+        assert idempotency_key is not None
+        existing = _by_idempotency_key(session, key, idempotency_key, digest)
+        if existing is None:
+            raise
+        return existing
+    send_train(session=session, broker=broker, job_id=job.id, attempt=job.attempt)
+    return job
+
+
+def _by_idempotency_key(session: Session, key: ApiKey, idempotency_key: str, digest: str) -> Job | None:
+    existing = session.scalar(select(Job).where(Job.owner_id == key.id, Job.idempotency_key == idempotency_key))
+    if existing is not None and existing.request_hash != digest:
+        raise APIError(422, "This Idempotency-Key was already used with a different request body.",
+                       param="Idempotency-Key", code="idempotency_key_reused")
+    return existing
+
+
+def validate_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobCreate) -> JobValidation:
+    """The dry-run: every problem a create would meet, each file re-read with the base model's tokenizer (token
+    counts, truncation at the resolved max_seq_length), and the resolved hyperparameters and step estimate."""
+    plan = plan_job(session=session, settings=settings, key=key, payload=payload)
+    reports: dict[str, dict[str, Any]] = {}
+    tokenizer = _load_tokenizer(plan)
+    assert plan.hyperparameters is not None
+    max_len = plan.hyperparameters["max_seq_length"]
+    for param, row in (("training_file", plan.training), ("validation_file", plan.validation)):
+        if row is None:
+            continue
+        report = _measure(settings, row, tokenizer, max_len, "dpo" if plan.method_type == "dpo" else "sft")
+        reports[param] = report
+        if row.status == "error" or not report["ok"]:
+            for err in report["errors"][:MAX_LINE_ISSUES]:
+                plan.fail(param, err["code"], err["message"], err["line"])
+    training = reports.get("training_file")
+    hp = plan.hyperparameters
+    steps = trained = None
+    if training is not None:
+        steps = hyperparameters.estimate_steps(hp, n_examples=int(training["n_examples"]),
+                                               n_tokens=training.get("n_tokens"))
+        if training.get("n_tokens") is not None:
+            trained = int(training["n_tokens"]) * hp["n_epochs"]
+    return JobValidation(valid=not plan.issues, errors=plan.issues, model=payload.model,
+                         training_file=training, validation_file=reports.get("validation_file"), method=plan.method,
+                         hyperparameters=_legacy_view(hp), n_examples=training["n_examples"] if training else None,
+                         n_tokens=training.get("n_tokens") if training else None,
+                         n_truncated=training.get("n_truncated") if training else None,
+                         estimated_steps=steps, estimated_trained_tokens=trained)
+
+
+def _load_tokenizer(plan: JobPlan) -> Any:
+    if plan.base_path is None:
+        return None
+    from unsloth_core.errors import UnslothError
+    from unsloth_core.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_dir(plan.base_path)
+    except UnslothError as e:
+        plan.fail("model", "model_unreadable", f"Cannot read the tokenizer of {plan.model}: {e}")
+        return None
+
+
+def _measure(settings: Settings, row: File, tokenizer: Any, max_len: int, purpose: str) -> dict[str, Any]:
+    from unsloth_core.data import validate_file
+
+    report = validate_file(content_path(settings, row), tokenizer, max_len if tokenizer else None,
+                           purpose=purpose)  # type: ignore[arg-type]
+    result: dict[str, Any] = report.to_dict()
+    result["id"] = row.id
+    return result
+
+
+# ---- reading ----
+
+
+def get_job(*, session: Session, key: ApiKey, job_id: str) -> Job:
+    row = session.scalar(owned(select(Job).where(Job.id == job_id), Job.owner_id, key))
+    if row is None:
+        raise not_found("fine-tuning job", job_id, code="job_not_found")
+    return row
+
+
+def list_jobs(*, session: Session, key: ApiKey, after: str | None, limit: int,
+              metadata: dict[str, str]) -> JobList:
+    query = owned(select(Job), Job.owner_id, key)
+    rows, more = page(session, query, Job.id, after=after, limit=limit if not metadata else 10_000)
+    if metadata:  # JSON filtering differs by database; metadata is at most 16 short pairs, so filter here
+        rows = [r for r in rows if all((r.meta or {}).get(k) == v for k, v in metadata.items())]
+        more = len(rows) > limit
+        rows = rows[:limit]
+    return JobList(data=[job_object(r) for r in rows], has_more=more)
+
+
+def list_events(*, session: Session, job: Job, after: str | None, limit: int) -> JobEventList:
+    rows, more = page(session, select(JobEvent).where(JobEvent.job_id == job.id), JobEvent.id, after=after,
+                      limit=limit)
+    return JobEventList(data=[event_object(r) for r in rows], has_more=more)
+
+
+def events_since(*, session: Session, job_id: str, since_ms: int) -> list[JobEvent]:
+    """Events from `since_ms` on, oldest first (for the live stream)."""
+    query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id >= ids.id_floor(ids.EVENT, since_ms))
+             .order_by(JobEvent.id))
+    return list(session.scalars(query))
+
+
+def list_checkpoints(*, session: Session, job: Job, after: str | None, limit: int) -> CheckpointList:
+    rows, more = page(session, select(Checkpoint).where(Checkpoint.job_id == job.id), Checkpoint.id, after=after,
+                      limit=limit)
+    data = [checkpoint_object(r) for r in rows]
+    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)
+
+
+def jobs_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: int(n) for status, n in rows}
+
+
+# ---- cancel / pause / resume ----
+
+
+def _transition(session: Session, job: Job, to: str, **values: Any) -> bool:
+    """Compare-and-set on (status, attempt): False when a worker (or another request) changed the row first."""
+    result = session.execute(update(Job).where(Job.id == job.id, Job.status == job.status,
+                                               Job.attempt == job.attempt).values(status=to, **values))
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def cancel_job(*, session: Session, key: ApiKey, job_id: str) -> Job:
+    for _ in range(3):  # a claim can race the request; re-read and decide again
+        job = get_job(session=session, key=key, job_id=job_id)
+        if job.status == "cancelled":
+            return job
+        if job.status in TERMINAL_STATUSES:
+            raise bad_request(f"Job {job_id} has already {job.status}; it cannot be cancelled.",
+                              code="job_not_cancellable")
+        if job.status == "running":
+            if job.stop_requested != "cancel":
+                session.execute(update(Job).where(Job.id == job.id, Job.status == "running")
+                                .values(stop_requested="cancel"))
+                session.add(new_event(job.id, "Cancellation requested; the job stops at the next step"))
+                session.commit()
+            session.refresh(job)
+            return job
+        if _transition(session, job, "cancelled", stop_requested=None, finished_at=utcnow()):
+            session.add(new_event(job.id, "Fine-tuning job cancelled"))
+            session.commit()
+            session.refresh(job)
+            return job
+        session.rollback()
+    raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
+                   headers={"x-should-retry": "true"})
+
+
+def pause_job(*, session: Session, key: ApiKey, job_id: str) -> Job:
+    for _ in range(3):
+        job = get_job(session=session, key=key, job_id=job_id)
+        if job.status == "paused":
+            return job
+        if job.status == "running":
+            if job.stop_requested == "cancel":
+                raise bad_request(f"Job {job_id} is being cancelled; it cannot be paused.", code="job_not_pausable")
+            if job.stop_requested != "pause":
+                session.execute(update(Job).where(Job.id == job.id, Job.status == "running")
+                                .values(stop_requested="pause"))
+                session.add(new_event(job.id, "Pause requested; the job saves a checkpoint and pauses"))
+                session.commit()
+            session.refresh(job)
+            return job
+        if job.status != "queued":
+            raise bad_request(f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
+                              code="job_not_pausable")
+        if _transition(session, job, "paused"):
+            session.add(new_event(job.id, "Fine-tuning job paused"))
+            session.commit()
+            session.refresh(job)
+            return job
+        session.rollback()
+    raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
+                   headers={"x-should-retry": "true"})
+
+
+def resume_job(*, session: Session, broker: Broker, key: ApiKey, job_id: str) -> Job:
+    job = get_job(session=session, key=key, job_id=job_id)
+    if job.status == "running" and job.stop_requested == "pause":
+        session.execute(update(Job).where(Job.id == job.id, Job.status == "running", Job.stop_requested == "pause")
+                        .values(stop_requested=None))
+        session.add(new_event(job.id, "Pause withdrawn; the job keeps running"))
+        session.commit()
+        session.refresh(job)
+        return job
+    if job.status != "paused":
+        raise bad_request(f"Job {job_id} is {job.status}; only a paused job can be resumed.", code="job_not_paused")
+    # A new attempt: a message still in the queue for the old one can no longer claim the job.
+    if not _transition(session, job, "queued", attempt=job.attempt + 1, stop_requested=None, enqueued_at=None,
+                       send_count=0, lease_owner=None, lease_expires_at=None):
+        session.rollback()
+        raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
+                       headers={"x-should-retry": "true"})
+    session.add(new_event(job.id, "Fine-tuning job resumed; queued to continue from its last checkpoint"))
+    session.commit()
+    session.refresh(job)
+    send_train(session=session, broker=broker, job_id=job.id, attempt=job.attempt)
+    return job
+
+
+# ---- objects ----
+
+
+def new_event(job_id: str, message: str, *, level: str = "info", type: str = "message",
+              data: dict[str, Any] | None = None) -> JobEvent:
+    return JobEvent(id=ids.new_id(ids.EVENT), job_id=job_id, level=level, type=type, message=message, data=data)
+
+
+def _legacy_view(hp: dict[str, Any] | None) -> dict[str, Any]:
+    hp = hp or {}
+    return {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier") if k in hp}
+
+
+def job_object(row: Job) -> FineTuningJob:
+    hp = (row.method.get(row.method["type"]) or {}).get("hyperparameters") if row.method else None
+    return FineTuningJob(
+        id=row.id, created_at=unix(row.created_at) or 0, model=row.model, organization_id=ORGANIZATION,
+        status=row.status, error=JobError(**row.error) if row.error else None, fine_tuned_model=row.fine_tuned_model,
+        finished_at=unix(row.finished_at), estimated_finish=unix(row.estimated_finish),
+        trained_tokens=row.trained_tokens, training_file=row.training_file, validation_file=row.validation_file,
+        result_files=list(row.result_files or []), seed=row.seed, hyperparameters=_legacy_view(hp),
+        method=row.method, integrations=row.integrations, metadata=row.meta, suffix=row.suffix,
+        stop_requested=row.stop_requested, progress=row.progress)
+
+
+def event_object(row: JobEvent) -> JobEventObject:
+    return JobEventObject(id=row.id, created_at=unix(row.created_at) or 0, level=row.level, message=row.message,
+                          type=row.type, data=row.data)
+
+
+def checkpoint_object(row: Checkpoint) -> CheckpointObject:
+    return CheckpointObject(id=row.id, created_at=unix(row.created_at) or 0, fine_tuned_model_checkpoint=row.model_id,
+                            fine_tuning_job_id=row.job_id, step_number=row.step_number, metrics=row.metrics)

@@ -1,0 +1,104 @@
+"""API keys: create, list, revoke, authenticate; the admin keys from `UNSLOTH_API_KEY` and the embedded mode."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from app.core import ids
+from app.core.config import Settings
+from app.core.security import generate_key, hash_key, shown_prefix
+from app.db.base import utcnow
+from app.db.models import ApiKey
+
+log = logging.getLogger("app.keys")
+
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't write on every request
+
+
+def create_key(*, session: Session, name: str, is_admin: bool = False, source: str = "cli",
+               key: str | None = None) -> tuple[ApiKey, str]:
+    """A new key; returns the row and the plaintext, which is never stored and cannot be shown again."""
+    key = key or generate_key()
+    row = ApiKey(id=ids.new_id(ids.KEY), name=name, prefix=shown_prefix(key), key_hash=hash_key(key),
+                 is_admin=is_admin, source=source)
+    session.add(row)
+    session.commit()
+    return row, key
+
+
+def list_keys(*, session: Session, include_revoked: bool = False) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(query))
+
+
+def revoke_key(*, session: Session, key_id: str) -> ApiKey | None:
+    """Revoke by id (`key_...`) or by the shown prefix (`sk-unsloth-xxxxxx`) when that is unambiguous."""
+    rows = list(session.scalars(select(ApiKey).where(or_(ApiKey.id == key_id, ApiKey.prefix == key_id),
+                                                     ApiKey.revoked_at.is_(None))))
+    if len(rows) != 1:
+        return None
+    rows[0].revoked_at = utcnow()
+    session.commit()
+    return rows[0]
+
+
+def authenticate(*, session: Session, token: str) -> ApiKey | None:
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None)))
+    if row is None:
+        return None
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+        row.last_used_at = now
+        session.commit()
+    return row
+
+
+def ensure_admin_key(*, session: Session, key: str, source: str) -> ApiKey:
+    """Make `key` a working admin key: the row for this source is created, or re-pointed at the new key's hash,
+    so a changed `UNSLOTH_API_KEY` keeps owning what the old one created."""
+    digest = hash_key(key)
+    row = session.scalar(select(ApiKey).where(ApiKey.source == source, ApiKey.is_admin.is_(True))
+                         .order_by(ApiKey.id).limit(1))
+    if row is None:
+        row, _ = create_key(session=session, name=f"admin ({source})", is_admin=True, source=source, key=key)
+        return row
+    if row.key_hash != digest or row.revoked_at is not None:
+        row.key_hash, row.prefix, row.revoked_at = digest, shown_prefix(key), None
+        session.commit()
+    return row
+
+
+def embedded_key(settings: Settings) -> tuple[str, bool]:
+    """The embedded mode's admin key, kept in `<data dir>/api_key` (mode 0600); (key, True) when just made."""
+    path = settings.api_key_file
+    if path.is_file():
+        return path.read_text().strip(), False
+    key = generate_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, True
+
+
+def bootstrap_keys(*, session: Session, settings: Settings) -> str | None:
+    """At start: `UNSLOTH_API_KEY` as an admin key; in the embedded mode without one, the generated key (printed the
+    first time). Returns the embedded key when one is in use."""
+    if settings.api_key is not None:
+        ensure_admin_key(session=session, key=settings.api_key.get_secret_value(), source="env")
+        return None
+    if not settings.embedded:
+        if not list_keys(session=session):
+            log.warning("no API key exists: set UNSLOTH_API_KEY or run `unsloth keys create`")
+        return None
+    key, created = embedded_key(settings)
+    ensure_admin_key(session=session, key=key, source="embedded")
+    if created:
+        log.warning("generated an API key (kept in %s): %s", settings.api_key_file, key)
+    return key

@@ -1,0 +1,99 @@
+"""Bearer keys (401 + WWW-Authenticate, revoked keys, the admin key, the `keys` command) and the error envelope on
+every non-2xx: unknown routes, wrong methods, validation, oversized bodies, unexpected errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from app.cli import keys_main
+from tests.app.conftest import TINY, Backend
+
+ENVELOPE_KEYS = {"message", "type", "param", "code"}
+
+
+def get(backend: Backend, path: str, key: str | None = None, method: str = "GET", **kwargs: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers.update(kwargs.pop("headers", {}))
+    return httpx.request(method, backend.base_url + path, headers=headers, timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/files", "/v1/fine_tuning/jobs", "/v1/models/tiny-chat"])
+def test_missing_or_wrong_key_is_401(backend: Backend, path: str) -> None:
+    for key in (None, "sk-unsloth-wrong"):
+        r = get(backend, path, key)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"].keys() == ENVELOPE_KEYS and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(backend.base_url + path, headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401
+    with pytest.raises(openai.AuthenticationError) as e:
+        backend.client("sk-unsloth-wrong").models.list()
+    assert e.value.code == "invalid_api_key"
+
+
+def test_keys_command_creates_lists_and_revokes(backend: Backend, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    s = backend.settings
+    env = {"UNSLOTH_DATA_DIR": str(s.data_dir), "UNSLOTH_DATABASE_URL": s.database_url,
+           "UNSLOTH_BROKER_URL": s.broker_url}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert keys_main(["create", "--name", "from-cli"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("sk-unsloth-")
+    assert backend.client(key).models.list().data
+    assert keys_main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "from-cli" in listing and key not in listing and key[:17] in listing  # only the prefix is shown
+    key_id = next(line.split("\t")[0] for line in listing.splitlines() if "from-cli" in line)
+    assert keys_main(["revoke", key_id]) == 0
+    with pytest.raises(openai.AuthenticationError):
+        backend.client(key).models.list()
+    assert keys_main(["revoke", key_id]) == 1
+
+
+def test_unknown_route_and_wrong_method_use_the_envelope(backend: Backend) -> None:
+    r = get(backend, "/v1/nope", backend.user_key)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = get(backend, "/v1/fine_tuning/jobs", backend.user_key, method="DELETE")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "GET, POST"
+    r = get(backend, "/health", method="POST")
+    assert r.status_code == 405 and r.json()["error"].keys() == ENVELOPE_KEYS
+
+
+def test_bad_bodies_are_400_with_param(backend: Backend) -> None:
+    r = get(backend, "/v1/chat/completions", backend.user_key, method="POST", content=b"{not json",
+            headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = get(backend, "/v1/chat/completions", backend.user_key, method="POST",
+            json={"model": TINY, "messages": [{"role": "robot", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    r = get(backend, "/v1/fine_tuning/jobs?limit=0", backend.user_key)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+    with pytest.raises(openai.BadRequestError) as e:
+        backend.client().chat.completions.create(model=TINY, messages=[{"role": "user", "content": "x"}], n=0)
+    assert e.value.param == "n"
+
+
+def test_oversized_body_is_413(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend.settings, "max_request_bytes", 2048)
+    with pytest.raises(openai.APIStatusError) as e:
+        backend.client().chat.completions.create(model=TINY, messages=[{"role": "user", "content": "x" * 5000}])
+    assert e.value.status_code == 413 and e.value.code == "request_too_large"
+
+
+def test_unexpected_errors_are_500_without_details(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.services import models
+
+    def broken(**_: Any) -> Any:
+        raise RuntimeError("secret internals at /srv/data")
+
+    monkeypatch.setattr(models, "list_models", broken)
+    r = get(backend, "/v1/models", backend.user_key)
+    assert r.status_code == 500
+    assert r.json() == {"error": {"message": "The server had an error while processing your request.",
+                                  "type": "server_error", "param": None, "code": "internal_error"}}

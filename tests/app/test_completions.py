@@ -1,0 +1,235 @@
+"""`/v1/completions` and `/v1/chat/completions` through the openai SDK, on the tiny model: sampling knobs, logprobs,
+streaming with usage, limits (context length, max_tokens, concurrency), client disconnects, and fine-tune and
+checkpoint ids served as adapters on the shared base."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from app.inference.cache import Served
+from tests.app.conftest import TINY, TINY_SLASHED, Backend, FineTune
+
+HI = [{"role": "user", "content": "Say something."}]
+
+
+def chat(client: openai.OpenAI, **kwargs: Any) -> Any:
+    kwargs.setdefault("model", TINY)
+    kwargs.setdefault("messages", HI)
+    return client.chat.completions.create(**kwargs)
+
+
+def greedy_text(client: openai.OpenAI, model: str = TINY, n_tokens: int = 12) -> str:
+    return str(chat(client, model=model, max_tokens=n_tokens, temperature=0).choices[0].message.content)
+
+
+def test_completion_from_the_base_model(backend: Backend) -> None:
+    client = backend.client()
+    out = client.completions.create(model=TINY, prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert out.object == "text_completion" and out.model == TINY and len(out.choices) == 1
+    choice = out.choices[0]
+    assert choice.index == 0 and choice.finish_reason in ("length", "stop") and isinstance(choice.text, str)
+    assert out.usage is not None and out.usage.prompt_tokens == len(b"Once upon a time")
+    assert out.usage.completion_tokens <= 8 and out.usage.total_tokens == out.usage.prompt_tokens + \
+        out.usage.completion_tokens
+    batch = client.completions.create(model=TINY_SLASHED, prompt=["a", "bc"], max_tokens=3, n=2, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == batch.choices[1].text  # greedy: the same prompt twice
+    assert batch.usage is not None and batch.usage.prompt_tokens == 3
+
+
+def test_chat_sampling_knobs(backend: Backend) -> None:
+    client = backend.client()
+    a = chat(client, max_completion_tokens=10, temperature=1.0, seed=42, n=3)
+    b = chat(client, max_completion_tokens=10, temperature=1.0, seed=42, n=3)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
+    assert [c.index for c in a.choices] == [0, 1, 2] and a.choices[0].message.role == "assistant"
+    assert a.usage is not None and a.usage.completion_tokens <= 30
+    penalised = chat(client, max_tokens=10, temperature=0.7, top_p=0.9, presence_penalty=1.5, frequency_penalty=1.0,
+                     seed=1, extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})
+    assert penalised.choices[0].finish_reason in ("length", "stop")
+    developer = chat(client, messages=[{"role": "developer", "content": "Be brief."},
+                                       {"role": "user", "content": [{"type": "text", "text": "Hello"}]}], max_tokens=2)
+    assert developer.usage is not None and developer.usage.prompt_tokens > 0
+
+
+def test_stop_sequences_cut_the_text(backend: Backend) -> None:
+    client = backend.client()
+    text = greedy_text(client, n_tokens=24)
+    cut = next((i for i, ch in enumerate(text) if i >= 2 and ch.isprintable() and ch != "\ufffd"), None)
+    if cut is None:
+        pytest.skip("the random model produced no usable character")
+    stop = text[cut]
+    out = chat(client, max_tokens=24, temperature=0, stop=[stop])
+    assert out.choices[0].message.content == text[: text.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(backend: Backend) -> None:
+    client = backend.client()
+    out = client.completions.create(model=TINY, prompt="abc", max_tokens=4, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset or [])
+    out = chat(client, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert content is not None and len(content) == 4
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    # greedy: the chosen token is the most likely one
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5) for t in content)
+
+
+def test_chat_stream_with_usage_matches_the_whole_answer(backend: Backend) -> None:
+    client = backend.client()
+    whole = chat(client, max_tokens=12, temperature=0)
+    chunks = list(chat(client, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].usage is None
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_streams_without_usage_and_with_n(backend: Backend) -> None:
+    client = backend.client()
+    chunks = list(chat(client, max_tokens=5, n=2, temperature=0, stream=True))
+    assert all(c.usage is None for c in chunks)
+    finished = {c.choices[0].index for c in chunks if c.choices[0].finish_reason}
+    assert finished == {0, 1}
+    whole = client.completions.create(model=TINY, prompt="xyz", max_tokens=6, temperature=0)
+    stream = client.completions.create(model=TINY, prompt="xyz", max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_context_and_token_limits(backend: Backend) -> None:
+    client = backend.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=TINY, prompt="x" * 600, max_tokens=4)
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "prompt")
+    assert "maximum context length is 512 tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, messages=[{"role": "user", "content": "y" * 400}], max_completion_tokens=200)
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "messages")
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, max_tokens=backend.settings.max_tokens + 1)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, temperature=3)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert (e.value.param, e.value.code) == ("tools", "unsupported_parameter")
+    with pytest.raises(openai.NotFoundError) as missing:
+        chat(client, model="no-such-model")
+    assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
+    long_chat = chat(client, messages=[{"role": "user", "content": "z" * 450}])  # default: fill the context
+    assert long_chat.usage is not None and long_chat.usage.total_tokens <= 512
+
+
+def test_busy_server_answers_429_with_retry_after(backend: Backend) -> None:
+    engine = backend.ctx.inference
+    engine.in_flight += backend.settings.max_concurrent_generations  # as if that many were generating
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            chat(backend.client(), max_tokens=2)
+        assert e.value.code == "rate_limit_exceeded" and e.value.response.headers["retry-after"] == "1"
+    finally:
+        engine.in_flight -= backend.settings.max_concurrent_generations
+    assert chat(backend.client(), max_tokens=2).choices
+
+
+@contextmanager
+def model_held(backend: Backend, model: str) -> Iterator[Served]:
+    """Hold the model's generation lock, so a request waits for it (as behind a long generation)."""
+    chat(backend.client(), model=model, max_tokens=1)  # loaded
+    served = backend.ctx.inference.cache.peek(model)
+    assert served is not None
+    with served.lock:
+        yield served
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def cancelled(backend: Backend) -> float:
+    return float(backend.ctx.metrics.generations_cancelled._value.get())
+
+
+def test_a_client_that_leaves_stops_its_generation(backend: Backend) -> None:
+    engine = backend.ctx.inference
+    before = cancelled(backend)
+    with model_held(backend, TINY):
+        stream = chat(backend.client(), max_tokens=400, stream=True)
+        first = next(iter(stream))  # the role chunk: the response has started
+        assert first.choices[0].delta.role == "assistant"
+        stream.close()
+        wait_for(lambda: engine.in_flight == 1)  # still waiting for the model, but told to stop
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            httpx.post(f"{backend.base_url}/v1/chat/completions", timeout=1.0,
+                       headers={"Authorization": f"Bearer {backend.user_key}"},
+                       json={"model": TINY, "messages": HI, "max_tokens": 400})
+        time.sleep(0.5)  # the server notices the disconnect
+    wait_for(lambda: engine.in_flight == 0)
+    assert cancelled(backend) == before + 2
+
+
+def test_fine_tune_and_checkpoints_answer(backend: Backend, fine_tune: FineTune) -> None:
+    client = backend.client(fine_tune.key)
+    base = greedy_text(client)
+    answers = {}
+    for model in (fine_tune.model, *fine_tune.checkpoints):
+        out = chat(client, model=model, max_tokens=12, temperature=0)
+        assert out.model == model and out.choices[0].finish_reason in ("length", "stop")
+        answers[model] = out.choices[0].message.content
+        completion = client.completions.create(model=model, prompt="Once", max_tokens=4)
+        assert completion.usage is not None and completion.usage.prompt_tokens == 4
+    assert any(a != base for a in answers.values())  # the adapters change the model
+    served = backend.ctx.inference.cache.peek(fine_tune.model)
+    base_served = backend.ctx.inference.cache.peek(TINY)
+    assert served is not None and base_served is not None
+    # one base in memory: the adapter's frozen weights are the base's own tensors
+    assert served.generator.model.model.embed_tokens.weight.data_ptr() == \
+        base_served.generator.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_stream_from_a_checkpoint(backend: Backend, fine_tune: FineTune) -> None:
+    client = backend.client(fine_tune.key)
+    chunks = list(chat(client, model=fine_tune.checkpoints[-1], max_tokens=6, temperature=0, stream=True,
+                       stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_concurrent_requests_share_the_model_safely(backend: Backend) -> None:
+    client = backend.client(max_retries=3)
+    expected = greedy_text(client, n_tokens=8)
+    results: list[str] = []
+
+    def ask() -> None:
+        results.append(greedy_text(client, n_tokens=8))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 4

@@ -1,0 +1,101 @@
+"""`/v1/files` through the openai SDK: upload (streamed, capped, validated line by line), list with paging, retrieve,
+content, delete, and ownership."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.app.conftest import Backend, chat_rows, jsonl, upload
+
+BROKEN = (
+    jsonl(chat_rows(2))
+    + b'{"messages": [{"role": "user", "content": "hi"}\n'  # line 3: not JSON
+    + b'{"messages": [{"role": "user", "content": "hi"}]}\n'  # line 4: nothing to learn
+    + jsonl(chat_rows(1, seed=1))
+    + b'{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'  # line 6
+)
+
+
+def test_upload_retrieve_content_delete(backend: Backend) -> None:
+    client = backend.client()
+    content = jsonl(chat_rows(12))
+    f = upload(client, content, name="facts.jsonl")
+    assert (f.object, f.purpose, f.status, f.filename, f.bytes) == ("file", "fine-tune", "processed", "facts.jsonl",
+                                                                    len(content))
+    report = f.model_extra["validation"]
+    assert report["ok"] and report["n_examples"] == 12 and report["format"] == "chat"
+    assert client.files.retrieve(f.id).id == f.id
+    assert client.files.content(f.id).content == content
+    assert f.id in [x.id for x in client.files.list(purpose="fine-tune")]
+    deleted = client.files.delete(f.id)
+    assert (deleted.id, deleted.deleted) == (f.id, True)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.files.retrieve(f.id)
+    assert e.value.code == "file_not_found"
+    assert f.id not in [x.id for x in client.files.list()]
+
+
+def test_list_pages_with_after(backend: Backend) -> None:
+    client = backend.client(backend.new_key())
+    made = [upload(client, jsonl(chat_rows(1, seed=i))).id for i in range(5)]
+    first = client.files.list(limit=2)
+    assert len(first.data) == 2 and first.has_more
+    assert [f.id for f in client.files.list(limit=2)] == made[::-1]  # the SDK follows `after` page by page
+    assert [f.id for f in client.files.list(limit=2, order="asc")] == made
+    rest = client.files.list(limit=10, after=made[3])
+    assert [f.id for f in rest.data] == made[2::-1] and not rest.has_more
+
+
+def test_broken_lines_are_each_reported_and_refused_for_training(backend: Backend) -> None:
+    client = backend.client()
+    f = upload(client, BROKEN)
+    assert f.status == "error"
+    report = f.model_extra["validation"]
+    assert [(e["line"], e["code"]) for e in report["errors"]] == [(3, "invalid_json"), (4, "no_assistant_message"),
+                                                                   (6, "unrecognized_role")]
+    assert "line 3" in (f.status_details or "")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model="tiny-chat", training_file=f.id)
+    assert (e.value.param, e.value.code) == ("training_file", "invalid_training_file")
+    assert "line 3" in e.value.message
+
+
+def test_upload_over_the_size_cap_is_413(backend: Backend) -> None:
+    client = backend.client()
+    line = jsonl(chat_rows(1))
+    too_big = line * (backend.settings.max_upload_bytes // len(line) + 20)
+    with pytest.raises(openai.APIStatusError) as e:
+        upload(client, too_big)
+    assert e.value.status_code == 413 and e.value.code == "file_too_large"
+
+
+def test_upload_over_the_line_cap_is_refused(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend.settings, "max_file_lines", 3)
+    with pytest.raises(openai.BadRequestError) as e:
+        upload(backend.client(), jsonl(chat_rows(4)))
+    assert (e.value.param, e.value.code) == ("file", "too_many_lines")
+
+
+def test_upload_needs_a_purpose_and_multipart(backend: Backend) -> None:
+    client = backend.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("a.jsonl", b"{}\n"), purpose="nonsense")  # type: ignore[arg-type]
+    assert e.value.param == "purpose"
+    headers = {"Authorization": f"Bearer {backend.user_key}"}
+    r = httpx.post(f"{backend.base_url}/v1/files", headers=headers, files={"file": ("a.jsonl", b"{}\n")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    r = httpx.post(f"{backend.base_url}/v1/files", headers=headers, json={"purpose": "fine-tune"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+
+
+def test_other_keys_files_are_invisible(backend: Backend) -> None:
+    mine = upload(backend.client(), jsonl(chat_rows(1)))
+    other = backend.client(backend.other_key)
+    for call in (other.files.retrieve, other.files.delete, other.files.content):
+        with pytest.raises(openai.NotFoundError):
+            call(mine.id)
+    assert mine.id not in [f.id for f in other.files.list()]
+    admin = backend.client(backend.admin_key)
+    assert admin.files.retrieve(mine.id).id == mine.id  # UNSLOTH_API_KEY sees everything
