@@ -99,7 +99,9 @@ def test_gradient_checkpointing_changes_nothing_but_memory() -> None:
                 if "lora_B" in n:
                     p.fill_(0.01)
         x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
-        model(x, labels=x, return_logits=False).loss.backward()  # type: ignore[union-attr]
+        loss = model(x, labels=x, return_logits=False).loss
+        assert loss is not None
+        loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     for other in grads[1:]:
         assert other.keys() == grads[0].keys()
