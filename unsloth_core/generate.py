@@ -57,7 +57,7 @@ class Completion:
         return len(self.token_ids)
 
 
-class _Row:
+class RowState:
     """Host-side state of one sequence: its text so far, stop strings, and what has been emitted."""
 
     def __init__(self, index: int, tokenizer: Tokenizer | None, params: SamplingParams, stop_ids: set[int]) -> None:
@@ -146,14 +146,7 @@ class Generator:
         return self.tokenizer.encode(prompt)
 
     def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
-        if n_prompt == 0:
-            raise ValueError("the prompt is empty")
-        if n_prompt + max_new_tokens > self.max_seq_length:
-            raise ContextLengthError(
-                f"the prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, "
-                f"{n_prompt + max_new_tokens} in all; this model's context is {self.max_seq_length} tokens. "
-                f"Shorten the prompt or ask for fewer tokens."
-            )
+        check_context(n_prompt, max_new_tokens, self.max_seq_length)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
@@ -230,7 +223,7 @@ class Generator:
         positions = (slot_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)
         next_pos = positions[:, -1:] + 1  # (B, 1)
         eos = set(self.model.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
-        rows = [_Row(i, self.tokenizer, p, set(p.stop_token_ids) if p.stop_token_ids is not None else eos)
+        rows = [RowState(i, self.tokenizer, p, set(p.stop_token_ids) if p.stop_token_ids is not None else eos)
                 for i, p in enumerate(params)]
         sampler = Sampler(params, self.model.config.vocab_size, dev)
         for i, x in enumerate(ids):
@@ -242,7 +235,7 @@ class Generator:
         pending: list[tuple[Tensor, Tensor | None]] = []
         for step in range(max_new):
             chosen = sampler.sample(logits)
-            pending.append((chosen, self._logprobs(logits, chosen, want_logprobs)))
+            pending.append((chosen, step_logprobs(logits, chosen, want_logprobs)))
             last = step == max_new - 1
             if len(pending) >= self.sync_every or last:
                 deltas = self._emit(rows, pending, params)
@@ -261,18 +254,7 @@ class Generator:
             if self.compile:
                 logits = logits.clone()  # the CUDA-graph output buffer is overwritten by the next replay
 
-    def _logprobs(self, logits: Tensor, chosen: Tensor, top: int | None) -> Tensor | None:
-        """(B, 1 + 2*top): the chosen token's logprob, then the top ids and their logprobs (raw distribution)."""
-        if top is None:
-            return None
-        lp = logits.log_softmax(-1)
-        parts = [lp.gather(-1, chosen[:, None])]
-        if top:
-            vals, idx = lp.topk(top, dim=-1)
-            parts += [idx.to(lp.dtype), vals]
-        return torch.cat(parts, dim=-1)
-
-    def _emit(self, rows: list[_Row], pending: list[tuple[Tensor, Tensor | None]],
+    def _emit(self, rows: list[RowState], pending: list[tuple[Tensor, Tensor | None]],
               params: list[SamplingParams]) -> list[Delta]:
         tokens = torch.stack([c for c, _ in pending], dim=1).tolist()  # one host sync per `sync_every` steps
         lps = [lp.tolist() if lp is not None else None for _, lp in pending]
@@ -289,7 +271,8 @@ class Generator:
                     new_ids.append(tok)
                     step_lps = lps[j]
                     if new_lps is not None and step_lps is not None:
-                        new_lps.append(self._token_logprob(tok, step_lps[row.index], params[row.index].logprobs or 0))
+                        new_lps.append(token_logprob(self.tokenizer, tok, step_lps[row.index],
+                                                     params[row.index].logprobs or 0))
                 if row.finish is not None:
                     break
             text = row.take()
@@ -297,13 +280,39 @@ class Generator:
                 deltas.append(Delta(row.index, text, new_ids, new_lps, row.finish))
         return deltas
 
-    def _token_logprob(self, tok: int, values: list[float], top: int) -> TokenLogprob:
-        tokenizer = self.tokenizer
-        def dec(ids: list[int]) -> str:
-            return tokenizer.decode(ids) if tokenizer is not None else ""
 
-        ids = [int(i) for i in values[1 : 1 + top]]
-        return TokenLogprob(tok, dec([tok]), values[0], [(i, dec([i]), v) for i, v in zip(ids, values[1 + top:])])
+
+def check_context(n_prompt: int, max_new_tokens: int, max_seq_length: int) -> None:
+    """Refuse a request that cannot fit the model's context, with numbers a user can act on."""
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty")
+    if n_prompt + max_new_tokens > max_seq_length:
+        raise ContextLengthError(
+            f"the prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, "
+            f"{n_prompt + max_new_tokens} in all; this model's context is {max_seq_length} tokens. "
+            f"Shorten the prompt or ask for fewer tokens."
+        )
+
+
+def step_logprobs(logits: Tensor, chosen: Tensor, top: int | None) -> Tensor | None:
+    """(B, 1 + 2*top): the chosen token's logprob, then the top ids and their logprobs (raw distribution)."""
+    if top is None:
+        return None
+    lp = logits.log_softmax(-1)
+    parts = [lp.gather(-1, chosen[:, None])]
+    if top:
+        vals, idx = lp.topk(top, dim=-1)
+        parts += [idx.to(lp.dtype), vals]
+    return torch.cat(parts, dim=-1)
+
+
+def token_logprob(tokenizer: Tokenizer | None, tok: int, values: list[float], top: int) -> TokenLogprob:
+    """One row of `step_logprobs`, read back on the host, as a TokenLogprob."""
+    def text(i: int) -> str:
+        return tokenizer.decode([i]) if tokenizer is not None else ""
+
+    ids = [int(i) for i in values[1 : 1 + top]]
+    return TokenLogprob(tok, text(tok), values[0], [(i, text(i), v) for i, v in zip(ids, values[1 + top:])])
 
 
 def generate(model: Llama, tokenizer: Tokenizer | None, prompts: Prompt | Sequence[Prompt],

@@ -86,11 +86,27 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, KVH, T, D) at slots `input_pos` (T,) and return the whole cache."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, KVH, T, D) into cache rows [row, row + B) and return those rows whole.
+
+        `input_pos` (T,) gives the slots, the same for every row (a left-padded batch); (B, T) gives each row its
+        own slots (continuous batching, where every sequence starts at slot 0 of its row).
+        """
+        b = k.size(0)
+        keys, values = self.k[row:row + b], self.v[row:row + b]
+        if input_pos.dim() == 1:
+            keys.index_copy_(2, input_pos, k)
+            values.index_copy_(2, input_pos, v)
+        else:
+            rows = torch.arange(b, device=k.device)[:, None]
+            keys[rows, :, input_pos] = k.transpose(1, 2)  # (B, T, KVH, D) at [row b, slot input_pos[b, t]]
+            values[rows, :, input_pos] = v.transpose(1, 2)
+        return keys, values
+
+    def move_row(self, src: int, dst: int, n_slots: int) -> None:
+        """Copy the first `n_slots` of row `src` into row `dst` (to keep a batch's live rows contiguous)."""
+        self.k[dst, :, :n_slots] = self.k[src, :, :n_slots]
+        self.v[dst, :, :n_slots] = self.v[src, :, :n_slots]
 
 
 def fused_lora(*layers: nn.Module) -> list[kernels.LoRAProj] | None:
@@ -125,7 +141,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
+                cache_row: int = 0) -> Tensor:
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -133,7 +150,7 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = kernels.rope(q, k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, KVH, S, D)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # (B, KVH, S, D)
             if mask is not None and mask.size(-1) < k.size(2):  # eager decoding reads only the slots in use
                 k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
@@ -172,8 +189,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
+                cache_row: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, cache_row)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -210,11 +228,15 @@ def attention_mask_4d(attention_mask: Tensor | None, position_ids: Tensor | None
 
 
 def cache_mask(input_pos: Tensor, slot_mask: Tensor | None) -> Tensor:
-    """Boolean mask (B, 1, T, S') for queries at cache slots `input_pos` (T,) over keys in slots [0, S').
+    """Boolean mask (B, 1, T, S') for queries at cache slots `input_pos` over keys in slots [0, S').
 
-    Causal over slots, restricted to slots `slot_mask` (B, S') marks as real. Each query also sees its own slot,
-    so a padding query never has every key hidden (softmax over nothing is NaN).
+    Shared slots (`input_pos` (T,)): causal over slots, restricted to the slots `slot_mask` (B, S') marks as real,
+    and each query also sees its own slot, so a padding query never has every key hidden (softmax over nothing is
+    NaN). Per-row slots (`input_pos` (B, T)): each row sees its own slots up to each query's.
     """
+    if input_pos.dim() == 2:
+        slots = torch.arange(int(input_pos.max()) + 1, device=input_pos.device)
+        return (slots <= input_pos[..., None])[:, None]
     n_slots = slot_mask.size(-1) if slot_mask is not None else int(input_pos.max()) + 1
     slots = torch.arange(n_slots, device=input_pos.device)
     causal = slots[None, :] <= input_pos[:, None]  # (T, S')
@@ -294,19 +316,21 @@ class Llama(nn.Module):
     # ---- forward ----
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None,
-                      attention_mask: Tensor | None = None, input_pos: Tensor | None = None) -> Tensor:
+                      attention_mask: Tensor | None = None, input_pos: Tensor | None = None,
+                      cache_row: int = 0) -> Tensor:
         """Final-norm hidden states (B, T, C).
 
         Without a cache, `attention_mask` (B, T) marks real tokens. With a cache (`input_pos` (T,) = the slots these
         tokens occupy), `attention_mask` (B, S') marks which of the first S' cache slots hold real tokens (S' may be
         less than the cache's S: attention then reads only those slots), and `position_ids` carry each sample's own
-        positions (they differ from the slots when prompts are left-padded).
+        positions (they differ from the slots when prompts are left-padded). Per-row slots (`input_pos` (B, T)) are
+        also each row's positions; `cache_row` is the cache row of batch row 0.
         """
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
             if input_pos is not None:
-                position_ids = position_ids + input_pos[:1]
+                position_ids = input_pos if input_pos.dim() == 2 else position_ids + input_pos[:1]
         mask = (cache_mask(input_pos, attention_mask) if input_pos is not None
                 else attention_mask_4d(attention_mask, position_ids, t, input_ids.device))
         x = self.model.embed_tokens(input_ids)
@@ -317,7 +341,7 @@ class Llama(nn.Module):
                 x = kernels.checkpoint(block, x, cos, sin, mask, input_pos,
                                        offload=self.gradient_checkpointing == "offload")
             else:
-                x = block(x, cos, sin, mask, input_pos)
+                x = block(x, cos, sin, mask, input_pos, cache_row)
         return self.model.norm(x)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,

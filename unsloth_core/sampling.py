@@ -131,5 +131,11 @@ class Sampler:
             noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in self.generators])
             sampled = (probs / noise).argmax(-1)
             choice = torch.where(self.greedy[:, 0], choice, sampled)
-        self.observe(choice)
+        if self.any_count_penalty or self.any_repetition:
+            self.observe(choice)
         return choice
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the argmax of the raw logits (no temperature, filters or penalties)."""
+        return not (self.any_sampling or self.any_count_penalty or self.any_repetition)

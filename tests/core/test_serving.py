@@ -1,0 +1,124 @@
+"""Continuous batching: concurrent requests in one decode loop give what each would get alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.helpers import make_tiny_tokenizer, tiny_model
+from unsloth_core.errors import ContextLengthError
+from unsloth_core.generate import Delta, Generator
+from unsloth_core.model import Llama
+from unsloth_core.sampling import SamplingParams
+from unsloth_core.serving import BatchEngine
+from unsloth_core.tokenizer import Tokenizer
+
+NO_EOS = dict(stop_token_ids=[])
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model() -> Llama:
+    return tiny_model(seed=12, std=0.3)
+
+
+def collect(deltas: list[Delta]) -> tuple[str, list[int], str | None]:
+    return "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], deltas[-1].finish_reason
+
+
+def test_concurrent_requests_match_generating_alone(model: Llama, tok: Tokenizer) -> None:
+    """Requests of different lengths that finish at different steps (rows retire and are compacted)."""
+    reference = Generator(tiny_model(seed=12, std=0.3), tok)
+    engine = BatchEngine(model, tok, max_batch_size=4, max_seq_length=128)
+    cases = [([1, 2, 3], 5), ([9, 8, 7, 6, 5, 4], 17), ([42], 9), ([11, 12], 3), ([200, 100, 50, 25], 12),
+             ([7] * 10, 20)]  # more requests than rows: some wait for a free row
+    params = [SamplingParams(temperature=0, max_new_tokens=n, **NO_EOS) for _, n in cases]
+    streams = [engine.submit(p, sp) for (p, _), sp in zip(cases, params)]
+    results = [list(s) for s in streams]
+    engine.close()
+    for (prompt, n), sp, deltas in zip(cases, params, results):
+        expected = reference.generate([prompt], sp)[0]
+        _, ids, finish = collect(deltas)
+        assert ids == expected.token_ids and finish == "length" and len(ids) == n
+
+
+def test_seeded_sampling_and_stop_strings_match_the_generator(model: Llama, tok: Tokenizer) -> None:
+    engine = BatchEngine(model, tok, max_batch_size=8, max_seq_length=128)
+    reference = Generator(tiny_model(seed=12, std=0.3), tok)
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=3, max_new_tokens=16, **NO_EOS)
+    free_text = reference.generate(["stop here"], SamplingParams(temperature=0, max_new_tokens=24, **NO_EOS))[0].text
+    stopped = SamplingParams(temperature=0, max_new_tokens=24, stop=[free_text[5:8]], **NO_EOS)
+    a, b = engine.submit(tok.encode("seeded"), sampled), engine.submit(tok.encode("stop here"), stopped)
+    sample_deltas, stop_deltas = list(a), list(b)
+    engine.close()
+    assert collect(sample_deltas)[1] == reference.generate(["seeded"], sampled)[0].token_ids
+    text, _, finish = collect(stop_deltas)
+    assert text == free_text[: free_text.index(free_text[5:8])] and finish == "stop"
+
+
+def test_cancel_frees_the_row(model: Llama, tok: Tokenizer) -> None:
+    engine = BatchEngine(model, tok, max_batch_size=1, max_seq_length=256)
+    long = engine.submit([1, 2], SamplingParams(temperature=0, max_new_tokens=200, **NO_EOS))
+    first = next(iter(long))
+    assert first.token_ids
+    long.cancel()
+    rest = list(long)
+    assert len(rest) < 199  # stopped well before its 200 tokens
+    after = engine.submit([3, 4], SamplingParams(temperature=0, max_new_tokens=4, **NO_EOS))  # the one row is free
+    assert collect(list(after))[2] == "length"
+    engine.close()
+
+
+def test_many_threads_submit_at_once(model: Llama, tok: Tokenizer) -> None:
+    engine = BatchEngine(model, tok, max_batch_size=8, max_seq_length=128)
+    out: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        out[i] = collect(list(engine.submit([i + 1, i + 2], SamplingParams(temperature=0, max_new_tokens=6,
+                                                                            **NO_EOS))))[1]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    engine.close()
+    reference = Generator(tiny_model(seed=12, std=0.3), tok)
+    for i in range(12):
+        assert out[i] == reference.generate([[i + 1, i + 2]], SamplingParams(temperature=0, max_new_tokens=6,
+                                                                            **NO_EOS))[0].token_ids
+
+
+def test_bad_requests_are_refused_at_submit(model: Llama, tok: Tokenizer) -> None:
+    engine = BatchEngine(model, tok, max_seq_length=32)
+    with pytest.raises(ContextLengthError):
+        engine.submit(list(range(30)), SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+    engine.close()
+
+
+def test_stream_interface_matches_the_generator(model: Llama, tok: Tokenizer) -> None:
+    """The `n` choices of one call share a Stream; text, ids, finish reasons and logprobs as Generator.stream."""
+    engine = BatchEngine(model, tok, max_batch_size=4, max_seq_length=128)
+    reference = Generator(tiny_model(seed=12, std=0.3), tok)
+    params = [SamplingParams(temperature=0, max_new_tokens=7, logprobs=2, **NO_EOS),
+              SamplingParams(temperature=0.7, seed=1, max_new_tokens=5, **NO_EOS)]
+    got: dict[int, list[Delta]] = {0: [], 1: []}
+    for deltas in engine.stream(["one prompt", "another"], params):
+        for d in deltas:
+            got[d.index].append(d)
+    engine.close()
+    expected = reference.generate(["one prompt", "another"], params)
+    for i in (0, 1):
+        text, ids, finish = collect(got[i])
+        assert (text, ids, finish) == (expected[i].text, expected[i].token_ids, expected[i].finish_reason)
+    lps = [lp for d in got[0] for lp in d.logprobs or []]
+    assert expected[0].logprobs is not None
+    assert [lp.token_id for lp in lps] == [lp.token_id for lp in expected[0].logprobs]
+    assert [lp.logprob for lp in lps] == pytest.approx([lp.logprob for lp in expected[0].logprobs], abs=1e-4)

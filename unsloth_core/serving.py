@@ -1,0 +1,249 @@
+"""Continuous batching: many concurrent requests share one decode loop over one model.
+
+A background thread owns the model and its KV cache. Each step it admits waiting requests (prefilling each into a
+free cache row), then runs one decode step for every live row at once, so N streams cost about one weight read per
+token instead of N. Rows finish independently; a finished row's slot is refilled by moving the last live row into
+it, which keeps the live rows contiguous (rows [0, B) of the cache) so each step attends over a plain slice.
+
+Each sequence starts at slot 0 of its own row (no padding), so its slots are its positions.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from unsloth_core.generate import Delta, Prompt, RowState, check_context, step_logprobs, token_logprob
+from unsloth_core.model import Llama
+from unsloth_core.sampling import Sampler, SamplingParams
+from unsloth_core.tokenizer import Tokenizer
+
+
+class Stream:
+    """The output of one or more requests (the `n` choices of one API call share a Stream).
+
+    Iterate for `Delta`s (each request's last one has its finish reason), or `batches()` for lists of whatever is
+    ready; `cancel()` stops every request of the stream at the next step.
+    """
+
+    def __init__(self, n_requests: int = 1) -> None:
+        self._queue: queue.Queue[Delta | BaseException | None] = queue.Queue()
+        self._open = n_requests  # requests still running; each posts None when it ends
+        self.cancelled = threading.Event()
+
+    def __iter__(self) -> Iterator[Delta]:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> Iterator[list[Delta]]:
+        while self._open:
+            items = [self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            deltas = []
+            for item in items:
+                if item is None:
+                    self._open -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    deltas.append(item)
+            if deltas:
+                yield deltas
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _put(self, item: Delta | BaseException | None) -> None:
+        self._queue.put(item)
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    stream: Stream
+    state: RowState
+    sampler: Sampler
+    tokens: list[int] = field(default_factory=list)  # prompt + generated: the row's slots hold these
+
+    @property
+    def next_slot(self) -> int:
+        return len(self.tokens) - 1  # the last token is fed at its own position
+
+
+class BatchEngine:
+    """Serves one model to many callers at once. Thread-safe `submit`; the decode loop runs in its own thread."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None, max_batch_size: int = 32,
+                 max_seq_length: int | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_length = min(max_seq_length or model.config.max_position_embeddings,
+                                  model.config.max_position_embeddings)
+        self.eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
+        self._waiting: queue.Queue[_Request] = queue.Queue()
+        self._live: list[_Request] = []  # index = cache row
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ---- callers ----
+
+    def submit(self, prompt: list[int], params: SamplingParams, index: int = 0,
+               stream: Stream | None = None) -> Stream:
+        """Queue a request; returns its Stream at once. Raises ValueError / ContextLengthError for a bad request."""
+        check_context(len(prompt), params.max_new_tokens, self.max_seq_length)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        stream = stream or Stream()
+        stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else self.eos
+        sampler = Sampler([params], self.model.config.vocab_size, self.model.device)
+        sampler.observe_prompt(0, prompt)
+        request = _Request(list(prompt), params, stream, RowState(index, self.tokenizer, params, stop_ids), sampler,
+                           list(prompt))
+        self._ensure_running()
+        self._waiting.put(request)
+        self._wake.set()
+        return stream
+
+    def stream(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[list[Delta]]:
+        """`Generator.stream`'s interface over the shared batch: one Delta list per step that produced something.
+        Closing the iterator (a client that went away) cancels its requests."""
+        ids = [self.encode(p) for p in prompts]
+        params = params or SamplingParams()
+        per_row = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
+        for row_ids, p in zip(ids, per_row):  # refuse the whole call before any of it runs
+            check_context(len(row_ids), p.max_new_tokens, self.max_seq_length)
+        out = Stream(len(ids))
+        try:
+            for i, (row_ids, p) in enumerate(zip(ids, per_row)):
+                self.submit(row_ids, p, index=i, stream=out)
+            yield from out.batches()
+        finally:
+            out.cancel()
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; give token ids")
+        return self.tokenizer.encode(prompt)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _ensure_running(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+                self._thread.start()
+
+    # ---- the loop ----
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._live:
+                        self._decode()
+                    else:
+                        self._wake.wait(timeout=0.5)
+                        self._wake.clear()
+        except BaseException as e:  # a failing step fails every request in flight, never silently
+            for r in self._live + self._drain_waiting():
+                r.stream._put(e)
+            self._live = []
+            raise
+
+    def _drain_waiting(self) -> list[_Request]:
+        out = []
+        while not self._waiting.empty():
+            out.append(self._waiting.get_nowait())
+        return out
+
+    def _ensure_cache(self) -> None:
+        shape = self.model.cache_shape
+        if shape is None or shape[0] < self.max_batch_size or shape[1] < self.max_seq_length:
+            self.model.setup_caches(self.max_batch_size, self.max_seq_length)
+
+    def _admit(self) -> None:
+        while len(self._live) < self.max_batch_size and not self._waiting.empty():
+            request = self._waiting.get_nowait()
+            if request.stream.cancelled.is_set():
+                request.stream._put(None)
+                continue
+            self._ensure_cache()
+            row = len(self._live)
+            ids = torch.tensor([request.prompt], device=self.model.device)
+            pos = torch.arange(len(request.prompt), device=self.model.device)[None]
+            hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
+            self._live.append(request)
+            self._advance([request], self.model.lm_head(hidden[:, -1]).float())
+
+    def _decode(self) -> None:
+        live = self._live
+        dev = self.model.device
+        tokens = torch.tensor([[r.tokens[-1]] for r in live], device=dev)
+        pos = torch.tensor([[r.next_slot] for r in live], device=dev)
+        hidden = self.model.hidden_states(tokens, pos, None, pos, cache_row=0)
+        self._advance(live, self.model.lm_head(hidden[:, -1]).float())
+
+    def _advance(self, requests: list[_Request], logits: Tensor) -> None:
+        """Sample each request's next token from its row of logits, hand out text, retire finished rows."""
+        # Plain greedy rows share one argmax and one read-back; the others sample with their own state.
+        greedy = logits.argmax(-1).tolist()
+        for i, r in enumerate(requests):
+            lps = None
+            if r.sampler.plain_greedy and r.params.logprobs is None:
+                tok = greedy[i]
+            else:
+                row_logits = logits[i : i + 1]
+                chosen = r.sampler.sample(row_logits)
+                tok = int(chosen)
+                lps = step_logprobs(row_logits, chosen, r.params.logprobs)
+            self._emit(r, tok, lps)
+        for r in [r for r in requests if r.state.finish is not None]:
+            self._retire(r)
+
+    def _emit(self, r: _Request, tok: int, lps: Tensor | None) -> None:
+        before = len(r.state.token_ids)
+        r.state.push(tok)
+        r.tokens.append(tok)
+        new = r.state.token_ids[before:]
+        new_lps = None
+        if r.params.logprobs is not None:
+            new_lps = [token_logprob(self.tokenizer, tok, lps[0].tolist(), r.params.logprobs)] if (
+                new and lps is not None) else []
+        text = r.state.take()
+        if text or new or r.state.finish is not None:
+            r.stream._put(Delta(r.state.index, text, new, new_lps, r.state.finish))
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._live if r.stream.cancelled.is_set()]:
+            self._retire(r)
+
+    def _retire(self, request: _Request) -> None:
+        row = self._live.index(request)
+        last = len(self._live) - 1
+        if row != last:  # move the last live row into the hole so live rows stay [0, B)
+            moved = self._live[last]
+            for block in self.model.blocks():
+                cache = block.self_attn.kv_cache
+                assert cache is not None
+                cache.move_row(last, row, len(moved.tokens))
+            self._live[row] = moved
+        self._live.pop()
+        request.stream._put(None)
