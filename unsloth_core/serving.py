@@ -10,8 +10,11 @@ Each sequence starts at slot 0 of its own row (no padding), so its slots are its
 
 from __future__ import annotations
 
+import atexit
+import collections
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +22,7 @@ import torch
 from torch import Tensor
 
 from unsloth_core.generate import Delta, Prompt, RowState, check_context, step_logprobs, token_logprob
-from unsloth_core.model import Llama
+from unsloth_core.model import KVCache, Llama
 from unsloth_core.sampling import Sampler, SamplingParams
 from unsloth_core.tokenizer import Tokenizer
 
@@ -34,13 +37,24 @@ class Stream:
     def __init__(self, n_requests: int = 1) -> None:
         self._queue: queue.Queue[Delta | BaseException | None] = queue.Queue()
         self._open = n_requests  # requests still running; each posts None when it ends
+        self._pending: collections.deque[Delta] = collections.deque()
         self.cancelled = threading.Event()
 
     def __iter__(self) -> Iterator[Delta]:
-        for batch in self.batches():
-            yield from batch
+        # One delta at a time from the same batches; a partly consumed batch stays on the stream (not in a
+        # generator frame), so a new iterator picks up where an abandoned one stopped.
+        while True:
+            if not self._pending:
+                batch = next(self.batches(), None)
+                if batch is None:
+                    return
+                self._pending.extend(batch)
+            yield self._pending.popleft()
 
     def batches(self) -> Iterator[list[Delta]]:
+        if self._pending:
+            yield list(self._pending)
+            self._pending.clear()
         while self._open:
             items = [self._queue.get()]
             while not self._queue.empty():
@@ -77,11 +91,21 @@ class _Request:
         return len(self.tokens) - 1  # the last token is fed at its own position
 
 
+_ENGINES: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every engine's thread before the interpreter tears torch down under it (which aborts the process)."""
+    for engine in list(_ENGINES):
+        engine.close()
+
+
 class BatchEngine:
     """Serves one model to many callers at once. Thread-safe `submit`; the decode loop runs in its own thread."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None, max_batch_size: int = 32,
-                 max_seq_length: int | None = None) -> None:
+                 max_seq_length: int | None = None, idle_free_s: float = 60.0) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_length = min(max_seq_length or model.config.max_position_embeddings,
@@ -93,6 +117,7 @@ class BatchEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.idle_free_s = idle_free_s  # free the KV cache after this long with nothing to do
 
     # ---- callers ----
 
@@ -109,6 +134,7 @@ class BatchEngine:
         request = _Request(list(prompt), params, stream, RowState(index, self.tokenizer, params, stop_ids), sampler,
                            list(prompt))
         self._ensure_running()
+        _ENGINES.add(self)
         self._waiting.put(request)
         self._wake.set()
         return stream
@@ -159,8 +185,9 @@ class BatchEngine:
                     self._admit()
                     if self._live:
                         self._decode()
+                    elif not self._wake.wait(timeout=self.idle_free_s):
+                        self.model.clear_caches()  # idle: give the memory back; the next request reallocates
                     else:
-                        self._wake.wait(timeout=0.5)
                         self._wake.clear()
         except BaseException as e:  # a failing step fails every request in flight, never silently
             for r in self._live + self._drain_waiting():
@@ -174,10 +201,28 @@ class BatchEngine:
             out.append(self._waiting.get_nowait())
         return out
 
-    def _ensure_cache(self) -> None:
+    def _ensure_cache(self, rows: int, slots: int) -> None:
+        """Grow the KV cache to at least (rows, slots), keeping the live rows' contents.
+
+        The cache starts small and grows with demand (slots in steps of 256, rows by doubling), so an adapter that
+        serves one short request at a time does not hold a max_batch x max_seq_length cache.
+        """
         shape = self.model.cache_shape
-        if shape is None or shape[0] < self.max_batch_size or shape[1] < self.max_seq_length:
-            self.model.setup_caches(self.max_batch_size, self.max_seq_length)
+        if shape is not None and shape[0] >= rows and shape[1] >= slots:
+            return
+        old_rows, old_slots = shape or (0, 0)
+        new_rows = min(self.max_batch_size, max(old_rows, 1 << max(0, rows - 1).bit_length()))
+        new_slots = min(self.max_seq_length, max(old_slots, -(-slots // 256) * 256))
+        old = [(c.k, c.v) for c in self._caches()] if shape is not None else []
+        self.model.setup_caches(new_rows, new_slots)
+        live, used = len(self._live), max((len(r.tokens) for r in self._live), default=0)
+        for cache, (k, v) in zip(self._caches(), old):
+            cache.k[:live, :, :used] = k[:live, :, :used]
+            cache.v[:live, :, :used] = v[:live, :, :used]
+
+    def _caches(self) -> list[KVCache]:
+        caches = [b.self_attn.kv_cache for b in self.model.blocks()]
+        return [c for c in caches if c is not None]
 
     def _admit(self) -> None:
         while len(self._live) < self.max_batch_size and not self._waiting.empty():
@@ -185,8 +230,10 @@ class BatchEngine:
             if request.stream.cancelled.is_set():
                 request.stream._put(None)
                 continue
-            self._ensure_cache()
             row = len(self._live)
+            reserve = max([len(r.prompt) + r.params.max_new_tokens for r in self._live]
+                          + [len(request.prompt) + request.params.max_new_tokens])
+            self._ensure_cache(row + 1, reserve)
             ids = torch.tensor([request.prompt], device=self.model.device)
             pos = torch.arange(len(request.prompt), device=self.model.device)[None]
             hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
@@ -240,9 +287,7 @@ class BatchEngine:
         last = len(self._live) - 1
         if row != last:  # move the last live row into the hole so live rows stay [0, B)
             moved = self._live[last]
-            for block in self.model.blocks():
-                cache = block.self_attn.kv_cache
-                assert cache is not None
+            for cache in self._caches():
                 cache.move_row(last, row, len(moved.tokens))
             self._live[row] = moved
         self._live.pop()

@@ -122,3 +122,27 @@ def test_stream_interface_matches_the_generator(model: Llama, tok: Tokenizer) ->
     assert expected[0].logprobs is not None
     assert [lp.token_id for lp in lps] == [lp.token_id for lp in expected[0].logprobs]
     assert [lp.logprob for lp in lps] == pytest.approx([lp.logprob for lp in expected[0].logprobs], abs=1e-4)
+
+
+def test_cache_grows_under_live_rows_and_is_freed_when_idle(tok: Tokenizer) -> None:
+    model = tiny_model(seed=12, std=0.3)  # its own model: no cache left by other tests
+    engine = BatchEngine(model, tok, max_batch_size=4, max_seq_length=512, idle_free_s=0.2)
+    reference = Generator(tiny_model(seed=12, std=0.3), tok)
+    short_params = SamplingParams(temperature=0, max_new_tokens=40, **NO_EOS)
+    long_prompt = [(7 * i) % 250 for i in range(300)]
+    long_params = SamplingParams(temperature=0, max_new_tokens=10, **NO_EOS)
+    short = engine.submit([5, 6, 7], short_params)
+    first = next(iter(short))  # admitted with a small cache (one row, 256 slots)...
+    assert model.cache_shape == (1, 256)
+    long = engine.submit(long_prompt, long_params)  # ...which must grow to 2 rows x 512 slots while it is live
+    short_ids = first.token_ids + collect(list(short))[1]
+    long_ids = collect(list(long))[1]
+    assert short_ids == reference.generate([[5, 6, 7]], short_params)[0].token_ids
+    assert long_ids == reference.generate([long_prompt], long_params)[0].token_ids
+    import time
+
+    deadline = time.monotonic() + 5
+    while model.cache_shape is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert model.cache_shape is None  # idle: the cache was given back
+    engine.close()
