@@ -15,7 +15,7 @@ import collections
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -140,7 +140,7 @@ class BatchEngine:
         return stream
 
     def stream(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
-               ) -> Iterator[list[Delta]]:
+               ) -> Generator[list[Delta], None, None]:
         """`Generator.stream`'s interface over the shared batch: one Delta list per step that produced something.
         Closing the iterator (a client that went away) cancels its requests."""
         ids = [self.encode(p) for p in prompts]

@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(16 * 2**20, ge=1024)
     max_tokens: int = Field(4096, ge=1)  # per completion choice
     max_n: int = Field(16, ge=1)
-    max_concurrent_generations: int = Field(4, ge=1)
+    max_concurrent_generations: int = Field(32, ge=1)  # API calls generating at once, over every model
+    max_batch_size: int = Field(16, ge=1)  # sequences one model decodes together (continuous batching)
     retry_after_s: int = Field(1, ge=1)
     max_loaded_base_models: int = Field(2, ge=1)
     max_loaded_adapters: int = Field(16, ge=1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +15,8 @@ from app.core.config import Settings
 from app.services.models import Servable
 
 if TYPE_CHECKING:
-    from unsloth_core.generate import Generator
     from unsloth_core.model import Llama
+    from unsloth_core.serving import BatchEngine
     from unsloth_core.tokenizer import Tokenizer
 
 log = logging.getLogger("app.inference")
@@ -24,18 +24,17 @@ log = logging.getLogger("app.inference")
 
 @dataclass
 class Served:
-    """One servable model. `lock` serialises generation on it (a Generator is not thread-safe)."""
+    """One servable model. Its `engine` batches every request for it into one decode loop (thread-safe)."""
 
     id: str
     kind: str
     base_id: str
-    generator: Generator
+    engine: BatchEngine
     tokenizer: Tokenizer
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def max_len(self) -> int:
-        return int(self.generator.max_seq_length)
+        return int(self.engine.max_seq_length)
 
 
 def resolve_device(setting: str) -> str:
@@ -89,7 +88,7 @@ class ModelCache:
     def evict(self, model_ids: list[str]) -> None:
         with self._lock:
             for key in [k for k in self._served if k[0] in model_ids]:
-                del self._served[key]
+                self._served.pop(key).engine.close()
 
     def peek(self, model_id: str) -> Served | None:
         """The loaded model with this id, if any (no loading, no LRU update)."""
@@ -103,18 +102,19 @@ class ModelCache:
     # ---- loading ----
 
     def _load(self, servable: Servable) -> Served:
-        from unsloth_core.generate import Generator
+        from unsloth_core.serving import BatchEngine
 
         base, base_tokenizer = self._base(servable.base_id, servable.base_path)
-        if servable.adapter_path is None:
-            return Served(servable.id, servable.kind, servable.base_id, Generator(base, base_tokenizer),
-                          base_tokenizer)
-        from unsloth_core.lora import load_adapter
+        model, tokenizer = base, base_tokenizer
+        if servable.adapter_path is not None:
+            from unsloth_core.lora import load_adapter
 
-        log.info("loading adapter %s", servable.id)
-        model = load_adapter(base, servable.adapter_path)
-        tokenizer = self._adapter_tokenizer(servable.adapter_path, base_tokenizer)
-        return Served(servable.id, servable.kind, servable.base_id, Generator(model, tokenizer), tokenizer)
+            log.info("loading adapter %s", servable.id)
+            # A new model object sharing the base's weights: its own adapter and its own KV cache.
+            model = load_adapter(base, servable.adapter_path)
+            tokenizer = self._adapter_tokenizer(servable.adapter_path, base_tokenizer)
+        engine = BatchEngine(model, tokenizer, max_batch_size=self.settings.max_batch_size)
+        return Served(servable.id, servable.kind, servable.base_id, engine, tokenizer)
 
     def _base(self, base_id: str, path: Path) -> tuple[Llama, Tokenizer]:
         with self._lock:
@@ -148,10 +148,10 @@ class ModelCache:
         """Drop least-recently-used adapters, then bases (with everything served on them), beyond the limits."""
         adapters = [k for k, s in self._served.items() if s.kind != "base"]
         for key in adapters[: max(0, len(adapters) - self.settings.max_loaded_adapters)]:
-            del self._served[key]
+            self._served.pop(key).engine.close()
         while len(self._bases) > self.settings.max_loaded_base_models:
             base_id, _ = self._bases.popitem(last=False)
             for key in [k for k, s in self._served.items() if s.base_id == base_id]:
-                del self._served[key]
+                self._served.pop(key).engine.close()
             log.info("unloaded base model %s", base_id)
 

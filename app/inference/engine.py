@@ -1,7 +1,9 @@
-"""Generation off the event loop: each request runs `Generator.stream` in a thread of a bounded pool, holding its
-model's lock; deltas come back to the loop through a queue. Past `max_concurrent_generations` requests in flight,
-new ones are refused at once (429 + Retry-After) rather than queued without bound. `stop()` (a disconnected client)
-ends the generation at its next step: the engine's iterator is closed, which stops decoding."""
+"""Generation off the event loop.
+
+Each request reads its model's `BatchEngine.stream` (which batches it with every other request for that model) in a
+thread of a bounded pool; deltas come back to the loop through a queue. Past `max_concurrent_generations` requests
+in flight, new ones are refused at once (429 + Retry-After) rather than queued without bound. `stop()` (a
+disconnected client) ends the generation at its next step: the engine's stream is closed, which cancels it."""
 
 from __future__ import annotations
 
@@ -51,25 +53,21 @@ class GenerationRun:
 
     def _work(self) -> None:
         try:
-            with self.served.lock:
-                if self.stopped.is_set():  # the client left while this request waited for the model
-                    self.cancelled = True
-                    self.metrics.generations_cancelled.inc()
-                    return
-                stream = self.served.generator.stream(self.prompts, self.params)
-                try:
-                    for deltas in stream:
-                        if self.stopped.is_set():
-                            self.cancelled = True
-                            self.metrics.generations_cancelled.inc()
-                            break
-                        self.metrics.generated_tokens.labels(self.served.kind).inc(
-                            sum(len(d.token_ids) for d in deltas))
-                        self._put(deltas)
-                finally:
-                    close = getattr(stream, "close", None)  # closing the engine's iterator stops its decode loop
-                    if close is not None:
-                        close()
+            if self.stopped.is_set():  # the client left while this request waited for a thread
+                self.cancelled = True
+                self.metrics.generations_cancelled.inc()
+                return
+            stream = self.served.engine.stream(self.prompts, self.params)  # a generator: closing it cancels
+            try:
+                for deltas in stream:
+                    if self.stopped.is_set():
+                        self.cancelled = True
+                        self.metrics.generations_cancelled.inc()
+                        break
+                    self.metrics.generated_tokens.labels(self.served.kind).inc(sum(len(d.token_ids) for d in deltas))
+                    self._put(deltas)
+            finally:
+                stream.close()  # cancels this call's requests in the shared batch
         except BaseException as e:
             self._put(e)
         finally:

@@ -37,6 +37,7 @@ class SamplingFields(BaseModel):
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks, load tests)
 
 
 class CompletionRequest(SamplingFields):

@@ -188,7 +188,8 @@ def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int
             top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
-            seed=None if body.seed is None else body.seed + row, stop=stop, logprobs=logprobs)
+            seed=None if body.seed is None else body.seed + row, stop=stop, logprobs=logprobs,
+            stop_token_ids=[] if body.ignore_eos else None)
     except ValueError as e:
         raise bad_request(f"Invalid sampling parameters: {e}.", param=str(e).split(" ", 1)[0]) from None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +13,6 @@ import httpx
 import openai
 import pytest
 
-from app.inference.cache import Served
 from tests.app.conftest import TINY, TINY_SLASHED, Backend, FineTune
 
 HI = [{"role": "user", "content": "Say something."}]
@@ -155,15 +153,6 @@ def test_busy_server_answers_429_with_retry_after(backend: Backend) -> None:
 
 
 @contextmanager
-def model_held(backend: Backend, model: str) -> Iterator[Served]:
-    """Hold the model's generation lock, so a request waits for it (as behind a long generation)."""
-    chat(backend.client(), model=model, max_tokens=1)  # loaded
-    served = backend.ctx.inference.cache.peek(model)
-    assert served is not None
-    with served.lock:
-        yield served
-
-
 def wait_for(condition: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -175,22 +164,26 @@ def cancelled(backend: Backend) -> float:
     return float(backend.ctx.metrics.generations_cancelled._value.get())
 
 
+def generated(backend: Backend) -> float:
+    return sum(s.value for m in backend.ctx.metrics.generated_tokens.collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
 def test_a_client_that_leaves_stops_its_generation(backend: Backend) -> None:
     engine = backend.ctx.inference
-    before = cancelled(backend)
-    with model_held(backend, TINY):
-        stream = chat(backend.client(), max_tokens=400, stream=True)
-        first = next(iter(stream))  # the role chunk: the response has started
-        assert first.choices[0].delta.role == "assistant"
-        stream.close()
-        wait_for(lambda: engine.in_flight == 1)  # still waiting for the model, but told to stop
-        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
-            httpx.post(f"{backend.base_url}/v1/chat/completions", timeout=1.0,
-                       headers={"Authorization": f"Bearer {backend.user_key}"},
-                       json={"model": TINY, "messages": HI, "max_tokens": 400})
-        time.sleep(0.5)  # the server notices the disconnect
+    chat(backend.client(), model=TINY, max_tokens=1)  # loaded, so the requests below start generating at once
+    before, tokens_before = cancelled(backend), generated(backend)
+    stream = chat(backend.client(), max_tokens=450, stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))  # the role chunk: the response has started
+    assert first.choices[0].delta.role == "assistant"
+    stream.close()
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+        httpx.post(f"{backend.base_url}/v1/chat/completions", timeout=0.2,
+                   headers={"Authorization": f"Bearer {backend.user_key}"},
+                   json={"model": TINY, "messages": HI, "max_tokens": 450, "ignore_eos": True})
     wait_for(lambda: engine.in_flight == 0)
     assert cancelled(backend) == before + 2
+    assert generated(backend) - tokens_before < 2 * 450  # both stopped early
 
 
 def test_fine_tune_and_checkpoints_answer(backend: Backend, fine_tune: FineTune) -> None:
@@ -208,8 +201,8 @@ def test_fine_tune_and_checkpoints_answer(backend: Backend, fine_tune: FineTune)
     base_served = backend.ctx.inference.cache.peek(TINY)
     assert served is not None and base_served is not None
     # one base in memory: the adapter's frozen weights are the base's own tensors
-    assert served.generator.model.model.embed_tokens.weight.data_ptr() == \
-        base_served.generator.model.model.embed_tokens.weight.data_ptr()
+    assert served.engine.model.model.embed_tokens.weight.data_ptr() == \
+        base_served.engine.model.model.embed_tokens.weight.data_ptr()
 
 
 def test_stream_from_a_checkpoint(backend: Backend, fine_tune: FineTune) -> None:
