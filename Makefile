@@ -29,6 +29,11 @@ test: lint typecheck
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
 
+# The whole service on this machine: the API and one worker, SQLite and an embedded broker in ./data (UNSLOTH_*
+# variables change that); the first run imports the default base model. Ctrl-C stops both.
+serve: install
+	$(VENV)/bin/unsloth serve
+
 bench: install
 	$(PY) -m bench --cpu
 

@@ -18,6 +18,7 @@ from app.core.config import Settings, SettingsError, load_settings
 from app.core.context import AppContext
 from app.core.errors import install_error_handlers
 from app.core.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.core.threads import apply_torch_threads
 
 log = logging.getLogger("app")
 
@@ -66,7 +67,9 @@ def _exit_on_settings_error(error: SettingsError) -> None:
 
 def factory() -> FastAPI:
     try:
-        return create_app()
+        settings = load_settings()
+        apply_torch_threads(settings.torch_threads)
+        return create_app(settings)
     except SettingsError as e:
         _exit_on_settings_error(e)
         raise
@@ -78,6 +81,7 @@ def run(settings: Settings | None = None) -> None:
     try:
         settings = settings or load_settings()
         logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        apply_torch_threads(settings.torch_threads)  # before the first completion loads torch
         app = create_app(settings)
     except SettingsError as e:
         _exit_on_settings_error(e)

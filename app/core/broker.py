@@ -11,11 +11,18 @@ from kombu import Exchange, Queue
 from app.core.config import Settings
 
 TRAIN_TASK = "worker.tasks.train"
+REAP_TASK = "worker.tasks.reap_expired_leases"
+RESEND_TASK = "worker.tasks.resend_unclaimed"
 GPU_QUEUE, DEFAULT_QUEUE = "gpu", "default"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     options = dict(settings.broker_transport_options)
+    if settings.broker_url.startswith(("redis", "rediss")):
+        # Redis redelivers an unacknowledged message after this; every client of the broker must agree (the
+        # shortest value wins), and it must exceed the longest job or a running job goes to a second worker.
+        # (The SQLAlchemy transport hands its options to create_engine: only Redis gets this one.)
+        options.setdefault("visibility_timeout", settings.visibility_timeout_s)
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": options,
@@ -25,7 +32,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                         Queue(DEFAULT_QUEUE, Exchange(DEFAULT_QUEUE), routing_key=DEFAULT_QUEUE)],
         "task_default_queue": DEFAULT_QUEUE,
         "task_create_missing_queues": False,
-        "task_routes": {TRAIN_TASK: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE}},
+        "task_routes": {TRAIN_TASK: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE},
+                        REAP_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE},
+                        RESEND_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE}},
         "task_ignore_result": True,
         "task_serializer": "json",
         "accept_content": ["json"],

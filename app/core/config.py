@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     resend_max_interval_s: float = Field(3600.0, gt=0)  # backoff cap between re-sends of one job
     event_poll_interval_s: float = Field(0.5, gt=0)
 
+    # ---- workers ----
+    torch_threads: int | None = Field(None, ge=1)  # CPU threads per process; None: torch's default (`serve` splits)
+    lease_s: float = Field(90.0, gt=0)  # a worker's hold on a running job; expired leases are requeued
+    heartbeat_s: float = Field(15.0, gt=0)  # lease renewal interval (well under lease_s)
+    reaper_interval_s: float = Field(30.0, gt=0)  # how often expired leases and unclaimed jobs are looked for
+    metrics_every_steps: int = Field(10, ge=1)  # a metrics event (and progress update) every N optimizer steps
+    max_job_s: float = Field(24 * 3600.0, gt=0)  # the longest job; the broker's visibility timeout is above it
+    shutdown_grace_s: float = Field(60.0, gt=0)  # SIGTERM: time to checkpoint and requeue before exiting
+    default_model: str = "smollm2-135m-instruct"  # `unsloth serve` imports it the first time; empty: don't
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, v: str) -> str:
@@ -91,6 +101,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError(f"{ENV_PREFIX}HEARTBEAT_S ({self.heartbeat_s}) must be shorter than {ENV_PREFIX}LEASE_S "
+                             f"({self.lease_s})")
         self.data_dir = self.data_dir.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'unsloth.db'}"
@@ -129,6 +142,12 @@ class Settings(BaseSettings):
     def api_key_file(self) -> Path:
         return self.data_dir / "api_key"
 
+    @property
+    def visibility_timeout_s(self) -> int:
+        """How long the broker (Redis) waits before redelivering an unacknowledged message: above the longest job,
+        so a running job is never handed to a second worker by the broker (the lease and reaper recover dead ones)."""
+        return int(self.max_job_s + 3600)
+
     def prepare_dirs(self) -> None:
         """Create the data dir (its parent must exist: a typo should not grow a tree) and its subdirectories."""
         if not self.data_dir.is_dir():
@@ -154,6 +173,8 @@ def load_settings(**overrides: Any) -> Settings:
         err = e.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
         message = str(err["msg"]).removeprefix("Value error, ")
+        if not field:  # a check across settings names them itself
+            raise SettingsError(f"invalid settings: {message}") from None
         raise SettingsError(f"invalid setting {ENV_PREFIX}{field.upper()}: {message}") from None
     settings.prepare_dirs()
     return settings

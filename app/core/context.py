@@ -46,21 +46,15 @@ class AppContext:
         from app.services.keys import bootstrap_keys
         from app.services.models import sync_base_models
 
-        url = self.engine.url.render_as_string(hide_password=True)
+        migrate.ensure_schema(self.settings, self.engine)
         try:
-            if self.settings.should_migrate:
-                migrate.upgrade(self.settings.database_url)
-            else:
-                current, head = migrate.current_revision(self.engine), migrate.head_revision()
-                if current != head:
-                    raise SettingsError(f"the database at {url} is at schema revision {current}, not {head}: run "
-                                        "`alembic upgrade head` (the compose file's `migrate` service does)")
             with self.sessions() as session:
                 self.embedded_key = bootstrap_keys(session=session, settings=self.settings)
                 sync_base_models(session=session, settings=self.settings)
         except SQLAlchemyError as e:
-            reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(e) else type(e).__name__
-            raise SettingsError(f"cannot use the database at {url} (UNSLOTH_DATABASE_URL): {reason}") from None
+            url = self.engine.url.render_as_string(hide_password=True)
+            raise SettingsError(f"cannot use the database at {url} (UNSLOTH_DATABASE_URL): "
+                                f"{migrate.reason(e)}") from None
 
     def jobs_by_status(self) -> dict[str, int]:
         from app.services.jobs import jobs_by_status

@@ -8,9 +8,14 @@ every linear layer).
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from app.schemas.jobs import ALL_LINEAR_MODULES, DPOHyperparameters, SupervisedHyperparameters
+
+if TYPE_CHECKING:
+    from unsloth_core.lora import LoRAConfig
+    from unsloth_core.trainer import TrainArgs
 
 BASE_LEARNING_RATE = {"supervised": 2e-4, "dpo": 5e-6}
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -72,3 +77,29 @@ def estimate_steps(resolved: dict[str, Any], *, n_examples: int, n_tokens: int |
     if resolved.get("packing") and n_tokens:
         rows = math.ceil(n_tokens / resolved["max_seq_length"])
     return math.ceil(max(rows, 1) / resolved["batch_size"]) * resolved["n_epochs"]
+
+
+def stored_hyperparameters(method: dict[str, Any]) -> dict[str, Any]:
+    """The resolved hyperparameters a job row keeps under `method.<type>.hyperparameters`."""
+    return dict((method.get(method["type"]) or {}).get("hyperparameters") or {})
+
+
+def train_config(method: dict[str, Any], *, seed: int, output_dir: Path, total_steps: int,
+                 metrics_every: int) -> tuple[TrainArgs, LoRAConfig]:
+    """The engine's arguments for a stored job: the one place where API hyperparameters become TrainArgs and a
+    LoRAConfig. `batch_size` is the micro-batch (no accumulation), so lowering it lowers memory; checkpoints are
+    spread evenly, `n_checkpoints` of them, the last at the final step."""
+    from unsloth_core.lora import LoRAConfig
+    from unsloth_core.trainer import TrainArgs
+
+    hp = stored_hyperparameters(method)
+    args = TrainArgs(output_dir=str(output_dir), method="dpo" if method["type"] == "dpo" else "sft",
+                     num_epochs=float(hp["n_epochs"]), micro_batch_size=int(hp["batch_size"]),
+                     gradient_accumulation_steps=1, learning_rate=float(hp["learning_rate"]),
+                     lr_scheduler=hp["lr_scheduler"], warmup_ratio=float(hp["warmup_ratio"]),
+                     max_seq_length=int(hp["max_seq_length"]), packing=bool(hp["packing"]), seed=seed,
+                     beta=float(hp.get("beta", 0.1)), logging_steps=metrics_every,
+                     save_steps=max(1, math.ceil(max(total_steps, 1) / int(hp["n_checkpoints"]))))
+    lora = LoRAConfig(r=int(hp["lora_r"]), lora_alpha=float(hp["lora_alpha"]), lora_dropout=float(hp["lora_dropout"]),
+                      target_modules=list(hp["lora_target_modules"]))
+    return args, lora

@@ -1,29 +1,59 @@
-"""The worker's side of a job's life, as fenced writes: claim, checkpoints, success. Each write matches on job id +
-attempt + lease owner (+ status), so a stale or duplicate delivery, or a worker whose lease was taken over, changes
-nothing. The worker issue builds heartbeats, failures, pause/cancel finalisation and the reaper on the same pattern.
+"""The worker's side of a job's life, as fenced writes: claim, lease renewal, metrics, checkpoints, the end (succeeded,
+failed, cancelled, paused, requeued), and the reaper that recovers jobs whose worker died.
+
+Every write a worker makes matches on job id + attempt + lease owner + status `running` (the fence), so a stale or
+duplicate delivery, or a worker whose lease was taken over, changes nothing: its UPDATE matches zero rows. `attempt`
+is the fencing token: every requeue increments it, and the broker message carries it.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core import ids
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Checkpoint, Job, Model
+from app.db.models import Checkpoint, Job, JobEvent, Model
 from app.services.jobs import new_event
 from app.services.models import checkpoint_model_id, fine_tuned_model_id
+
+log = logging.getLogger("app.lifecycle")
 
 DEFAULT_LEASE = timedelta(seconds=90)
 
 
+class LeaseLost(Exception):
+    """This worker no longer holds the job (the reaper requeued it, or it was finished elsewhere): stop, write
+    nothing more."""
+
+
 def _fence(job_id: str, attempt: int, owner: str) -> Any:
     return (Job.id == job_id) & (Job.attempt == attempt) & (Job.lease_owner == owner) & (Job.status == "running")
+
+
+def _fenced_update(session: Session, job_id: str, attempt: int, owner: str, values: dict[str, Any]) -> bool:
+    """The first write of a fenced transaction: False (rolled back) when this worker no longer holds the job. On
+    PostgreSQL the row stays locked until commit, so what the transaction adds next is atomic with the check."""
+    result = session.execute(update(Job).where(_fence(job_id, attempt, owner)).values(**values))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    return True
+
+
+def status_event(job_id: str, status: str, message: str, level: str = "info") -> JobEvent:
+    """An event marking a status transition (tests and dashboards count these: one terminal transition per job)."""
+    return new_event(job_id, message, level=level, data={"status": status})
+
+
+# ---- claim and lease ----
 
 
 def claim_job(*, session: Session, job_id: str, attempt: int, owner: str,
@@ -32,13 +62,57 @@ def claim_job(*, session: Session, job_id: str, attempt: int, owner: str,
     now = utcnow()
     result = session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued")
                              .values(status="running", lease_owner=owner, lease_expires_at=now + lease,
-                                     heartbeat_at=now, started_at=now))
+                                     heartbeat_at=now, started_at=func.coalesce(Job.started_at, now)))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return None
-    session.add(new_event(job_id, "Fine-tuning job started"))
+    message = "Fine-tuning job started" if attempt == 0 else f"Fine-tuning job started (attempt {attempt})"
+    session.add(status_event(job_id, "running", message))
     session.commit()
     return session.get(Job, job_id, populate_existing=True)
+
+
+def renew_lease(*, session: Session, job_id: str, attempt: int, owner: str,
+                lease: timedelta = DEFAULT_LEASE) -> str | None:
+    """Extend the lease; returns the job's stop request (cancel, pause, preempt or None). Raises LeaseLost."""
+    now = utcnow()
+    if not _fenced_update(session, job_id, attempt, owner, {"heartbeat_at": now, "lease_expires_at": now + lease}):
+        raise LeaseLost(job_id)
+    stop = session.scalar(select(Job.stop_requested).where(Job.id == job_id))
+    session.commit()
+    return stop
+
+
+def read_stop_request(*, session: Session, job_id: str, attempt: int, owner: str) -> str | None:
+    """The stop request, read between training steps (a cheap primary-key read). Raises LeaseLost."""
+    row = session.execute(select(Job.attempt, Job.lease_owner, Job.status, Job.stop_requested)
+                          .where(Job.id == job_id)).one_or_none()
+    session.rollback()  # end the read transaction: SQLite readers would otherwise pin an old snapshot
+    if row is None or (row.attempt, row.lease_owner, row.status) != (attempt, owner, "running"):
+        raise LeaseLost(job_id)
+    return row.stop_requested
+
+
+# ---- while training ----
+
+
+def record_metrics(*, session: Session, job_id: str, attempt: int, owner: str, message: str,
+                   data: dict[str, Any], progress: dict[str, Any], estimated_finish: datetime | None = None) -> None:
+    """A metrics event and the job's progress, in one fenced transaction. Raises LeaseLost."""
+    values = {"progress": progress, "estimated_finish": estimated_finish}
+    if not _fenced_update(session, job_id, attempt, owner, values):
+        raise LeaseLost(job_id)
+    session.add(new_event(job_id, message, type="metrics", data=data))
+    session.commit()
+
+
+def record_event(*, session: Session, job_id: str, attempt: int, owner: str, message: str,
+                 level: str = "info", data: dict[str, Any] | None = None) -> None:
+    """A message event, only while this worker holds the job. Raises LeaseLost."""
+    if not _fenced_update(session, job_id, attempt, owner, {"heartbeat_at": utcnow()}):
+        raise LeaseLost(job_id)
+    session.add(new_event(job_id, message, level=level, data=data))
+    session.commit()
 
 
 def _relative(settings: Settings, path: Path) -> str:
@@ -50,6 +124,12 @@ def _relative(settings: Settings, path: Path) -> str:
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.jobs_dir / job_id
+
+
+def attempt_dir(settings: Settings, job_id: str, attempt: int) -> Path:
+    """Where one attempt writes (checkpoints, final adapter): a worker whose lease was taken over can never touch
+    the files of the attempt that replaced it."""
+    return job_dir(settings, job_id) / f"attempt-{attempt}"
 
 
 def record_checkpoint(*, session: Session, settings: Settings, job_id: str, attempt: int, owner: str, step: int,
@@ -64,8 +144,9 @@ def record_checkpoint(*, session: Session, settings: Settings, job_id: str, atte
     model_id = checkpoint_model_id(ft_id, step)
     relative = _relative(settings, adapter_dir)
     existing = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step_number == step))
-    if existing is not None:  # the same step again after a resume: the newer files replace it in place
+    if existing is not None:  # the same step again after a resume: the newer files replace it
         existing.path, existing.metrics, existing.attempt = relative, {"step": step, **metrics}, attempt
+        session.execute(update(Model).where(Model.id == existing.model_id).values(path=relative))
         checkpoint = existing
     else:
         checkpoint = Checkpoint(id=ids.new_id(ids.CHECKPOINT), job_id=job_id, attempt=attempt, step_number=step,
@@ -78,6 +159,30 @@ def record_checkpoint(*, session: Session, settings: Settings, job_id: str, atte
                           data={"step": step, "checkpoint": model_id, **metrics}))
     session.commit()
     return checkpoint
+
+
+def resume_checkpoint(*, session: Session, settings: Settings, job: Job,
+                      usable: Callable[[Path], bool] = Path.is_dir) -> tuple[Checkpoint, Path] | None:
+    """The checkpoint a new attempt continues from: the one the database last recorded for the job (never "the
+    newest directory on disk"), if its files are still `usable` (complete); otherwise the newest recorded one that
+    is. None: start from the beginning."""
+    rows = list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)
+                                .order_by(Checkpoint.step_number.desc())))
+    rows.sort(key=lambda r: r.id != job.last_checkpoint_id)  # the recorded last one first, then newest first
+    for row in rows:
+        path = (settings.data_dir / row.path).resolve()
+        if path.is_relative_to(job_dir(settings, job.id).resolve()) and usable(path):
+            return row, path
+        log.warning("job %s: checkpoint at step %d is missing or incomplete; not resuming from it", job.id,
+                    row.step_number)
+    return None
+
+
+# ---- the end of an attempt ----
+
+
+def _ended(now: datetime) -> dict[str, Any]:
+    return {"lease_owner": None, "lease_expires_at": None, "stop_requested": None, "finished_at": now}
 
 
 def complete_job(*, session: Session, settings: Settings, job_id: str, attempt: int, owner: str, adapter_dir: Path,
@@ -93,8 +198,109 @@ def complete_job(*, session: Session, settings: Settings, job_id: str, attempt: 
                       job_id=job_id, path=_relative(settings, adapter_dir)))
     now = utcnow()
     job.status, job.fine_tuned_model, job.trained_tokens = "succeeded", ft_id, trained_tokens
-    job.finished_at, job.lease_owner, job.lease_expires_at, job.stop_requested = now, None, None, None
+    for key, value in _ended(now).items():
+        setattr(job, key, value)
+    job.estimated_finish = None
     session.add(new_event(job_id, f"New fine-tuned model created: {ft_id}"))
-    session.add(new_event(job_id, "The job has successfully completed"))
+    session.add(status_event(job_id, "succeeded", "The job has successfully completed"))
     session.commit()
     return ft_id
+
+
+def fail_job(*, session: Session, job_id: str, attempt: int, owner: str, code: str, message: str,
+             param: str | None = None) -> bool:
+    """A failure the user can act on: status `failed` with the error object. False when the fence fails."""
+    error = {"code": code, "message": message, "param": param}
+    values = {"status": "failed", "error": error, "estimated_finish": None, **_ended(utcnow())}
+    if not _fenced_update(session, job_id, attempt, owner, values):
+        return False
+    session.add(status_event(job_id, "failed", f"The job failed: {message}", level="error"))
+    session.commit()
+    return True
+
+
+def stop_job(*, session: Session, job_id: str, attempt: int, owner: str, status: str, step: int) -> str | None:
+    """Training stopped on request: `cancelled`, or `paused` (its checkpoint already recorded). A cancel that
+    arrived meanwhile wins over a pause. Returns the status written, None when the fence fails."""
+    stop = session.scalar(select(Job.stop_requested).where(_fence(job_id, attempt, owner)).with_for_update())
+    if status == "paused" and stop == "cancel":
+        status = "cancelled"
+    ended = _ended(utcnow()) if status == "cancelled" else {"lease_owner": None, "lease_expires_at": None,
+                                                             "stop_requested": None}
+    if not _fenced_update(session, job_id, attempt, owner, {"status": status, "estimated_finish": None, **ended}):
+        return None
+    message = (f"Fine-tuning job cancelled at step {step}" if status == "cancelled" else
+               f"Fine-tuning job paused at step {step}; resume it to continue from its last checkpoint")
+    session.add(status_event(job_id, status, message))
+    session.commit()
+    return status
+
+
+def requeue_job(*, session: Session, job_id: str, attempt: int, owner: str, reason: str) -> int | None:
+    """Give the job back (the worker is shutting down): queued again as attempt + 1, to continue from its last
+    checkpoint on the next worker. Returns the new attempt, None when the fence fails."""
+    values = {"status": "queued", "attempt": attempt + 1, "lease_owner": None, "lease_expires_at": None,
+              "stop_requested": None, "enqueued_at": None, "send_count": 0, "estimated_finish": None}
+    if not _fenced_update(session, job_id, attempt, owner, values):
+        return None
+    session.add(status_event(job_id, "queued", f"{reason}; requeued as attempt {attempt + 1}"))
+    session.commit()
+    return attempt + 1
+
+
+def preempt_jobs(*, session: Session, owner_prefix: str) -> int:
+    """Ask every running job leased under `owner_prefix` (one worker node) to checkpoint and give itself back.
+    A cancel or pause already asked for is left as it is."""
+    result = session.execute(update(Job).where(Job.status == "running", Job.stop_requested.is_(None),
+                                               Job.lease_owner.startswith(owner_prefix, autoescape=True))
+                             .values(stop_requested="preempt"))
+    session.commit()
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# ---- the reaper ----
+
+
+def reap_expired(*, session: Session, settings: Settings, now: datetime | None = None,
+                 limit: int = 20) -> list[tuple[str, int]]:
+    """Recover running jobs whose lease expired (their worker died): requeued as attempt + 1 while under
+    `max_job_restarts`, else failed; a pending cancel or pause is honoured instead. Returns (job id, attempt) of the
+    jobs requeued, to send once committed. Several reapers may run: rows one holds are skipped, not waited for."""
+    now = now or utcnow()
+    rows = session.execute(select(Job.id, Job.attempt, Job.restarts, Job.stop_requested)
+                           .where(Job.status == "running", Job.lease_expires_at < now)
+                           .order_by(Job.lease_expires_at).limit(limit).with_for_update(skip_locked=True)).all()
+    requeued = []
+    for row in rows:
+        status, event, extra = _reaped(settings, row.attempt, row.restarts, row.stop_requested, now)
+        result = session.execute(update(Job).where(Job.id == row.id, Job.attempt == row.attempt,
+                                                   Job.status == "running")
+                                 .values(status=status, attempt=row.attempt + 1, lease_owner=None,
+                                         lease_expires_at=None, stop_requested=None, enqueued_at=None, send_count=0,
+                                         estimated_finish=None, **extra))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        session.add(status_event(row.id, status, event, level="error" if status == "failed" else "warn"))
+        if status == "queued":
+            requeued.append((row.id, row.attempt + 1))
+        log.warning("job %s: lease expired (attempt %d): %s", row.id, row.attempt, status)
+    session.commit()
+    return requeued
+
+
+def _reaped(settings: Settings, attempt: int, restarts: int, stop: str | None,
+            now: datetime) -> tuple[str, str, dict[str, Any]]:
+    lost = f"The worker running attempt {attempt} stopped responding (its lease expired)"
+    if stop == "cancel":
+        return "cancelled", f"{lost}; the job is cancelled, as requested", {"finished_at": now}
+    if stop == "pause":
+        return "paused", f"{lost}; the job is paused, as requested: resume it to continue", {}
+    if restarts >= settings.max_job_restarts:
+        message = (f"The job's worker stopped {restarts + 1} times (crashed, was killed, or ran out of host "
+                   "memory), so it was not retried again. If it ran out of memory, lower batch_size or "
+                   "max_seq_length and create the job again.")
+        return "failed", f"{lost}; the job failed", {
+            "finished_at": now, "restarts": restarts + 1,
+            "error": {"code": "worker_lost", "message": message, "param": None}}
+    return "queued", f"{lost}; requeued as attempt {attempt + 1} to continue from its last checkpoint", {
+        "restarts": restarts + 1}

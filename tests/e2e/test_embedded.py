@@ -1,0 +1,116 @@
+"""The embedded mode, as `make serve` runs it: `unsloth serve` on a fresh data dir (SQLite, the SQLAlchemy broker),
+which imports the default base model, migrates, starts the API and one worker and prints the URL and the key; the
+fine-tuning flow through it; and Ctrl-C, which stops both processes cleanly (a running job is requeued first)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.e2e.commands import SERVE
+from tests.e2e.conftest import (
+    TINY,
+    Stack,
+    all_events,
+    create_job,
+    free_port,
+    link_tiny,
+    metric_steps,
+    service_env,
+    status_events,
+    trained_steps,
+    upload_facts,
+)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[tuple[Stack, list[int]]]:
+    data_dir = tmp_path_factory.mktemp("e2e-embedded-data")
+    link_tiny(data_dir, tiny_base)
+    port = free_port()
+    stack = Stack("embedded", service_env(data_dir, port), data_dir, f"http://127.0.0.1:{port}", "",
+                  tmp_path_factory.mktemp("e2e-embedded-logs"))
+    serve = stack.start("serve", SERVE)
+    kids: list[int] = []
+    try:
+        banner: str = stack.wait(lambda: serve.log.read_text() if "unsloth: ready:" in serve.log.read_text() else None,
+                                 180, "unsloth serve to print its banner", interval=0.25)
+        match = re.search(r"unsloth: API key: (\S+)", banner)
+        assert match and f"unsloth: ready: http://127.0.0.1:{port}/v1" in banner, banner
+        stack.key = match.group(1)
+        kids = children(serve.pid)
+        yield stack, kids
+    finally:
+        serve.stop(timeout=60)
+        for pid in kids:  # in their own process groups: stop whatever serve left behind
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def test_embedded_fine_tune_from_upload_to_completions(embedded: tuple[Stack, list[int]]) -> None:
+    stack, kids = embedded
+    assert len(kids) == 2  # the API and the worker
+    assert (stack.data_dir / "api_key").read_text().strip() == stack.key
+    client = stack.client()
+    models = {m.id for m in client.models.list()}
+    assert {"smollm2-135m-instruct", TINY} <= models  # the default model, imported at the first start
+    job_id = create_job(client, upload_facts(client, 12), n_epochs=2, n_checkpoints=3)
+    job = stack.wait_status(job_id, ("succeeded", "failed", "cancelled"))
+    assert job.status == "succeeded", job.error
+    events = all_events(client, job_id)
+    assert metric_steps(events) == list(range(1, 13)) and status_events(events) == ["running", "succeeded"]
+    checkpoints = sorted(client.fine_tuning.jobs.checkpoints.list(job_id), key=lambda c: c.step_number)
+    assert [c.step_number for c in checkpoints] == [4, 8, 12]
+    assert job.fine_tuned_model is not None
+    for model in (job.fine_tuned_model, checkpoints[0].fine_tuned_model_checkpoint):
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=8, temperature=0)
+        assert chat.usage is not None and chat.usage.completion_tokens > 0
+
+
+def test_ctrl_c_stops_both_processes_cleanly(embedded: tuple[Stack, list[int]]) -> None:
+    stack, kids = embedded
+    client = stack.client()
+    job_id = create_job(client, upload_facts(client, 400), batch_size=1)
+    trained_steps(stack, job_id, 3)
+    serve = stack.procs["serve"]
+    serve.popen.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
+    try:
+        assert serve.popen.wait(timeout=60) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"unsloth serve did not stop\n{stack.logs()}")
+    assert all(gone(pid) for pid in kids)
+    engine = create_engine(f"sqlite:///{stack.data_dir / 'unsloth.db'}")
+    with engine.connect() as conn:
+        status, attempt = conn.execute(text("SELECT status, attempt FROM jobs WHERE id = :id"), {"id": job_id}).one()
+    engine.dispose()
+    assert (status, attempt) == ("queued", 1)  # checkpointed and handed back, for the next start to continue

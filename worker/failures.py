@@ -1,0 +1,73 @@
+"""Failures a user can act on, each an error code, a message that says what to change, and the request parameter it
+concerns. Anything else is an internal error: logged with its traceback, reported without one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class JobFailure(Exception):
+    code: str
+    message: str
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def model_not_found(model: str) -> JobFailure:
+    return JobFailure("model_not_found", f"The base model '{model}' is no longer installed on this server (no "
+                                         f"models/{model} in the data dir). Install it again (`unsloth models "
+                                         "import`) and create the job again.", "model")
+
+
+def file_missing(param: str, file_id: str) -> JobFailure:
+    return JobFailure("file_not_found", f"The {param.replace('_', ' ')} {file_id} was deleted; upload it again and "
+                                        "create the job again.", param)
+
+
+def file_unreadable(param: str, file_id: str, error: OSError) -> JobFailure:
+    reason = error.strerror or type(error).__name__
+    return JobFailure("file_unreadable", f"The {param.replace('_', ' ')} {file_id} cannot be read ({reason}); "
+                                         "upload it again and create the job again.", param)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "DefaultCPUAllocator" in text)
+
+
+def classify(error: BaseException, *, model: str, method_type: str, hyperparameters: dict[str, Any]) -> JobFailure:
+    """The failure to report for an exception raised while loading or training."""
+    from unsloth_core.data import DataFileError
+    from unsloth_core.errors import ModelFormatError, UnslothError
+
+    hp = f"method.{method_type}.hyperparameters"
+    if isinstance(error, JobFailure):
+        return error
+    if is_out_of_memory(error):
+        import torch
+
+        where = "GPU" if isinstance(error, torch.cuda.OutOfMemoryError) else "host"
+        return JobFailure("out_of_memory", (
+            f"Training ran out of {where} memory with batch_size={hyperparameters.get('batch_size')} and "
+            f"max_seq_length={hyperparameters.get('max_seq_length')}. Lower {hp}.batch_size (the examples of a "
+            f"batch are in memory together) or {hp}.max_seq_length, then create the job again."), f"{hp}.batch_size")
+    if isinstance(error, DataFileError):
+        return JobFailure("invalid_training_file", f"The training data cannot be used: {error}", "training_file")
+    if isinstance(error, ModelFormatError):
+        return JobFailure("model_unreadable", f"The base model '{model}' cannot be loaded: {error}", "model")
+    if isinstance(error, UnslothError | ValueError):
+        return JobFailure("invalid_request", str(error), None)
+    if isinstance(error, OSError):
+        return JobFailure("storage_error", f"Reading or writing the job's files failed "
+                                           f"({error.strerror or type(error).__name__}); the server's data "
+                                           "directory needs attention before the job is created again.", None)
+    return JobFailure("internal_error", f"The worker failed with an unexpected error ({type(error).__name__}); "
+                                        "the traceback is in the worker's log.", None)

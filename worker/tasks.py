@@ -1,0 +1,73 @@
+"""The Celery tasks: thin. Ids in, the work done by `worker.training` and `app.services`, status in the database.
+No result is stored (the job row is the result), nothing is retried by Celery (a dead attempt is recovered by the
+reaper, with an attempt cap, from the database)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+
+from celery import Task, shared_task
+from celery.exceptions import Reject
+
+from app.core.broker import REAP_TASK, RESEND_TASK, TRAIN_TASK
+from app.services import dispatch, lifecycle
+from worker import context, training
+
+log = logging.getLogger("worker.tasks")
+
+
+def lease_owner(nodename: str | None) -> str:
+    """`<worker node>/<worker main pid>/<process pid>/<random>`: the prefix names the worker that holds the lease
+    (its shutdown hook preempts the jobs under it), the random part tells two attempts in one process apart."""
+    return f"{nodename or socket.gethostname()}/{context.main_pid}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
+@contextlib.contextmanager
+def sigterm_preempts() -> Iterator[None]:
+    """While a job runs, SIGTERM to this process (systemd and `kill -- -PGID` signal every process of a worker)
+    makes the job checkpoint and requeue itself; otherwise the pool's own handler (exit) applies."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: training.preempted.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@shared_task(name=TRAIN_TASK, bind=True, ignore_result=True, acks_late=True)
+def train(self: Task, job_id: str, attempt: int) -> str:
+    if training.stopping.is_set():  # this worker is shutting down: give the message back for another one
+        raise Reject("the worker is shutting down", requeue=True)
+    ctx = context.current()
+    with sigterm_preempts():
+        outcome = training.run_job(ctx, job_id, int(attempt), lease_owner(self.request.hostname))
+    log.info("job %s attempt %s: %s", job_id, attempt, outcome)
+    return outcome
+
+
+@shared_task(name=REAP_TASK, ignore_result=True)
+def reap_expired_leases() -> int:
+    """Requeue (or fail, past the cap) the jobs whose worker stopped renewing its lease, and send them again."""
+    ctx = context.current()
+    with ctx.sessions() as session:
+        requeued = lifecycle.reap_expired(session=session, settings=ctx.settings)
+        for job_id, attempt in requeued:
+            dispatch.send_train(session=session, broker=ctx.broker, job_id=job_id, attempt=attempt)
+    return len(requeued)
+
+
+@shared_task(name=RESEND_TASK, ignore_result=True)
+def resend_unclaimed() -> int:
+    """Send the message again for queued jobs nobody claimed in time (the first one was lost)."""
+    ctx = context.current()
+    with ctx.sessions() as session:
+        return len(dispatch.resend_unclaimed(session=session, broker=ctx.broker, settings=ctx.settings))

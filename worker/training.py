@@ -1,0 +1,296 @@
+"""One attempt of a fine-tuning job, from claim to its end: the body of the `train` task.
+
+claim (conditional UPDATE; zero rows: a duplicate or stale message, dropped) -> heartbeat the lease -> check the base
+model and files -> the engine's `finetune`, resuming from the checkpoint the database recorded -> per step: the stop
+request (cancel, pause, preempt); every N steps: a metrics event; per checkpoint: a row, servable at once -> the end:
+succeeded, cancelled, paused, requeued (preempted by a shutdown), or failed with a code. Every write is fenced by
+job id + attempt + lease owner; a lost lease stops the attempt without writing anything more.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import File, Job
+from app.services import dispatch, hyperparameters, lifecycle
+from app.services.files import content_path
+from app.services.lifecycle import LeaseLost
+from app.services.models import base_model_dir
+from worker import failures
+from worker.context import WorkerContext
+from worker.failures import JobFailure
+from worker.lease import Heartbeat, Lease
+
+if TYPE_CHECKING:
+    from unsloth_core.lora import LoRAConfig
+    from unsloth_core.trainer import StopRequest, TrainArgs, TrainResult
+
+log = logging.getLogger("worker.training")
+T = TypeVar("T")
+
+preempted = threading.Event()  # SIGTERM reached this process mid-job: checkpoint and requeue that job
+stopping = threading.Event()  # the worker is shutting down: checkpoint and requeue, and claim nothing new
+
+# The trainer's metric names, as OpenAI's metrics events name them.
+METRIC_NAMES = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_accuracy", "eval_loss": "valid_loss",
+                "eval_mean_token_accuracy": "valid_mean_token_accuracy"}
+
+
+@dataclass
+class Plan:
+    """What the engine is called with for this attempt."""
+
+    base: Path
+    train_file: Path
+    validation_file: Path | None
+    args: TrainArgs
+    lora: LoRAConfig
+    resume: Path | None
+    resume_step: int | None
+
+
+def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
+    """Run one attempt; returns how it ended: dropped, lost, succeeded, failed, cancelled, paused or requeued."""
+    with ctx.sessions() as session:
+        job = lifecycle.claim_job(session=session, job_id=job_id, attempt=attempt, owner=owner, lease=ctx.lease)
+    if job is None:
+        log.info("job %s attempt %d: not queued with this attempt (a duplicate or stale message); dropped", job_id,
+                 attempt)
+        return "dropped"
+    lease = Lease(ctx, job_id, attempt, owner)
+    try:
+        with Heartbeat(lease, ctx.settings.heartbeat_s):
+            return _run_claimed(ctx, job, lease)
+    except LeaseLost:
+        log.warning("job %s attempt %d: lease lost; stopped without writing", job_id, attempt)
+        return "lost"
+    finally:
+        preempted.clear()
+
+
+def _run_claimed(ctx: WorkerContext, job: Job, lease: Lease) -> str:
+    hp = hyperparameters.stored_hyperparameters(job.method)
+    try:
+        plan = prepare(ctx, job)
+        if plan.resume is not None:
+            _event(ctx, lease, f"Resuming from the checkpoint at step {plan.resume_step}")
+        callbacks = JobCallbacks(ctx, lease, deadline=time.monotonic() + ctx.settings.max_job_s)
+        result, final = _finetune(ctx, plan, callbacks)
+    except LeaseLost:
+        raise
+    except Exception as e:
+        failure = failures.classify(e, model=job.model, method_type=job.method["type"], hyperparameters=hp)
+        if failure.code in ("internal_error", "storage_error"):
+            log.exception("job %s attempt %d failed", job.id, job.attempt)
+        else:
+            log.warning("job %s attempt %d failed: %s", job.id, job.attempt, failure)
+        return _fail(ctx, lease, failure)
+    return _finish(ctx, lease, result, final, callbacks)
+
+
+def prepare(ctx: WorkerContext, job: Job) -> Plan:
+    """Check what the job needs is still there, resolve the engine's arguments and the checkpoint to resume from.
+    Raises JobFailure."""
+    settings = ctx.settings
+    base = base_model_dir(settings, job.model)
+    if base is None:
+        raise failures.model_not_found(job.model)
+    with ctx.sessions() as session:
+        train_file = _readable_file(ctx, session.get(File, job.training_file), "training_file", job.training_file)
+        validation_file = None
+        if job.validation_file:
+            validation_file = _readable_file(ctx, session.get(File, job.validation_file), "validation_file",
+                                             job.validation_file)
+        total_steps = int((job.progress or {}).get("total_steps") or 1)
+        try:
+            args, lora = hyperparameters.train_config(
+                job.method, seed=job.seed, output_dir=lifecycle.attempt_dir(settings, job.id, job.attempt),
+                total_steps=total_steps, metrics_every=settings.metrics_every_steps)
+        except (ValueError, KeyError, TypeError) as e:
+            raise JobFailure("invalid_hyperparameters", f"The job's hyperparameters cannot be used: {e}",
+                             f"method.{job.method['type']}.hyperparameters") from None
+        resume = lifecycle.resume_checkpoint(session=session, settings=settings, job=job, usable=_complete)
+    return Plan(base, train_file, validation_file, args, lora, resume[1] if resume else None,
+                resume[0].step_number if resume else None)
+
+
+def _complete(path: Path) -> bool:
+    from unsloth_core.checkpoint import is_complete
+
+    return is_complete(path)
+
+
+def _readable_file(ctx: WorkerContext, row: File | None, param: str, file_id: str) -> Path:
+    if row is None or row.deleted_at is not None:
+        raise failures.file_missing(param, file_id)
+    path = content_path(ctx.settings, row)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise failures.file_unreadable(param, file_id, e) from None
+    return path
+
+
+def _finetune(ctx: WorkerContext, plan: Plan, callbacks: JobCallbacks) -> tuple[TrainResult, Path]:
+    import torch
+
+    from app.inference.cache import resolve_device
+    from unsloth_core.finetune import finetune
+
+    if ctx.settings.torch_threads:
+        torch.set_num_threads(ctx.settings.torch_threads)
+    device = torch.device(resolve_device(ctx.settings.device))
+    try:
+        return finetune(plan.base, plan.train_file, plan.args, plan.lora, plan.validation_file, callbacks,
+                        resume=plan.resume, device=device)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # a worker that reuses its process starts the next job with free memory
+
+
+def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, callbacks: JobCallbacks) -> str:
+    if result.status in ("completed", "early_stopped"):
+        model = _final_write(ctx, lease, lambda session: lifecycle.complete_job(
+            session=session, settings=ctx.settings, adapter_dir=final, trained_tokens=result.trained_tokens,
+            **lease.fence))
+        return "succeeded" if model else _lost(lease)
+    if result.status == "paused" and callbacks.stop_reason == "preempt":
+        reason = f"The worker is shutting down; checkpoint saved at step {result.step}"
+        attempt = _final_write(ctx, lease, lambda session: lifecycle.requeue_job(session=session, reason=reason,
+                                                                                 **lease.fence))
+        if attempt is None:
+            return _lost(lease)
+        with ctx.sessions() as session:  # if this send fails, the re-sender sends it later
+            dispatch.send_train(session=session, broker=ctx.broker, job_id=lease.job_id, attempt=attempt)
+        return "requeued"
+    status = "cancelled" if result.status == "cancelled" else "paused"
+    written = _final_write(ctx, lease, lambda session: lifecycle.stop_job(session=session, status=status,
+                                                                          step=result.step, **lease.fence))
+    return written or _lost(lease)
+
+
+def _fail(ctx: WorkerContext, lease: Lease, failure: JobFailure) -> str:
+    ok = _final_write(ctx, lease, lambda session: lifecycle.fail_job(
+        session=session, code=failure.code, message=failure.message, param=failure.param, **lease.fence))
+    return "failed" if ok else _lost(lease)
+
+
+def _final_write(ctx: WorkerContext, lease: Lease, write: Callable[[Session], T]) -> T:
+    """The attempt's last write, retried through a short database outage for as long as the lease surely holds
+    (the heartbeat stops once the attempt ends; the write clears the lease itself)."""
+    lease.released.set()
+    deadline = time.monotonic() + ctx.settings.lease_s / 2
+    delay = 0.2
+    while True:
+        try:
+            with ctx.sessions() as session:
+                return write(session)
+        except OperationalError as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: the final write failed (%s); retrying", lease.job_id, type(e).__name__)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _lost(lease: Lease) -> str:
+    lease.lost.set()
+    raise LeaseLost(lease.job_id)
+
+
+def _event(ctx: WorkerContext, lease: Lease, message: str, data: dict[str, Any] | None = None) -> None:
+    """An informational event: a database hiccup loses it rather than the attempt."""
+    try:
+        with ctx.sessions() as session:
+            lifecycle.record_event(session=session, message=message, data=data, **lease.fence)
+    except OperationalError as e:
+        log.warning("job %s: event not recorded (%s): %s", lease.job_id, type(e).__name__, message)
+
+
+class JobCallbacks:
+    """The engine's hooks, bound to one leased attempt. Raising LeaseLost from any of them ends training at once."""
+
+    def __init__(self, ctx: WorkerContext, lease: Lease, deadline: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ctx, self.lease, self.deadline, self.clock = ctx, lease, deadline, clock
+        self.stop_reason: str | None = None
+        self._rate_origin: tuple[float, int] | None = None  # (time, step) of the first log, for the finish estimate
+
+    def should_stop(self) -> StopRequest:
+        stop = self.lease.check()
+        if stop == "cancel":
+            return "cancel"
+        if stop in ("pause", "preempt") or preempted.is_set() or stopping.is_set():
+            self.stop_reason = stop if stop == "pause" else "preempt"
+            return "pause"  # the engine checkpoints, then stops
+        if self.clock() > self.deadline:
+            limit = self.ctx.settings.max_job_s
+            raise JobFailure("job_timeout", f"The job ran longer than this server allows ({limit:.0f} s); use fewer "
+                                            "epochs or a smaller training file.", None)
+        return None
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        self.lease.ensure()
+        step, total = int(metrics["step"]), int(metrics["total_steps"])
+        data = {METRIC_NAMES.get(k, k): v for k, v in metrics.items() if _json_number(v)}
+        progress = {"step": step, "total_steps": total, "epoch": metrics.get("epoch"),
+                    "train_loss": data.get("train_loss")}
+        try:
+            with self.ctx.sessions() as session:
+                lifecycle.record_metrics(session=session, message=_metrics_message(data, step, total), data=data,
+                                         progress=progress, estimated_finish=self._finish_estimate(step, total),
+                                         **self.lease.fence)
+        except OperationalError as e:  # a database hiccup costs these metrics, not the attempt
+            log.warning("job %s: metrics of step %d not recorded (%s)", self.lease.job_id, step, type(e).__name__)
+
+    def on_checkpoint(self, path: Path, step: int, metrics: dict[str, Any]) -> None:
+        self.lease.ensure()
+        kept = {METRIC_NAMES.get(k, k): v for k, v in metrics.items()
+                if k in METRIC_NAMES or k in ("epoch", "full_valid_loss")}
+        try:
+            with self.ctx.sessions() as session:
+                row = lifecycle.record_checkpoint(session=session, settings=self.ctx.settings, step=step,
+                                                  metrics=kept, adapter_dir=path, **self.lease.fence)
+        except OperationalError as e:  # not recorded: a resume starts from the one before
+            log.warning("job %s: checkpoint of step %d not recorded (%s)", self.lease.job_id, step, type(e).__name__)
+            return
+        if row is None:
+            self.lease.lost.set()
+            raise LeaseLost(self.lease.job_id)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        _event(self.ctx, self.lease, f"Epoch {epoch + 1} done")
+
+    def _finish_estimate(self, step: int, total: int) -> Any:
+        now = self.clock()
+        if self._rate_origin is None:
+            self._rate_origin = (now, step)
+            return None
+        t0, s0 = self._rate_origin
+        if step <= s0:
+            return None
+        per_step = (now - t0) / (step - s0)
+        return utcnow() + timedelta(seconds=per_step * (total - step))
+
+
+def _json_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def _metrics_message(data: dict[str, Any], step: int, total: int) -> str:
+    parts = [f"{label}={data[key]:.4f}" for key, label in (("train_loss", "training loss"),
+                                                          ("valid_loss", "validation loss")) if key in data]
+    return f"Step {step}/{total}: {', '.join(parts) or 'metrics'}"
