@@ -50,7 +50,7 @@ def prepare_datasets(tokenizer: Tokenizer, args: TrainArgs, train_file: str | Pa
     held_out: Sequence[Any] = []
     if validation_file is not None:
         held_out = load_examples(validation_file, purpose=purpose, tokenizer=tokenizer,
-                                 max_seq_length=args.max_seq_length)
+                                 max_seq_length=args.max_seq_length, role="validation")
     elif args.validation_split > 0 and len(examples) > 1:
         order = epoch_order(len(examples), args.seed, -1)  # epoch -1: a split independent of training order
         n_eval = max(1, int(len(examples) * args.validation_split))

@@ -48,7 +48,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config: LlamaConfig) -> Tensor:
     """Inverse frequencies (D/2,), in fp32, with llama3 frequency scaling when the config asks for it."""
     d = config.d_head
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # Always on the CPU (callers move it): under a meta-device context arange would import torch._dynamo (~2 s).
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
@@ -200,7 +201,10 @@ class Backbone(nn.Module):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if weight.device.type != "meta":  # on meta (loading a checkpoint) normal_ would import torch._dynamo: ~2 s
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -60,7 +60,8 @@ def classify(error: BaseException, *, model: str, method_type: str, hyperparamet
             f"max_seq_length={hyperparameters.get('max_seq_length')}. Lower {hp}.batch_size (the examples of a "
             f"batch are in memory together) or {hp}.max_seq_length, then create the job again."), f"{hp}.batch_size")
     if isinstance(error, DataFileError):
-        return JobFailure("invalid_training_file", f"The training data cannot be used: {error}", "training_file")
+        return JobFailure(f"invalid_{error.role}_file", f"The {error.role} data cannot be used: {error}",
+                          f"{error.role}_file")
     if isinstance(error, ModelFormatError):
         return JobFailure("model_unreadable", f"The base model '{model}' cannot be loaded: {error}", "model")
     if isinstance(error, UnslothError | ValueError):

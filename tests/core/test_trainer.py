@@ -192,3 +192,13 @@ def test_dpo_raises_preference_accuracy(tmp_path: Path, model_dir: Path) -> None
     assert after["eval_rewards/accuracy"] > before["eval_rewards/accuracy"]
     assert after["eval_rewards/margin"] > 0
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"} <= cb.logs[0].keys()
+
+
+def test_a_bad_validation_file_is_named_as_such(tmp_path: Path, sft_file: Path) -> None:
+    from unsloth_core.data import DataFileError
+
+    bad = tmp_path / "valid.jsonl"
+    bad.write_text('{"messages": []}\n')
+    with pytest.raises(DataFileError, match="in the validation file") as info:
+        prepare_datasets(make_tiny_tokenizer(), args(tmp_path), sft_file, bad)
+    assert info.value.role == "validation" and info.value.errors[0].line == 1

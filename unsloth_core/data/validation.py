@@ -98,13 +98,13 @@ class ValidationReport:
         if len(self.errors) < self.max_errors:
             self.errors.append(LineError(line, code, message))
 
-    def summary(self, limit: int = 3) -> str:
+    def summary(self, limit: int = 3, role: str = "training") -> str:
         """One paragraph for a job's error message: the count and the first few errors."""
         if self.ok:
             return f"{self.n_examples} valid {self.format} examples"
         shown = "; ".join(str(e) for e in self.errors[:limit])
         more = f" (and {self.n_errors - limit} more)" if self.n_errors > limit else ""
-        return f"{self.n_errors} invalid line(s) in the training file: {shown}{more}"
+        return f"{self.n_errors} invalid line(s) in the {role} file: {shown}{more}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,11 +117,12 @@ class ValidationReport:
 
 
 class DataFileError(DataFormatError):
-    """A training file with errors; `report` holds all of them, `errors` the stored ones."""
+    """A data file with errors; `report` holds all of them, `errors` the stored ones, `role` which file it is
+    ("training" or "validation"), so a caller can point at the right one."""
 
-    def __init__(self, report: ValidationReport) -> None:
-        super().__init__(report.summary())
-        self.report = report
+    def __init__(self, report: ValidationReport, role: str = "training") -> None:
+        super().__init__(report.summary(role=role))
+        self.report, self.role = report, role
         self.errors = report.errors
 
 
@@ -144,13 +145,13 @@ def validate_file(source: Source, tokenizer: Tokenizer | None = None, max_seq_le
 
 
 def load_examples(source: Source, purpose: Literal["sft", "dpo"] | None = None, tokenizer: Tokenizer | None = None,
-                  max_seq_length: int | None = None) -> list[Example]:
+                  max_seq_length: int | None = None, role: str = "training") -> list[Example]:
     """Every example in the file, normalised. Raises DataFileError (a DataFormatError carrying the report) when any
     line is bad: nothing trains on a file with errors."""
     examples: list[Example] = []
     report = _scan(source, tokenizer, max_seq_length, purpose, MAX_ERRORS, MAX_LINE_BYTES, keep=examples)
     if not report.ok:
-        raise DataFileError(report)
+        raise DataFileError(report, role)
     return examples
 
 
