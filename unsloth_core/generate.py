@@ -198,12 +198,18 @@ class Generator:
     # ---- the loop ----
 
     def _setup(self, batch_size: int, n_slots: int) -> int:
-        """Make sure a cache of at least (batch_size, n_slots) exists; return its slot count."""
+        """Make sure a cache of at least (batch_size, n_slots) exists; return its slot count.
+
+        Compiled, the slot count is rounded up to a power of two (at least 256): a few static shapes, each captured
+        once, instead of one per length, and never the model's whole context (131k slots for Llama 3) unless asked.
+        Eager, the cache fits the request, reallocated only when far too big or too small.
+        """
         if self.compile:
-            n_slots = self.max_seq_length  # one static shape: the compiled step is captured once
+            n_slots = min(self.max_seq_length, max(256, 1 << (n_slots - 1).bit_length()))
         shape = self.model.cache_shape
-        if shape is None or shape[0] != batch_size or shape[1] < n_slots or (not self.compile and shape[1] > 2 *
-                                                                              n_slots + 64):
+        too_big = not self.compile and shape is not None and shape[1] > 2 * n_slots + 64
+        if shape is None or shape[0] != batch_size or shape[1] < n_slots or too_big or (
+                self.compile and shape[1] != n_slots):
             self.model.setup_caches(batch_size, n_slots)
             shape = self.model.cache_shape
             assert shape is not None
