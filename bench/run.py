@@ -1,0 +1,216 @@
+"""`python -m bench`: pick a plan, run its rows one by one, print one table, optionally write JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.report import Row, print_table
+from bench.workloads import Job, ceilings, decode, longest, loss_agreement, short, train
+
+WORKS = ("train", "loss", "longest", "decode", "ceilings")
+
+# The shapes and micro batches of ../shared/PERFORMANCE.md (hf_baseline.py's plans), plus the rows HF has no
+# figure for there (loss agreement, longest sequence for ours).
+CPU_PLAN = [
+    Job("train", "smollm2-135m", bsz=4, seq=256, gc=False, warmup=1, steps=5),
+    Job("train", "smollm2-135m", bsz=4, seq=256, gc=True, warmup=1, steps=5),
+    Job("loss", "smollm2-135m", bsz=2, seq=128, steps=8),
+    Job("decode", "smollm2-135m", bsz=1, seq=32, new=64),
+    Job("decode", "smollm2-135m", bsz=8, seq=32, new=64),
+]
+GPU_PLAN = [
+    Job("ceilings"),
+    Job("train", "smollm2-135m", bsz=8, seq=2048, gc=True, warmup=2, steps=10),
+    Job("train", "llama-1b", bsz=4, seq=2048, gc=True, warmup=2, steps=10),
+    Job("train", "llama-1b", bsz=4, seq=2048, gc=False, warmup=2, steps=10),
+    Job("train", "llama-8b", bsz=2, seq=2048, gc=True, warmup=2, steps=5),
+    Job("loss", "smollm2-135m", bsz=4, seq=512, gc=True, steps=50),
+    # A probe's attention work grows with the square of its length: the caps keep a probe under about a minute.
+    Job("longest", "llama-8b", seq=8192, cap=131072),
+    Job("longest", "llama-1b", seq=8192, cap=262144),
+    Job("decode", "smollm2-135m", bsz=1, seq=128, new=256),
+    Job("decode", "llama-1b", bsz=1, seq=128, new=256),
+    Job("decode", "llama-1b", bsz=32, seq=128, new=256),
+]
+QUICK_PLAN = [
+    Job("train", "tiny", bsz=2, seq=64, gc=False, warmup=1, steps=2),
+    Job("train", "tiny", bsz=2, seq=64, gc=True, warmup=1, steps=2),
+    Job("loss", "tiny", bsz=2, seq=32, steps=5),
+    Job("decode", "tiny", bsz=1, seq=8, new=8),
+    Job("decode", "tiny", bsz=2, seq=8, new=8),
+]
+QUICK_GPU_PLAN = [Job("ceilings"), *QUICK_PLAN, Job("longest", "tiny", seq=1024, cap=8192, granularity=1024)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--cpu", action="store_true", help="the CPU plan: SmolLM2-135M shape, fp32")
+    where.add_argument("--gpu", action="store_true",
+                       help="the GPU plan: SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B shapes, bf16 (the default "
+                            "when a GPU is present)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, a few steps: checks the script in seconds")
+    ap.add_argument("--only", default="", help=f"comma-separated works to run, of: {', '.join(WORKS)} "
+                                               "(decode brings the ceilings row on a GPU)")
+    ap.add_argument("--longest-cap", type=int, default=None,
+                    help="longest sequence probed (tokens; overrides the plan's caps)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice). On a machine shared with other work use "
+                         "1: no thread then waits on a sibling that lost its core, and runs are timed in CPU time")
+    ap.add_argument("--json", metavar="PATH", help="write an env line and one JSON object per row to PATH")
+    args = ap.parse_args(argv)
+    args.only = {w.strip() for w in args.only.split(",") if w.strip()}
+    if args.only - set(WORKS):
+        ap.error(f"--only takes {', '.join(WORKS)}, not {', '.join(sorted(args.only - set(WORKS)))}")
+    if args.gpu and not torch.cuda.is_available():
+        ap.error("--gpu needs a CUDA GPU and none is visible")
+    return args
+
+
+def select(args: argparse.Namespace, device: torch.device) -> list[Job]:
+    if args.quick:
+        jobs = QUICK_GPU_PLAN if device.type == "cuda" else QUICK_PLAN
+    else:
+        jobs = GPU_PLAN if device.type == "cuda" else CPU_PLAN
+    if args.longest_cap:
+        jobs = [dataclasses.replace(j, cap=args.longest_cap) if j.work == "longest" else j for j in jobs]
+    if not args.only:
+        return jobs
+    wanted = args.only | ({"ceilings"} if "decode" in args.only else set())
+    return [j for j in jobs if j.work in wanted]
+
+
+def _cmd(*cmd: str) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} ({len(names)} logical CPUs)" if names else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def environment(device: torch.device, plan: str) -> dict[str, Any]:
+    from unsloth_core.kernels import get_backend
+
+    env: dict[str, Any] = {"kind": "env", "plan": plan, "date": datetime.datetime.now().astimezone().isoformat(
+        timespec="seconds"), "commit": _cmd("git", "rev-parse", "--short", "HEAD"),
+        "dirty": bool(_cmd("git", "status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__}
+    for pkg in ("transformers", "peft", "triton"):
+        try:
+            env[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            env[pkg] = None
+    env.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", cpu=cpu_model(),
+               torch_threads=torch.get_num_threads(), loadavg=[round(x, 2) for x in os.getloadavg()],
+               dtype="bf16" if device.type == "cuda" else "fp32", kernels=get_backend())
+    return env
+
+
+def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str, Any]) -> Row:
+    if job.work == "ceilings":
+        row = ceilings(device)
+        state["copy_tb_s"] = row.extra["copy_tb_s"]
+        return row
+    if job.work == "train":
+        return train(job, device, dtype)
+    if job.work == "loss":
+        return loss_agreement(job, device, dtype)
+    if job.work == "longest":
+        if device.type != "cuda":
+            raise RuntimeError("the longest-sequence search runs on a GPU only (it looks for the OOM)")
+        return longest(job, device, dtype)
+    # Five timed runs each on the CPU, alternating (the best counts), to see past a shared machine; one on a GPU.
+    return decode(job, device, dtype, state.get("copy_tb_s"), reps=1 if device.type == "cuda" else 5)
+
+
+def prime(device: torch.device, dtype: torch.dtype) -> None:
+    """One tiny step of each side first, so one-time costs (thread pools, allocator arenas, lazy imports) land on
+    no row's time or memory: otherwise the first side measured pays them."""
+    train(Job("train", "tiny", bsz=1, seq=16, warmup=1, steps=1), device, dtype)
+    if device.type == "cpu":  # on a GPU this would compile a decode step for nothing
+        decode(Job("decode", "tiny", bsz=1, seq=4, new=2), device, dtype, None)
+
+
+@contextlib.contextmanager
+def quiet(threads: int | None) -> Iterator[None]:
+    """Torch's thread count as asked, and transformers' deprecation notices and GC/cache remarks (which would drown
+    the progress lines) silenced; both restored after, for callers that run the bench in-process."""
+    import transformers
+
+    before = torch.get_num_threads(), transformers.logging.get_verbosity()
+    if threads:
+        torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+            yield
+    finally:
+        torch.set_num_threads(before[0])
+        transformers.logging.set_verbosity(before[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with quiet(args.threads):
+        rows = run(args)
+    print_table(rows, sys.stdout)
+    return 0
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plan = ("quick-" if args.quick else "") + device.type
+    env = environment(device, plan)
+    print(f"# bench {plan}: torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+          f"{env['device']}, {env['cpu']}, torch threads {env['torch_threads']}, commit {env['commit']}, "
+          f"load {env['loadavg']}", flush=True)
+    sink = open(args.json, "w") if args.json else None  # noqa: SIM115 (rows are appended as they finish)
+
+    def emit(obj: dict[str, Any]) -> None:
+        if sink is not None:
+            sink.write(json.dumps(obj) + "\n")
+            sink.flush()  # a run cut short still leaves its finished rows
+
+    rows: list[Row] = []
+    state: dict[str, Any] = {}
+    try:
+        emit(env)
+        if not args.quick:
+            prime(device, dtype)
+        for job in select(args, device):
+            print(f"# {job.work} {job.shape} {job.setting}", file=sys.stderr, flush=True)
+            try:
+                row = run_job(job, device, dtype, state)
+            except Exception as e:  # record and go on: one failure must not lose the other rows
+                row = Row(job.work, job.shape, job.setting, "", errors={"row": short(e)})
+            rows.append(row)
+            emit({"kind": job.work, **row.to_json()})
+    finally:
+        if sink is not None:
+            sink.close()
+    return rows
