@@ -32,6 +32,9 @@ CPU_PLAN = [
     Job("loss", "smollm2-135m", bsz=2, seq=128, steps=8),
     Job("decode", "smollm2-135m", bsz=1, seq=32, new=64),
     Job("decode", "smollm2-135m", bsz=8, seq=32, new=64),
+    # The same step compiled by inductor on the CPU (about a minute of compiling per batch size, not timed).
+    Job("decode", "smollm2-135m", bsz=1, seq=32, new=64, compiled=True),
+    Job("decode", "smollm2-135m", bsz=8, seq=32, new=64, compiled=True),
 ]
 GPU_PLAN = [
     Job("ceilings"),

@@ -54,6 +54,7 @@ class Job:
     steps: int = 0
     cap: int = 0  # longest: the longest length probed
     granularity: int = 2048  # longest: lengths probed are multiples of this
+    compiled: bool | None = None  # decode: our step compiled (None: on a GPU only, as Generator defaults)
 
     @property
     def setting(self) -> str:
@@ -61,7 +62,7 @@ class Job:
             return f"{self.bsz}x{self.seq}{' GC' if self.gc else ''}" + (f", {self.steps} steps"
                                                                         if self.work == "loss" else "")
         if self.work == "decode":
-            return f"bsz {self.bsz}, {self.seq}+{self.new}"
+            return f"bsz {self.bsz}, {self.seq}+{self.new}" + (", compiled" if self.compiled else "")
         if self.work == "longest":
             return f"bsz 1, GC, cap {self.cap:,}"
         return ""
@@ -383,7 +384,7 @@ def ours_decoder(job: Job, device: torch.device, dtype: torch.dtype, info: dict[
     def build() -> Runner:
         model = build_ours(job.shape, device, dtype, lora=False).eval()
         info["weight_bytes"] = decode_weight_bytes(model)
-        gen = Generator(model, None, max_seq_length=job.seq + job.new)
+        gen = Generator(model, None, max_seq_length=job.seq + job.new, compile=job.compiled)
         rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
 
         def generate(n: int) -> list[list[int]]:

@@ -55,7 +55,9 @@ def batch(n: int = 2, t: int = 24, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_logits_and_grads_match_peft(rslora: bool) -> None:
-    ours, theirs = adapted_pair(rslora=rslora)
+    # Weights at a realistic scale (logits of order 1): fp32 summation order differs between the two, and huge
+    # logits would turn that rounding into absolute differences above the 1e-5 bound.
+    ours, theirs = adapted_pair(rslora=rslora, std=0.15)
     x = batch()
     a = ours(x, labels=x)
     b = theirs(input_ids=x, labels=x)

@@ -20,7 +20,9 @@ from torch.autograd.function import once_differentiable
 from unsloth_core.kernels.reference import IGNORE_INDEX
 
 # Bytes one chunk's logits may take: large enough that the matmuls stay efficient, small next to the activations.
-CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 26}
+# Logits bytes per chunk. On the CPU 256 MiB (about 1.3k rows of a 49k vocabulary) keeps the head's GEMM efficient
+# (64 MiB, 128-row chunks, ran it at ~20% below a whole-batch GEMM) while still never holding the whole logits.
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
 
 
 def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:

@@ -2,15 +2,18 @@
 
 Each adapted projection computes y = x W^T + b + s * (drop(x) A^T) B^T with W (out, in) frozen, A (r, in) and
 B (out, r) trained, exactly as PEFT's LoRA layer. Eager autograd would keep x, drop(x) and x A^T for backward; these
-Functions keep only x (plus, in the MLP, the gate and up pre-activations) and recompute the rest:
+Functions keep x and the thin drop(x) A^T (N, r) (plus, in the MLP, the gate and up pre-activations) and recompute
+the rest:
 
     dB = s * dy^T (drop(x) A^T)        dA = s * (dy B)^T drop(x)
     dx = dy W + s * ((dy B) A) * keep / (1 - p)
 
 Every product is bracketed through the rank r, so no (out, in) temporary and no W + BA ever exists. Dropout masks
 are not stored: each is regenerated in backward from a seed drawn in forward (one generator per mask).
-`lora_qkv` shares x between three projections and sums their dx; `lora_mlp` runs gate/up/SwiGLU/down and writes
-the SwiGLU gradients back into its own saved buffers. Grads for W and b are computed only if they require grad.
+`lora_qkv` shares x between three projections and sums their dx, and without dropout runs the A-side products of
+all three as one GEMM against the concatenated A matrices (likewise gate and up in `lora_mlp`, which runs
+gate/up/SwiGLU/down and writes the SwiGLU gradients back into its own saved buffers). Grads for W and b are
+computed only if they require grad.
 """
 
 from __future__ import annotations
@@ -61,50 +64,72 @@ def _dropout(p: float, training: bool) -> _Dropout:
     return _Dropout(p, draw_seed() if training and p > 0 else None)
 
 
-# ---- one projection ----
+# ---- projections sharing one input ----
 
 
-def _forward(x: Tensor, proj: LoRAProj, scale: float, drop: _Dropout, index: int) -> Tensor:
-    """x (N, in) -> (N, out); the adapter runs in x's dtype."""
-    weight, bias, a, b = proj
-    y = F.linear(x, weight, bias)
-    y.addmm_(drop.apply(x, index) @ a.to(x.dtype).t(), b.to(x.dtype).t(), alpha=scale)
-    return y
-
-
-def _backward(dy: Tensor, x: Tensor, proj: LoRAProj, scale: float, drop: _Dropout, index: int,
-              needs: tuple[bool, ...], dx: Tensor | None) -> tuple[Tensor | None, ...]:
-    """(dW, db, dA, dB, dx) of one projection given dy (N, out) and its input x (N, in).
-
-    `needs` says which of (x, W, b, A, B) want a gradient; dx is added into the `dx` passed in (a shared input).
-    """
-    weight, bias, a, b = proj
-    a_, b_ = a.to(dy.dtype), b.to(dy.dtype)
-    dy_b = dy @ b_  # (N, r): every adapter gradient goes through this or through x A^T
-    d_w = d_bias = d_a = d_b = None
-    if needs[3] or needs[4]:
-        xd = drop.apply(x, index)
-        if needs[3]:
-            d_a = (dy_b.t() @ xd).mul_(scale).to(a.dtype)
-        if needs[4]:
-            d_b = (dy.t() @ (xd @ a_.t())).mul_(scale).to(b.dtype)
-    if needs[1]:
-        d_w = (dy.t() @ x).to(weight.dtype)
-    if needs[2] and bias is not None:
-        d_bias = dy.sum(0).to(bias.dtype)
-    if needs[0]:
-        dx = _add_dx(dx, dy, weight, dy_b, a_, scale, drop, index)
-    return d_w, d_bias, d_a, d_b, dx
-
-
-def _add_dx(dx: Tensor | None, dy: Tensor, weight: Tensor, dy_b: Tensor, a: Tensor, scale: float, drop: _Dropout,
-            index: int) -> Tensor:
-    """dx + dy W + s * drop'((dy B) A), with no (N, in) temporary when there is no dropout."""
+def _lora_in(x: Tensor, projs: list[LoRAProj], drop: _Dropout, first: int) -> Tensor:
+    """drop(x) A_i^T for each projection, side by side (N, sum r_i): one GEMM over the concatenated A matrices
+    when there is no dropout (the rank-r products are too thin to run well one by one), else one per mask."""
     if drop.seed is None:
+        a = torch.cat([p[2] for p in projs]).to(x.dtype) if len(projs) > 1 else projs[0][2].to(x.dtype)
+        return x @ a.t()
+    return torch.cat([drop.apply(x, first + i) @ p[2].to(x.dtype).t() for i, p in enumerate(projs)], dim=1)
+
+
+def _ranks(projs: list[LoRAProj]) -> list[int]:
+    return [p[2].size(0) for p in projs]
+
+
+def _project(x: Tensor, proj: LoRAProj, scale: float, xa: Tensor) -> Tensor:
+    """x W^T + b + s * xa B^T, xa = drop(x) A^T computed (and kept) by the caller."""
+    weight, bias, _, b = proj
+    return F.linear(x, weight, bias).addmm_(xa, b.to(x.dtype).t(), alpha=scale)
+
+
+def _backward(dys: list[Tensor], x: Tensor, xa: Tensor, projs: list[LoRAProj], scale: float, drop: _Dropout,
+              first: int, needs: list[tuple[bool, ...]], dx: Tensor | None
+              ) -> tuple[list[Tensor | None], Tensor | None]:
+    """Gradients of projections sharing input x (N, in), given each one's dy (N, out_i) and the saved xa.
+
+    Returns [dW, db, dA, dB] per projection (flattened) and dx added into `dx`. `needs[i]` flags (x, W, b, A, B).
+        dB_i = s dy_i^T xa_i      dA_i = s (dy_i B_i)^T drop_i(x)      dx = sum_i dy_i W_i + s drop_i'((dy_i B_i) A_i)
+    Every product goes through the rank r, so no (out, in) temporary exists; with no dropout the A-side products of
+    the whole group are one GEMM each.
+    """
+    dy_bs = [dy @ p[3].to(dy.dtype) for dy, p in zip(dys, projs)]  # (N, r_i)
+    xas = xa.split(_ranks(projs), dim=1)
+    d_as: list[Tensor | None] = [None] * len(projs)
+    if any(n[3] for n in needs):
+        if drop.seed is None:
+            d_as = list((torch.cat(dy_bs, dim=1).t() @ x).mul_(scale).split(_ranks(projs), dim=0))
+        else:
+            d_as = [(dy_b.t() @ drop.apply(x, first + i)).mul_(scale) for i, dy_b in enumerate(dy_bs)]
+    grads: list[Tensor | None] = []
+    for (weight, bias, a, b), dy, xa_i, d_a, n in zip(projs, dys, xas, d_as, needs):
+        grads += [
+            (dy.t() @ x).to(weight.dtype) if n[1] else None,
+            dy.sum(0).to(bias.dtype) if n[2] and bias is not None else None,
+            d_a.to(a.dtype) if n[3] and d_a is not None else None,
+            (dy.t() @ xa_i).mul_(scale).to(b.dtype) if n[4] else None,
+        ]
+    if any(n[0] for n in needs):
+        dx = _add_dx(dx, dys, x.dtype, projs, dy_bs, scale, drop, first)
+    return grads, dx
+
+
+def _add_dx(dx: Tensor | None, dys: list[Tensor], dtype: torch.dtype, projs: list[LoRAProj], dy_bs: list[Tensor],
+            scale: float, drop: _Dropout, first: int) -> Tensor:
+    """dx + sum_i dy_i W_i + s drop_i'((dy_i B_i) A_i), accumulated in place (no (N, in) temporary without
+    dropout)."""
+    for dy, (weight, *_rest) in zip(dys, projs):
         dx = torch.mm(dy, weight) if dx is None else dx.addmm_(dy, weight)
-        return dx.addmm_(dy_b, a, alpha=scale)
-    lora_dx = drop.grad(dy_b @ a, index).mul_(scale)
-    return lora_dx.addmm_(dy, weight) if dx is None else dx.add_(lora_dx).addmm_(dy, weight)
+    assert dx is not None
+    if drop.seed is None:
+        a = torch.cat([p[2] for p in projs]).to(dtype) if len(projs) > 1 else projs[0][2].to(dtype)
+        return dx.addmm_(torch.cat(dy_bs, dim=1) if len(dy_bs) > 1 else dy_bs[0], a, alpha=scale)
+    for i, (dy_b, p) in enumerate(zip(dy_bs, projs)):
+        dx.add_(drop.grad(dy_b @ p[2].to(dtype), first + i).mul_(scale))
+    return dx
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -143,16 +168,17 @@ def _save(ctx: Any, scale: float, drop: _Dropout, *tensors: Tensor | None) -> No
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: float, drop: _Dropout, *flat: Tensor | None) -> Tensor:
-        rows = _rows(x)
-        _save(ctx, scale, drop, rows, *flat)
-        return _unrows(_forward(rows, _projs(flat)[0], scale, drop, 0), x)  # type: ignore[return-value]
+        rows, projs = _rows(x), _projs(flat)
+        xa = _lora_in(rows, projs, drop, 0)
+        _save(ctx, scale, drop, rows, xa, *flat)
+        return _unrows(_project(rows, projs[0], scale, xa), x)  # type: ignore[return-value]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        rows, *flat = ctx.saved_tensors
-        *grads, dx = _backward(_rows(dy), rows, _projs(tuple(flat))[0], ctx.scale, ctx.drop, 0,
-                               _needs(ctx, 0), None)
+        rows, xa, *flat = ctx.saved_tensors
+        grads, dx = _backward([_rows(dy)], rows, xa, _projs(tuple(flat)), ctx.scale, ctx.drop, 0,
+                              [_needs(ctx, 0)], None)
         return _unrows(dx, dy), None, None, *grads
 
 
@@ -170,21 +196,20 @@ class LoRAQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: float, drop: _Dropout,
                 *flat: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        rows = _rows(x)
-        _save(ctx, scale, drop, rows, *flat)
+        rows, projs = _rows(x), _projs(flat)
+        xa = _lora_in(rows, projs, drop, 0)  # (N, 3r): kept, it is small
+        _save(ctx, scale, drop, rows, xa, *flat)
         # Three separate outputs, not views of one fused product: RoPE rotates q and k in place afterwards.
-        q, k, v = (_unrows(_forward(rows, proj, scale, drop, i), x) for i, proj in enumerate(_projs(flat)))
+        q, k, v = (_unrows(_project(rows, proj, scale, xa_i), x)
+                   for proj, xa_i in zip(projs, xa.split(_ranks(projs), dim=1)))
         return q, k, v  # type: ignore[return-value]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        rows, *flat = ctx.saved_tensors
-        dx: Tensor | None = None
-        param_grads: list[Tensor | None] = []
-        for i, (proj, dy) in enumerate(zip(_projs(tuple(flat)), grads, strict=True)):
-            *pg, dx = _backward(_rows(dy), rows, proj, ctx.scale, ctx.drop, i, _needs(ctx, i), dx)
-            param_grads += pg
+        rows, xa, *flat = ctx.saved_tensors
+        param_grads, dx = _backward([_rows(g) for g in grads], rows, xa, _projs(tuple(flat)), ctx.scale, ctx.drop,
+                                    0, [_needs(ctx, i) for i in range(3)], None)
         return _unrows(dx, grads[0]), None, None, *param_grads
 
 
@@ -225,29 +250,32 @@ class LoRAMLPFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, scale: float, drop: _Dropout, *flat: Tensor | None) -> Tensor:
         gate, up, down = _projs(flat)
         rows = _rows(x)
-        e = _forward(rows, gate, scale, drop, 0)
-        g = _forward(rows, up, scale, drop, 1)
-        _save(ctx, scale, drop, rows, e, g, *flat)
-        return _unrows(_forward(_swiglu(e, g), down, scale, drop, 2), x)  # type: ignore[return-value]
+        xa = _lora_in(rows, [gate, up], drop, 0)  # (N, 2r)
+        xa_g, xa_u = xa.split(_ranks([gate, up]), dim=1)
+        e, g = _project(rows, gate, scale, xa_g), _project(rows, up, scale, xa_u)
+        h = _swiglu(e, g)
+        ha = _lora_in(h, [down], drop, 2)  # (N, r); h itself is recomputed in backward
+        _save(ctx, scale, drop, rows, e, g, xa, ha, *flat)
+        return _unrows(_project(h, down, scale, ha), x)  # type: ignore[return-value]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy_in: Tensor) -> tuple[Tensor | None, ...]:
-        rows, e, g, *flat = ctx.saved_tensors
+        rows, e, g, xa, ha, *flat = ctx.saved_tensors
         gate, up, down = _projs(tuple(flat))
         scale, drop = ctx.scale, ctx.drop
         dy = _rows(dy_in)
         # dh through the down projection needs only dy; h itself comes back from the SwiGLU backward.
-        w_d, _, a_d, b_d = down
-        dh = _add_dx(None, dy, w_d, dy @ b_d.to(dy.dtype), a_d.to(dy.dtype), scale, drop, 2)
+        dh = _add_dx(None, [dy], dy.dtype, [down], [dy @ down[3].to(dy.dtype)], scale, drop, 2)
         # e and g are this Function's own buffers: overwrite them, unless a retained graph will read them again.
         in_place = not torch._C._autograd._get_current_graph_task_keep_graph()
         h, de, dg = _swiglu_backward(dh, e, g, in_place)
-        down_grads = _backward(dy, h, down, scale, drop, 2, (False, *_needs(ctx, 2)[1:]), None)[:4]
+        needs_down = (False, *_needs(ctx, 2)[1:])
+        down_grads, _ = _backward([dy], h, ha, [down], scale, drop, 2, [needs_down], None)
         del h, dh
-        *up_grads, dx = _backward(dg, rows, up, scale, drop, 1, _needs(ctx, 1), None)
-        *gate_grads, dx = _backward(de, rows, gate, scale, drop, 0, _needs(ctx, 0), dx)
-        return _unrows(dx, dy_in), None, None, *gate_grads, *up_grads, *down_grads
+        gate_up_grads, dx = _backward([de, dg], rows, xa, [gate, up], scale, drop, 0,
+                                      [_needs(ctx, 0), _needs(ctx, 1)], None)
+        return _unrows(dx, dy_in), None, None, *gate_up_grads, *down_grads
 
 
 def lora_mlp(x: Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj, scale: float, dropout_p: float = 0.0,
