@@ -17,7 +17,7 @@ from app.api.router import root, route_template, v1
 from app.core.config import Settings, SettingsError, load_settings
 from app.core.context import AppContext
 from app.core.errors import install_error_handlers
-from app.core.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.core.middleware import BodyLimitMiddleware, MetricsMiddleware, PathGuardMiddleware
 from app.core.threads import apply_torch_threads
 
 log = logging.getLogger("app")
@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             ctx.close()
 
-    app = FastAPI(title="Unsloth service", version="0.1.0", lifespan=lifespan,
+    # Exact paths, as OpenAI's: no 307 from `/v1/files/` to `/v1/files` (a redirect built from the Host header).
+    app = FastAPI(title="Unsloth service", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="OpenAI-compatible fine-tuning and completions for Llama-architecture models.")
     app.state.ctx = ctx
     install_error_handlers(app)
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return settings.max_request_bytes
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(PathGuardMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics, route_template=route_template)
     return app
 

@@ -31,9 +31,33 @@ EXTRA: list[tuple[str, str, tuple[str, ...]]] = [  # (method, path pattern, stat
 ]
 
 
+# 200 bodies other than JSON: SSE streams (`stream: true`, `?stream=true`), raw file bytes, Prometheus text.
+# An SSE event (OpenAPI 3.1: `schema` describes each event): `data` is one JSON chunk, or `[DONE]` at the end.
+SSE = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}
+OTHER_CONTENT: list[tuple[str, str, dict[str, Any]]] = [  # (method, path pattern, extra 200 content)
+    ("post", r"^/v1/(chat/)?completions$", SSE),
+    ("get", r"^/v1/fine_tuning/jobs/\{job_id\}/events$", SSE),
+    ("get", r"^/v1/files/\{file_id\}/content$", {"application/octet-stream": {"schema": {"type": "string",
+                                                                                      "format": "binary"}}}),
+    ("get", r"^/metrics$", {"text/plain": {"schema": {"type": "string"}}}),
+]
+# Headers every answer with that status carries.
+HEADERS = {
+    "401": {"WWW-Authenticate": {"description": "Bearer (RFC 6750)", "required": True,
+                                 "schema": {"type": "string"}}},
+    "429": {"Retry-After": {"description": "Seconds to wait before retrying", "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+}
+
+
 def _error(status: str) -> dict[str, Any]:
-    return {"description": DESCRIPTIONS[status],
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    response: dict[str, Any] = {
+        "description": DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    if status in HEADERS:
+        response["headers"] = HEADERS[status]
+    return response
 
 
 def install_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -53,6 +77,10 @@ def install_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 statuses += [s for m, pattern, more in EXTRA if m == method and re.search(pattern, path) for s in more]
                 for status in statuses:
                     responses[status] = _error(status)
+                ok = responses.get("200")
+                for m, pattern, content in OTHER_CONTENT:
+                    if ok is not None and m == method and re.search(pattern, path):
+                        ok.setdefault("content", {}).update(content)
         app.openapi_schema = schema
         return schema
 

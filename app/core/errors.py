@@ -99,8 +99,11 @@ def _pick(errors: list[Mapping[str, Any]]) -> tuple[str | None, str, str]:
             message = (f"Missing required parameter: '{param}'." if kind == "missing"
                        else f"Unrecognized request argument supplied: {param}")
             return param, message, code
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return None, "We could not parse the JSON body of your request: it is not valid JSON.", "invalid_json"
+    invalid = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if invalid is not None:
+        detail = (invalid.get("ctx") or {}).get("error")
+        return None, ("We could not parse the JSON body of your request: it is not valid JSON"
+                      f"{f' ({detail})' if detail else ''}."), "invalid_json"
     constraint = [e for e in errors if not _is_type_error(e)]
     chosen = max(constraint or errors, key=lambda e: len(e.get("loc", ())))
     param = loc_to_param(chosen.get("loc", ()))

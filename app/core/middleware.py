@@ -11,10 +11,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import APIError
 from app.core.metrics import Metrics
+from app.schemas.common import CONTROL_CHARACTERS
 
 
 def too_large(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large")
+
+
+class PathGuardMiddleware:
+    """A URL whose decoded path holds a control character (`%00`, `%0a`, ...) names nothing: 400, before routing.
+    (Route patterns end in `$`, which also matches before a final newline: `/v1/models/tiny-chat%0a` would
+    otherwise be an alias of `/v1/models/tiny-chat`.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and CONTROL_CHARACTERS.search(scope["path"]):
+            await _send_error(send, APIError(400, "The URL path must not contain control characters.",
+                                             code="invalid_url"))
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -8,19 +8,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas.common import Identifier
+
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 TokenIds = list[int]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool | None = None
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown keys are ignored (as vLLM does); known ones are not coerced (`"max_tokens": "5"` is a 400).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: Annotated[str, Field(min_length=1, max_length=512)]
+    model: Annotated[Identifier, Field(min_length=1, max_length=512)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
@@ -50,13 +53,14 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, ... reach the chat template untouched
+    # tool_calls, tool_call_id, ... reach the chat template untouched
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None

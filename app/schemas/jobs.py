@@ -7,16 +7,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
+from app.schemas.common import Identifier, Text
+
 Auto = Literal["auto"]
 TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_LINEAR_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+MetadataKey = Annotated[Text, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[Text, StringConstraints(max_length=512)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No unknown keys, and no coercion: `"n_epochs": "3"` or `"warmup_ratio": false` is a 400, as the schema says.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class LegacyHyperparameters(_Strict):
@@ -60,10 +63,12 @@ class Method(_Strict):
 
 
 class WandbIntegration(BaseModel):
-    project: str
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] | None = None
+    model_config = ConfigDict(strict=True)
+
+    project: Text
+    entity: Text | None = None
+    name: Text | None = None
+    tags: list[Text] | None = None
 
 
 class Integration(_Strict):
@@ -72,9 +77,9 @@ class Integration(_Strict):
 
 
 class JobCreate(_Strict):
-    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    training_file: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    validation_file: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    model: Annotated[Identifier, StringConstraints(min_length=1, max_length=256)]
+    training_file: Annotated[Identifier, StringConstraints(min_length=1, max_length=64)]
+    validation_file: Annotated[Identifier, StringConstraints(min_length=1, max_length=64)] | None = None
     suffix: Annotated[str, StringConstraints(pattern=SUFFIX_PATTERN)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from pathlib import Path
 
@@ -10,12 +12,14 @@ from sqlalchemy.orm import Session
 
 from app.core import ids
 from app.core.config import Settings
-from app.core.errors import bad_request, not_found
+from app.core.errors import APIError, bad_request, not_found
 from app.db.base import unix, utcnow
 from app.db.models import TERMINAL_STATUSES, ApiKey, File, Job
 from app.schemas.files import UPLOAD_PURPOSES, FileList, FileObject
 from app.services.common import owned, page
 from app.services.uploads import Upload
+
+log = logging.getLogger("app.files")
 
 
 def staging_path(settings: Settings) -> Path:
@@ -101,13 +105,30 @@ def delete_file(*, session: Session, settings: Settings, key: ApiKey, file_id: s
                           code="file_in_use")
     row.deleted_at = utcnow()
     session.commit()
-    content_path(settings, row).unlink(missing_ok=True)
+    entry = settings.data_dir / row.path
+    if entry.parent == settings.files_dir:  # the directory entry itself (a planted symlink: the link, not its target)
+        entry.unlink(missing_ok=True)
 
 
 def content_path(settings: Settings, row: File) -> Path:
+    """Where a file row's bytes are, resolved. A path that resolves outside the files dir (a symlink planted there)
+    raises FileNotFoundError, as if the bytes were gone: nothing outside the data dir is ever read."""
     path = (settings.data_dir / row.path).resolve()
     if not path.is_relative_to(settings.files_dir.resolve()):
-        raise RuntimeError(f"file row {row.id} points outside the files dir")
+        log.error("file %s: its content path %s leads outside the files dir; refusing it", row.id, path)
+        raise FileNotFoundError(errno.ENOENT, "file content outside the files dir", str(path))
+    return path
+
+
+def readable_content(settings: Settings, row: File, param: str | None = None) -> Path:
+    """`content_path` for the API: 404 when the bytes are gone (or lead out of the files dir), never a 500."""
+    try:
+        path = content_path(settings, row)
+    except OSError:
+        path = None
+    if path is None or not path.is_file():
+        raise APIError(404, f"The content of file {row.id} is no longer available.", param=param,
+                       code="file_content_missing")
     return path
 
 

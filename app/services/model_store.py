@@ -43,9 +43,15 @@ def default_name(source: str) -> str:
 
 
 def target_dir(settings: Settings, name: str, force: bool) -> Path:
-    if not BASE_ID.match(name):
+    """Where a model named `name` is installed: `<models dir>/<name>`, never anywhere else (no `..`, no absolute
+    path, no control character; and not through an `<org>` directory that is a symbolic link out of the models
+    dir)."""
+    if not BASE_ID.fullmatch(name):
         raise ModelStoreError(f"{name!r} is not a usable model name (letters, digits, '.', '_', '-'; at most one '/')")
     target = settings.models_dir / name
+    if not target.parent.resolve().is_relative_to(settings.models_dir.resolve()):
+        raise ModelStoreError(f"{target.parent} leads outside the models directory {settings.models_dir}; "
+                              "install the model under another name")
     if target.exists() and not force:
         raise ModelStoreError(f"a model named {name!r} is already installed at {target} (--force replaces it)")
     return target

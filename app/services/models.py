@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from app.schemas.models import ModelList, ModelObject
 log = logging.getLogger("app.models")
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-BASE_ID = re.compile(rf"^{NAME}(/{NAME})?$")
+BASE_ID = re.compile(rf"{NAME}(?:/{NAME})?")  # always `fullmatch`: `$` would also accept a trailing newline
 
 
 def fine_tuned_model_id(base: str, suffix: str | None, job_id: str) -> str:
@@ -64,7 +65,7 @@ def scan_base_models(models_dir: Path) -> dict[str, Path]:
             candidates = [(f"{child.name}/{g.name}", g) for g in sorted(child.iterdir())
                           if g.is_dir() and not g.name.startswith(".") and (g / "config.json").is_file()]
         for model_id, path in candidates:
-            if BASE_ID.match(model_id):
+            if BASE_ID.fullmatch(model_id):
                 found[model_id] = path
             else:
                 log.warning("skipping %s: %r is not a usable model id", path, model_id)
@@ -92,7 +93,10 @@ def sync_base_models(*, session: Session, settings: Settings) -> None:
 
 
 def base_model_dir(settings: Settings, model_id: str) -> Path | None:
-    if not BASE_ID.match(model_id):
+    """`<models dir>/<id>` for a base model id: one or two plain name segments (no `..`, no absolute path, no control
+    character), so an id never names anything but an entry of the models dir. The entries themselves are the
+    operator's: one may be a symbolic link to a model kept elsewhere."""
+    if not BASE_ID.fullmatch(model_id):
         return None
     path = settings.models_dir / model_id
     return path if (path / "config.json").is_file() else None
@@ -165,11 +169,27 @@ def resolve_servable(*, session: Session, settings: Settings, key: ApiKey, model
                        code="model_not_found")
     adapter = None
     if row.kind != "base":
-        adapter = (settings.data_dir / row.path).resolve()
-        if not adapter.is_relative_to(settings.data_dir.resolve()) or not adapter.is_dir():
+        adapter = adapter_dir(settings, row.path)
+        if adapter is None:
             raise APIError(404, f"The files of model '{model_id}' are missing.", param="model",
                            code="model_not_found")
     return Servable(id=row.id, kind=row.kind, base_id=row.root, base_path=base_path, adapter_path=adapter)
+
+
+def adapter_dir(settings: Settings, relative: str) -> Path | None:
+    """A fine-tune's or checkpoint's adapter directory, resolved; None unless it and every file in it lie inside
+    the jobs dir (a symlink planted there that leads out is refused: nothing outside the data dir is read)."""
+    jobs = settings.jobs_dir.resolve()
+    path = (settings.data_dir / relative).resolve()
+    if not path.is_relative_to(jobs) or not path.is_dir():
+        return None
+    for root, dirs, files in os.walk(path):  # links are not followed: each is checked where it leads
+        for name in dirs + files:
+            entry = Path(root) / name
+            if not entry.resolve().is_relative_to(jobs):
+                log.error("adapter %s: %s leads outside the jobs dir; refusing to serve it", path, entry)
+                return None
+    return path
 
 
 def model_object(settings: Settings, row: Model) -> ModelObject:

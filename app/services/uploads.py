@@ -15,6 +15,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from app.core.errors import APIError, bad_request
+from app.schemas.common import CONTROL_CHARACTERS
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -30,6 +31,13 @@ class Upload:
     size: int = 0
     lines: int = 0
     sha256: str = ""
+
+
+def _label(raw_name: bytes) -> str:
+    """The client's file name as a label (it never becomes a path): UTF-8 (bad bytes replaced), without control
+    characters (PostgreSQL refuses a NUL), at most 255 characters."""
+    name = CONTROL_CHARACTERS.sub("", raw_name.decode("utf-8", "replace"))[-255:]
+    return name or "upload.jsonl"
 
 
 class _Reader:
@@ -81,7 +89,7 @@ class _Reader:
                 raise bad_request("Send one file per upload.", param="file", code="invalid_multipart")
             self._in_file = True
             raw_name = options.get(b"filename", b"upload.jsonl")
-            self.upload.filename = raw_name.decode("utf-8", "replace")[-255:] or "upload.jsonl"
+            self.upload.filename = _label(raw_name)
             self.out = self.dest.open("wb")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:

@@ -17,6 +17,7 @@ message names the field (`messages[2].content`) so a person can find and fix it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,6 +77,22 @@ def json_type(value: Any) -> str:
     return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """A value from the file, for an error message: a string in single quotes, with control characters and unpaired
+    surrogates escaped (the message is always printable, storable text) and cut at `limit` characters; a number as
+    written (cut too); a list or object by its type only."""
+    if isinstance(value, str):
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in value[:limit])
+        return f"'{text}'" + ("..." if len(value) > limit else "")
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        if isinstance(value, int) and value.bit_length() > 128:  # str() of a 4000-digit integer is slow
+            return f"an integer of {value.bit_length()} bits"
+        return str(value)[:limit]
+    return json_type(value)
+
+
 def _string(row: Row, key: str, *, allow_empty: bool = False, where: str = "") -> str:
     name = where + key
     if row.get(key) is None:
@@ -96,7 +113,7 @@ def _content(value: Any, where: str) -> str:
         texts = []
         for j, part in enumerate(value):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = f"a {part.get('type', 'untyped')} part" if isinstance(part, dict) else json_type(part)
+                kind = f"a {shown(part.get('type', 'untyped'))} part" if isinstance(part, dict) else json_type(part)
                 raise RowError("invalid_content_type", f"`{where}[{j}]` is {kind}; only text parts can be trained on")
             texts.append(part["text"])
         return "".join(texts)
@@ -113,7 +130,7 @@ def _message(item: Any, where: str, roles: Mapping[str, Role], role_key: str = "
         raise RowError("invalid_message", f"`{where}` has no `{role_key}`")
     raw_role = item[role_key]
     if not isinstance(raw_role, str) or raw_role not in roles:
-        raise RowError("unrecognized_role", f"`{where}.{role_key}` is {raw_role!r}; use one of {', '.join(roles)}")
+        raise RowError("unrecognized_role", f"`{where}.{role_key}` is {shown(raw_role)}; use one of {', '.join(roles)}")
     role = roles[raw_role]
     if item.get(content_key) is None:
         # OpenAI allows an assistant turn that only calls tools; its text is empty.
@@ -129,7 +146,7 @@ def _message(item: Any, where: str, roles: Mapping[str, Role], role_key: str = "
             raise RowError("invalid_weight", f"`{where}.weight`: only assistant messages take a weight")
         # bool is an int in Python, but `true` is not one of OpenAI's allowed values 0 and 1.
         if isinstance(weight, bool) or weight not in (0, 1):
-            raise RowError("invalid_weight", f"`{where}.weight` is {weight!r}; it must be 0 (no loss) or 1")
+            raise RowError("invalid_weight", f"`{where}.weight` is {shown(weight)}; it must be 0 (no loss) or 1")
         trainable = weight == 1
     extra = {k: v for k, v in item.items() if k not in (role_key, content_key, "role", "content", "weight")}
     return Message(role, content, trainable, extra)
@@ -296,7 +313,7 @@ def detect_format(row: Row) -> Format:
         if present:
             missing = ", ".join(f"`{k}`" for k in fmt.required if k not in row)
             raise RowError("missing_field", f"looks like {fmt.name} (has `{present[0]}`) but {missing} is missing")
-    keys = ", ".join(f"`{k}`" for k in list(row)[:8]) or "no keys"
+    keys = ", ".join(shown(k) for k in list(row)[:8]) or "no keys"
     known = "; ".join(" + ".join(f.required) for f in FORMATS)
     raise RowError("unknown_format", f"the object has {keys}, which match no known format ({known})")
 

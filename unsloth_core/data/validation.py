@@ -6,9 +6,9 @@ one error, its first problem: a 1-based line number, a stable code and a message
 | code                   | meaning                                                                        |
 |------------------------|--------------------------------------------------------------------------------|
 | `empty_file`           | no non-blank line (line is null)                                               |
-| `invalid_utf8`         | bytes that are not UTF-8 (or a UTF-16 file: one error, line null)              |
+| `invalid_utf8`         | not UTF-8: bad bytes, a lone surrogate escape, or a UTF-16 file (line null)    |
 | `line_too_large`       | a line longer than `max_line_bytes`                                            |
-| `invalid_json`         | not one JSON value (JSON Lines: one object per line, no pretty-printing)       |
+| `invalid_json`         | not one JSON value (one object per line), or nested deeper than 64 levels      |
 | `not_an_object`        | JSON, but not an object                                                        |
 | `unknown_format`       | keys that match no format                                                      |
 | `mixed_formats`        | a format other than the file's (set by its first example)                      |
@@ -37,6 +37,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from unsloth_core.tokenizer import Tokenizer
 
 MAX_ERRORS = 1000  # errors kept in a report; all are counted
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a line longer than this is an error, never read into memory whole
+MAX_DEPTH = 64  # JSON nesting: a chat example needs about 5 levels (tools' schemas a few more)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -269,12 +272,39 @@ def _decode(raw: bytes) -> Any:
     # A byte-order mark is harmless; it also appears mid-file where files were concatenated.
     text = text.removeprefix("\ufeff")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise RowError("invalid_json", f"not valid JSON (column {e.colno}: {e.msg}); each line must be one complete "
                                        "JSON object") from None
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise RowError("invalid_json", f"nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:
         raise RowError("invalid_json", f"not valid JSON: {e}") from None
+    if isinstance(value, dict | list):
+        _check_shape(value, check_surrogates=_SURROGATE_ESCAPE.search(text) is not None)
+    return value
+
+
+def _check_shape(value: Any, check_surrogates: bool) -> None:
+    """Refuse what no training example needs and later steps cannot take: nesting deeper than MAX_DEPTH (the checks,
+    comparisons and chat templates after this recurse), and strings with an unpaired UTF-16 surrogate escape
+    (`"\\ud800"`: not Unicode text; no tokenizer encodes it). Iterative, so any depth is safe here."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                half = f"\\u{ord(item[e.start]):04x}"
+                raise RowError("invalid_utf8", f"a string holds {half}, half of a UTF-16 surrogate pair, without its "
+                                               "other half; that is not Unicode text") from None
+            continue
+        if depth > MAX_DEPTH:
+            raise RowError("invalid_json", f"nested more than {MAX_DEPTH} levels deep")
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children
+                     if isinstance(c, dict | list) or (check_surrogates and isinstance(c, str)))
 
 
 def _no_constant(name: str) -> None:

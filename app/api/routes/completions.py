@@ -8,10 +8,11 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import CtxDep, CurrentKey, SessionDep
+from app.api.routing import StrictRoute
 from app.schemas.completions import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from app.services import completions, models
 
-router = APIRouter(tags=["completions"])
+router = APIRouter(tags=["completions"], route_class=StrictRoute)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

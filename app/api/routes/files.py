@@ -7,11 +7,12 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import CtxDep, CurrentKey, SessionDep
+from app.api.routing import PathId, QueryId, StrictRoute
 from app.schemas.files import FileDeleted, FileList, FileObject
 from app.services import files
 from app.services.uploads import receive_upload
 
-router = APIRouter(prefix="/files", tags=["files"])
+router = APIRouter(prefix="/files", tags=["files"], route_class=StrictRoute)
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
@@ -35,25 +36,25 @@ async def upload_file(request: Request, ctx: CtxDep, session: SessionDep, key: C
 
 
 @router.get("")
-def list_files(session: SessionDep, key: CurrentKey, after: str | None = None,
+def list_files(session: SessionDep, key: CurrentKey, after: QueryId = None,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, order: Literal["asc", "desc"] = "desc",
-               purpose: str | None = None) -> FileList:
+               purpose: QueryId = None) -> FileList:
     return files.list_files(session=session, key=key, after=after, limit=limit, order=order, purpose=purpose)
 
 
 @router.get("/{file_id}")
-def retrieve_file(file_id: str, session: SessionDep, key: CurrentKey) -> FileObject:
+def retrieve_file(file_id: PathId, session: SessionDep, key: CurrentKey) -> FileObject:
     return files.file_object(files.get_file(session=session, key=key, file_id=file_id))
 
 
 @router.delete("/{file_id}")
-def delete_file(file_id: str, ctx: CtxDep, session: SessionDep, key: CurrentKey) -> FileDeleted:
+def delete_file(file_id: PathId, ctx: CtxDep, session: SessionDep, key: CurrentKey) -> FileDeleted:
     files.delete_file(session=session, settings=ctx.settings, key=key, file_id=file_id)
     return FileDeleted(id=file_id, deleted=True)
 
 
 @router.get("/{file_id}/content", response_class=FileResponse)
-def file_content(file_id: str, ctx: CtxDep, session: SessionDep, key: CurrentKey) -> FileResponse:
+def file_content(file_id: PathId, ctx: CtxDep, session: SessionDep, key: CurrentKey) -> FileResponse:
     row = files.get_file(session=session, key=key, file_id=file_id)
-    return FileResponse(files.content_path(ctx.settings, row), media_type="application/octet-stream",
+    return FileResponse(files.readable_content(ctx.settings, row), media_type="application/octet-stream",
                         filename=row.filename)

@@ -7,9 +7,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from app.api.deps import CtxDep
+from app.api.routing import StrictRoute
 from app.core.errors import APIError
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=StrictRoute)
 
 
 @router.get("/health")

@@ -7,11 +7,12 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import CtxDep, CurrentKey, SessionDep
+from app.api.routing import PathId, QueryId, StrictRoute
 from app.schemas.jobs import CheckpointList, FineTuningJob, JobCreate, JobEventList, JobList, JobValidation
 from app.services import jobs
 from app.services.event_stream import stream_events
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], route_class=StrictRoute)
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
 RetryCount = Annotated[int | None, Header(alias="x-stainless-retry-count", include_in_schema=False)]
@@ -33,36 +34,36 @@ def validate_job(body: JobCreate, ctx: CtxDep, session: SessionDep, key: Current
 
 
 @router.get("")
-def list_jobs(request: Request, session: SessionDep, key: CurrentKey, after: str | None = None,
+def list_jobs(request: Request, session: SessionDep, key: CurrentKey, after: QueryId = None,
               limit: Limit = 20) -> JobList:
     metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
                 if k.startswith("metadata[") and k.endswith("]")}
     return jobs.list_jobs(session=session, key=key, after=after, limit=limit, metadata=metadata)
 
 
-@router.get("/{job_id}")
-def retrieve_job(job_id: str, session: SessionDep, key: CurrentKey) -> FineTuningJob:
+@router.get("/{job_id:job_id}")
+def retrieve_job(job_id: PathId, session: SessionDep, key: CurrentKey) -> FineTuningJob:
     return jobs.job_object(jobs.get_job(session=session, key=key, job_id=job_id))
 
 
-@router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, session: SessionDep, key: CurrentKey) -> FineTuningJob:
+@router.post("/{job_id:job_id}/cancel")
+def cancel_job(job_id: PathId, session: SessionDep, key: CurrentKey) -> FineTuningJob:
     return jobs.job_object(jobs.cancel_job(session=session, key=key, job_id=job_id))
 
 
-@router.post("/{job_id}/pause")
-def pause_job(job_id: str, session: SessionDep, key: CurrentKey) -> FineTuningJob:
+@router.post("/{job_id:job_id}/pause")
+def pause_job(job_id: PathId, session: SessionDep, key: CurrentKey) -> FineTuningJob:
     return jobs.job_object(jobs.pause_job(session=session, key=key, job_id=job_id))
 
 
-@router.post("/{job_id}/resume")
-def resume_job(job_id: str, ctx: CtxDep, session: SessionDep, key: CurrentKey) -> FineTuningJob:
+@router.post("/{job_id:job_id}/resume")
+def resume_job(job_id: PathId, ctx: CtxDep, session: SessionDep, key: CurrentKey) -> FineTuningJob:
     return jobs.job_object(jobs.resume_job(session=session, broker=ctx.broker, key=key, job_id=job_id))
 
 
-@router.get("/{job_id}/events", response_model=JobEventList)
-async def list_events(job_id: str, request: Request, ctx: CtxDep, session: SessionDep, key: CurrentKey,
-                      after: str | None = None, limit: Limit = 20, stream: bool = False) -> Any:
+@router.get("/{job_id:job_id}/events", response_model=JobEventList)
+async def list_events(job_id: PathId, request: Request, ctx: CtxDep, session: SessionDep, key: CurrentKey,
+                      after: QueryId = None, limit: Limit = 20, stream: bool = False) -> Any:
     """Newest first, paged with `after`; `?stream=true` sends them as SSE, oldest first, then live until the job
     ends."""
     job = await run_in_threadpool(lambda: jobs.get_job(session=session, key=key, job_id=job_id))
@@ -74,8 +75,8 @@ async def list_events(job_id: str, request: Request, ctx: CtxDep, session: Sessi
     return await run_in_threadpool(lambda: jobs.list_events(session=session, job=job, after=after, limit=limit))
 
 
-@router.get("/{job_id}/checkpoints")
-def list_checkpoints(job_id: str, session: SessionDep, key: CurrentKey, after: str | None = None,
+@router.get("/{job_id:job_id}/checkpoints")
+def list_checkpoints(job_id: PathId, session: SessionDep, key: CurrentKey, after: QueryId = None,
                      limit: Limit = 10) -> CheckpointList:
     job = jobs.get_job(session=session, key=key, job_id=job_id)
     return jobs.list_checkpoints(session=session, job=job, after=after, limit=limit)
