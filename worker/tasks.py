@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
+from celery.worker.request import Request
+from celery.worker.state import task_ready
 
 from app.core.broker import REAP_TASK, RESEND_TASK, TRAIN_TASK
 from app.services import dispatch, lifecycle
@@ -43,7 +45,40 @@ def sigterm_preempts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@shared_task(name=TRAIN_TASK, bind=True, ignore_result=True, acks_late=True)
+class TrainRequest(Request):
+    """A train message as the worker's main process receives it. One that can no longer claim its job (a duplicate,
+    a re-send, a stale redelivery) is dropped here, like a revoked task: acknowledged without being handed to a pool
+    process, which a training worker replaces after every task (a torch import, seconds, per dropped message).
+    The pool process's claim stays the authority: when the database cannot be asked, the message goes on to it."""
+
+    _stale: bool | None = None
+
+    def revoked(self) -> bool:
+        if super().revoked():
+            return True
+        if self._stale is None:
+            self._stale = _stale_delivery(*self.args[:2]) if len(self.args) >= 2 else False
+        if self._stale:
+            task_ready(self)
+            self.acknowledge()
+            return True
+        return False
+
+
+def _stale_delivery(job_id: str, attempt: int) -> bool:
+    try:
+        with context.current().sessions() as session:
+            stale = not lifecycle.claimable(session=session, job_id=job_id, attempt=int(attempt))
+    except Exception as e:  # the database is down: let the pool process try (and the re-sender cover a failure)
+        log.warning("job %s attempt %s: cannot check the message is current (%s)", job_id, attempt, type(e).__name__)
+        return False
+    if stale:
+        log.info("job %s attempt %s: not queued with this attempt (a duplicate or stale message); dropped", job_id,
+                 attempt)
+    return stale
+
+
+@shared_task(name=TRAIN_TASK, bind=True, ignore_result=True, acks_late=True, Request=TrainRequest)
 def train(self: Task, job_id: str, attempt: int) -> str:
     if training.stopping.is_set():  # this worker is shutting down: give the message back for another one
         raise Reject("the worker is shutting down", requeue=True)

@@ -122,6 +122,7 @@ def prepare(ctx: WorkerContext, job: Job) -> Plan:
             raise JobFailure("invalid_hyperparameters", f"The job's hyperparameters cannot be used: {e}",
                              f"method.{job.method['type']}.hyperparameters") from None
         resume = lifecycle.resume_checkpoint(session=session, settings=settings, job=job, usable=_complete)
+    _remove_torn_checkpoints(ctx, job)
     return Plan(base, train_file, validation_file, args, lora, resume[1] if resume else None,
                 resume[0].step_number if resume else None)
 
@@ -130,6 +131,18 @@ def _complete(path: Path) -> bool:
     from unsloth_core.checkpoint import is_complete
 
     return is_complete(path)
+
+
+def _remove_torn_checkpoints(ctx: WorkerContext, job: Job) -> None:
+    """Delete what earlier attempts of the job left half-written (a crash while a checkpoint was being saved): such a
+    directory is never recorded nor resumed from, and would stay on disk forever. The engine cleans the attempt's
+    own directory; the earlier attempts' are ours. (An earlier attempt's worker may still be alive, frozen; its lease
+    is gone, so losing its unfinished files costs nothing.)"""
+    from unsloth_core.train_checkpoint import remove_torn
+
+    for attempt in range(job.attempt):
+        for path in remove_torn(lifecycle.attempt_dir(ctx.settings, job.id, attempt) / "checkpoints"):
+            log.warning("job %s: removed %s, torn by a crash of attempt %d", job.id, path, attempt)
 
 
 def _readable_file(ctx: WorkerContext, row: File | None, param: str, file_id: str) -> Path:

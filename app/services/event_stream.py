@@ -3,15 +3,18 @@ are written, until the job ends (`data: [DONE]`) or the client goes away.
 
 Polls the database (the only place every process writes to). Ids carry their creation millisecond; each poll re-reads
 a short window behind the newest event seen, so an event committed late by another process is not skipped, and ids
-already sent are not sent twice."""
+already sent are not sent twice. A database outage does not end the stream: it keeps polling (and sending
+keep-alives) until the database answers again."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -21,10 +24,18 @@ from app.services.jobs import event_object, events_since
 
 LATE_WINDOW_MS = 5_000
 KEEPALIVE_S = 15.0
+OUTAGE_POLL_S = 1.0  # how often a stream asks again while the database is unavailable
+
+log = logging.getLogger("app.events")
 
 
 def _id_ms(event_id: str, prefix_len: int) -> int:
-    return int(event_id[prefix_len:prefix_len + 12], 16)
+    """The creation millisecond an event id carries; 0 for a cursor that is not one of our ids (any string may come
+    in as `after`: it then only filters by comparison)."""
+    try:
+        return int(event_id[prefix_len:prefix_len + 12], 16)
+    except ValueError:
+        return 0
 
 
 async def stream_events(*, sessions: Callable[[], Session], job_id: str, request: Request, poll_s: float,
@@ -41,8 +52,23 @@ async def stream_events(*, sessions: Callable[[], Session], job_id: str, request
             job = session.get(Job, job_id)
             return events_since(session=session, job_id=job_id, since_ms=since_ms), job.status if job else None
 
+    outage = False
     while True:
-        events, status = await run_in_threadpool(poll)
+        try:
+            events, status = await run_in_threadpool(poll)
+        except OperationalError as e:  # the database is away (restarting): keep the stream open and ask again
+            if not outage:
+                log.warning("events of job %s: the database is unavailable (%s); the stream waits", job_id,
+                            type(e).__name__)
+            outage = True
+            if await request.is_disconnected():
+                return
+            if time.monotonic() - last_beat > KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_beat = time.monotonic()
+            await asyncio.sleep(max(poll_s, OUTAGE_POLL_S))
+            continue
+        outage = False
         for event in events:
             if event.id in sent or (after is not None and event.id <= after):
                 continue

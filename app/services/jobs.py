@@ -38,7 +38,7 @@ from app.schemas.jobs import (
 from app.services import hyperparameters
 from app.services.common import owned, page
 from app.services.dispatch import send_train
-from app.services.files import content_path
+from app.services.files import readable_content
 from app.services.models import base_model_dir, context_length
 
 ORGANIZATION = "org-unsloth"
@@ -226,7 +226,7 @@ def validate_job(*, session: Session, settings: Settings, key: ApiKey, payload: 
     for param, row in (("training_file", plan.training), ("validation_file", plan.validation)):
         if row is None:
             continue
-        report = _measure(settings, row, tokenizer, max_len, "dpo" if plan.method_type == "dpo" else "sft")
+        report = _measure(settings, row, tokenizer, max_len, "dpo" if plan.method_type == "dpo" else "sft", param)
         reports[param] = report
         if row.status == "error" or not report["ok"]:
             for err in report["errors"][:MAX_LINE_ISSUES]:
@@ -260,10 +260,11 @@ def _load_tokenizer(plan: JobPlan) -> Any:
         return None
 
 
-def _measure(settings: Settings, row: File, tokenizer: Any, max_len: int, purpose: str) -> dict[str, Any]:
+def _measure(settings: Settings, row: File, tokenizer: Any, max_len: int, purpose: str,
+             param: str) -> dict[str, Any]:
     from unsloth_core.data import validate_file
 
-    report = validate_file(content_path(settings, row), tokenizer, max_len if tokenizer else None,
+    report = validate_file(readable_content(settings, row, param), tokenizer, max_len if tokenizer else None,
                            purpose=purpose)  # type: ignore[arg-type]
     result: dict[str, Any] = report.to_dict()
     result["id"] = row.id
@@ -344,7 +345,7 @@ def cancel_job(*, session: Session, key: ApiKey, job_id: str) -> Job:
             session.refresh(job)
             return job
         if _transition(session, job, "cancelled", stop_requested=None, finished_at=utcnow()):
-            session.add(new_event(job.id, "Fine-tuning job cancelled"))
+            session.add(status_event(job.id, "cancelled", "Fine-tuning job cancelled", attempt=job.attempt))
             session.commit()
             session.refresh(job)
             return job
@@ -372,7 +373,7 @@ def pause_job(*, session: Session, key: ApiKey, job_id: str) -> Job:
             raise bad_request(f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
                               code="job_not_pausable")
         if _transition(session, job, "paused"):
-            session.add(new_event(job.id, "Fine-tuning job paused"))
+            session.add(status_event(job.id, "paused", "Fine-tuning job paused", attempt=job.attempt))
             session.commit()
             session.refresh(job)
             return job
@@ -393,12 +394,14 @@ def resume_job(*, session: Session, broker: Broker, key: ApiKey, job_id: str) ->
     if job.status != "paused":
         raise bad_request(f"Job {job_id} is {job.status}; only a paused job can be resumed.", code="job_not_paused")
     # A new attempt: a message still in the queue for the old one can no longer claim the job.
-    if not _transition(session, job, "queued", attempt=job.attempt + 1, stop_requested=None, enqueued_at=None,
+    attempt = job.attempt + 1
+    if not _transition(session, job, "queued", attempt=attempt, stop_requested=None, enqueued_at=None,
                        send_count=0, lease_owner=None, lease_expires_at=None):
         session.rollback()
         raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
                        headers={"x-should-retry": "true"})
-    session.add(new_event(job.id, "Fine-tuning job resumed; queued to continue from its last checkpoint"))
+    session.add(status_event(job.id, "queued", "Fine-tuning job resumed; queued to continue from its last checkpoint",
+                             attempt=attempt))
     session.commit()
     session.refresh(job)
     send_train(session=session, broker=broker, job_id=job.id, attempt=job.attempt)
@@ -411,6 +414,13 @@ def resume_job(*, session: Session, broker: Broker, key: ApiKey, job_id: str) ->
 def new_event(job_id: str, message: str, *, level: str = "info", type: str = "message",
               data: dict[str, Any] | None = None) -> JobEvent:
     return JobEvent(id=ids.new_id(ids.EVENT), job_id=job_id, level=level, type=type, message=message, data=data)
+
+
+def status_event(job_id: str, status: str, message: str, *, attempt: int, level: str = "info") -> JobEvent:
+    """An event marking a status transition, with the attempt it concerns (the one that runs or ended; for `queued`,
+    the one that will run). Every transition writes one, so the events are the job's audit trail: exactly one
+    terminal transition per job, attempts that only grow."""
+    return new_event(job_id, message, level=level, data={"status": status, "attempt": attempt})
 
 
 def _legacy_view(hp: dict[str, Any] | None) -> dict[str, Any]:

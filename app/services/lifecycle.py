@@ -8,6 +8,7 @@ is the fencing token: every requeue increments it, and the broker message carrie
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -20,8 +21,8 @@ from sqlalchemy.orm import Session
 from app.core import ids
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Checkpoint, Job, JobEvent, Model
-from app.services.jobs import new_event
+from app.db.models import Checkpoint, Job, Model
+from app.services.jobs import new_event, status_event
 from app.services.models import checkpoint_model_id, fine_tuned_model_id
 
 log = logging.getLogger("app.lifecycle")
@@ -48,12 +49,15 @@ def _fenced_update(session: Session, job_id: str, attempt: int, owner: str, valu
     return True
 
 
-def status_event(job_id: str, status: str, message: str, level: str = "info") -> JobEvent:
-    """An event marking a status transition (tests and dashboards count these: one terminal transition per job)."""
-    return new_event(job_id, message, level=level, data={"status": status})
-
-
 # ---- claim and lease ----
+
+
+def claimable(*, session: Session, job_id: str, attempt: int) -> bool:
+    """Whether a `train(job_id, attempt)` message could still claim the job. Once False it stays False (a claim or
+    a requeue moves the job on, and attempts only grow): the message is a duplicate or stale and can be dropped."""
+    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+    session.rollback()
+    return row is not None and (row.status, row.attempt) == ("queued", attempt)
 
 
 def claim_job(*, session: Session, job_id: str, attempt: int, owner: str,
@@ -67,7 +71,7 @@ def claim_job(*, session: Session, job_id: str, attempt: int, owner: str,
         session.rollback()
         return None
     message = "Fine-tuning job started" if attempt == 0 else f"Fine-tuning job started (attempt {attempt})"
-    session.add(status_event(job_id, "running", message))
+    session.add(status_event(job_id, "running", message, attempt=attempt))
     session.commit()
     return session.get(Job, job_id, populate_existing=True)
 
@@ -123,13 +127,22 @@ def _relative(settings: Settings, path: Path) -> str:
 
 
 def job_dir(settings: Settings, job_id: str) -> Path:
-    return settings.jobs_dir / job_id
+    """`<data dir>/jobs/<job id>`. Raises PermissionError when it leads out of the jobs dir (a symlink planted
+    there): nothing is written, resumed or served outside the data dir."""
+    return _inside_jobs_dir(settings, settings.jobs_dir / job_id)
 
 
 def attempt_dir(settings: Settings, job_id: str, attempt: int) -> Path:
     """Where one attempt writes (checkpoints, final adapter): a worker whose lease was taken over can never touch
-    the files of the attempt that replaced it."""
-    return job_dir(settings, job_id) / f"attempt-{attempt}"
+    the files of the attempt that replaced it. Raises PermissionError as `job_dir` does."""
+    return _inside_jobs_dir(settings, job_dir(settings, job_id) / f"attempt-{attempt}")
+
+
+def _inside_jobs_dir(settings: Settings, path: Path) -> Path:
+    if (path.is_symlink() or path.exists()) and not path.resolve().is_relative_to(settings.jobs_dir.resolve()):
+        raise PermissionError(errno.EACCES, "the job's directory leads outside the data dir's jobs directory",
+                              str(path))
+    return path
 
 
 def record_checkpoint(*, session: Session, settings: Settings, job_id: str, attempt: int, owner: str, step: int,
@@ -202,7 +215,7 @@ def complete_job(*, session: Session, settings: Settings, job_id: str, attempt: 
         setattr(job, key, value)
     job.estimated_finish = None
     session.add(new_event(job_id, f"New fine-tuned model created: {ft_id}"))
-    session.add(status_event(job_id, "succeeded", "The job has successfully completed"))
+    session.add(status_event(job_id, "succeeded", "The job has successfully completed", attempt=attempt))
     session.commit()
     return ft_id
 
@@ -214,7 +227,7 @@ def fail_job(*, session: Session, job_id: str, attempt: int, owner: str, code: s
     values = {"status": "failed", "error": error, "estimated_finish": None, **_ended(utcnow())}
     if not _fenced_update(session, job_id, attempt, owner, values):
         return False
-    session.add(status_event(job_id, "failed", f"The job failed: {message}", level="error"))
+    session.add(status_event(job_id, "failed", f"The job failed: {message}", attempt=attempt, level="error"))
     session.commit()
     return True
 
@@ -231,7 +244,7 @@ def stop_job(*, session: Session, job_id: str, attempt: int, owner: str, status:
         return None
     message = (f"Fine-tuning job cancelled at step {step}" if status == "cancelled" else
                f"Fine-tuning job paused at step {step}; resume it to continue from its last checkpoint")
-    session.add(status_event(job_id, status, message))
+    session.add(status_event(job_id, status, message, attempt=attempt))
     session.commit()
     return status
 
@@ -243,7 +256,7 @@ def requeue_job(*, session: Session, job_id: str, attempt: int, owner: str, reas
               "stop_requested": None, "enqueued_at": None, "send_count": 0, "estimated_finish": None}
     if not _fenced_update(session, job_id, attempt, owner, values):
         return None
-    session.add(status_event(job_id, "queued", f"{reason}; requeued as attempt {attempt + 1}"))
+    session.add(status_event(job_id, "queued", f"{reason}; requeued as attempt {attempt + 1}", attempt=attempt + 1))
     session.commit()
     return attempt + 1
 
@@ -280,7 +293,8 @@ def reap_expired(*, session: Session, settings: Settings, now: datetime | None =
                                          estimated_finish=None, **extra))
         if result.rowcount != 1:  # type: ignore[attr-defined]
             continue
-        session.add(status_event(row.id, status, event, level="error" if status == "failed" else "warn"))
+        session.add(status_event(row.id, status, event, attempt=row.attempt + 1,
+                                 level="error" if status == "failed" else "warn"))
         if status == "queued":
             requeued.append((row.id, row.attempt + 1))
         log.warning("job %s: lease expired (attempt %d): %s", row.id, row.attempt, status)

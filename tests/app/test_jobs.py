@@ -164,6 +164,9 @@ def test_cancel_pause_resume_a_queued_job(backend: Backend, training_file: str) 
     assert e.value.code == "job_not_pausable"
     with backend.ctx.sessions() as session:
         assert lifecycle.claim_job(session=session, job_id=job.id, attempt=1, owner="late") is None
+    transitions = [e.data for e in reversed(list(jobs.list_events(job.id, limit=100))) if e.data]
+    assert transitions == [{"status": "paused", "attempt": 0}, {"status": "queued", "attempt": 1},
+                           {"status": "cancelled", "attempt": 1}]  # every transition, the terminal one once
 
 
 def test_a_running_job_gets_stop_requests(backend: Backend, training_file: str) -> None:

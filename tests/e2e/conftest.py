@@ -2,7 +2,7 @@
 
 - `pg_stack` (once per session): compose's processes on a private PostgreSQL database and the local Redis (private
   key prefix): `alembic upgrade head`, then the API, a training worker and the housekeeping worker, each started
-  with the command in `commands.py`.
+  with the command in `commands.py` (`compose_stack`, which tests/chaos also uses, on servers of its own).
 - The embedded mode (`unsloth serve`) is started by tests/e2e/test_embedded.py itself.
 
 Every process runs in its own process group and is stopped (SIGTERM, then SIGKILL to the group) by the fixture that
@@ -169,30 +169,54 @@ def link_tiny(data_dir: Path, tiny: Path) -> None:
     (data_dir / "models" / TINY).symlink_to(tiny, target_is_directory=True)
 
 
-@pytest.fixture(scope="session")
-def pg_stack(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Stack]:
-    data_dir = tmp_path_factory.mktemp("e2e-pg-data")
-    link_tiny(data_dir, tiny_base)
-    db_name = f"unsloth_e2e_{secrets.token_hex(4)}"
-    prefix = f"unsloth-e2e-{secrets.token_hex(4)}:"
+@contextlib.contextmanager
+def compose_stack(name: str, data_dir: Path, log_dir: Path, tiny: Path, *, database_url: str, broker_url: str,
+                  broker_options: dict[str, Any] | None = None, workers: tuple[str, ...] = ("worker",),
+                  **extra_env: str) -> Iterator[Stack]:
+    """Compose's processes on the given database and broker: `alembic upgrade head`, then the API, the housekeeping
+    worker and one training worker per name in `workers` (each with its own Celery node name). Everything is stopped
+    on the way out, whatever happened."""
+    import json
+
+    link_tiny(data_dir, tiny)
     key = "sk-e2e-" + secrets.token_hex(12)
     port = free_port()
-    env = service_env(data_dir, port, UNSLOTH_DATABASE_URL=PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + db_name,
-                   UNSLOTH_BROKER_URL=REDIS_URL, UNSLOTH_BROKER_TRANSPORT_OPTIONS=f'{{"global_keyprefix": "{prefix}"}}',
-                   UNSLOTH_API_KEY=key)
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db_name}"')
-    stack = Stack("postgresql", env, data_dir, f"http://127.0.0.1:{port}", key, tmp_path_factory.mktemp("e2e-pg-logs"))
+    env = service_env(data_dir, port, UNSLOTH_DATABASE_URL=database_url, UNSLOTH_BROKER_URL=broker_url,
+                      UNSLOTH_BROKER_TRANSPORT_OPTIONS=json.dumps(broker_options or {}), UNSLOTH_API_KEY=key,
+                      **extra_env)
+    stack = Stack(name, env, data_dir, f"http://127.0.0.1:{port}", key, log_dir)
     try:
         migrate = stack.start("migrate", MIGRATE)
         assert migrate.popen.wait(timeout=120) == 0, stack.logs()  # compose's `migrate`, once
         stack.start("api", API)
         stack.start("housekeeping", HOUSEKEEPING)
-        stack.start("worker", WORKER)
+        for worker in workers:
+            stack.start(worker, worker_command(worker))
         stack.wait_ready()
         yield stack
     finally:
         stack.close()
+
+
+def worker_command(name: str) -> list[str]:
+    """compose's `worker` command; a second training worker on this host gets a node name of its own."""
+    return WORKER if name == "worker" else [*WORKER, "--hostname", f"{name}@%h"]
+
+
+@pytest.fixture(scope="session")
+def pg_stack(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Stack]:
+    """The shared PostgreSQL server (a private database) and the shared Redis (a private key prefix)."""
+    db_name = f"unsloth_e2e_{secrets.token_hex(4)}"
+    prefix = f"unsloth-e2e-{secrets.token_hex(4)}:"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db_name}"')
+    try:
+        with compose_stack("postgresql", tmp_path_factory.mktemp("e2e-pg-data"),
+                           tmp_path_factory.mktemp("e2e-pg-logs"), tiny_base,
+                           database_url=PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + db_name, broker_url=REDIS_URL,
+                           broker_options={"global_keyprefix": prefix}) as stack:
+            yield stack
+    finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         import redis

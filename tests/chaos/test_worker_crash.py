@@ -1,0 +1,161 @@
+"""A training worker that dies: kill -9 of its pool process mid-step, a crash while a checkpoint is being written, a
+job that kills its worker on every attempt, and kill -9 of the worker's main process.
+
+The dead attempt's lease expires, the reaper requeues the job as the next attempt, and a worker resumes it from the
+last checkpoint the database recorded, ending with the same adapter, bit for bit, as a run that was never
+interrupted. A job that kills its worker every time fails after the restart cap, without a requeue storm.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+import redis
+import torch
+from safetensors.torch import load_file
+
+from tests.chaos.conftest import Chaos
+from tests.e2e.conftest import all_events, create_job, metric_steps, status_events, upload_facts
+
+STEPS = 100  # 100 examples, batch 1: 100 steps (about 3 s), a checkpoint every 10
+HP: dict[str, Any] = {"batch_size": 1, "n_checkpoints": 10}
+RESTARTS = 2  # crash recoveries before a job fails
+
+
+@pytest.fixture(scope="module")
+def chaos(chaos_factory: Any) -> Iterator[Chaos]:
+    with chaos_factory("crash", UNSLOTH_MAX_JOB_RESTARTS=str(RESTARTS)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def training_file(chaos: Chaos) -> str:
+    return upload_facts(chaos.stack.client(), STEPS, seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(chaos: Chaos, training_file: str) -> dict[str, torch.Tensor]:
+    """The adapter of an uninterrupted run of the same job."""
+    job_id = create_job(chaos.stack.client(), training_file, **HP)
+    assert chaos.stack.wait_status(job_id, ("succeeded", "failed")).status == "succeeded"
+    return final_adapter(chaos, job_id)
+
+
+def final_adapter(chaos: Chaos, job_id: str) -> dict[str, torch.Tensor]:
+    finals = sorted((chaos.stack.data_dir / "jobs" / job_id).glob("attempt-*/final/adapter_model.safetensors"))
+    assert len(finals) == 1, finals
+    return load_file(str(finals[0]))
+
+
+def assert_same(reference: dict[str, torch.Tensor], resumed: dict[str, torch.Tensor]) -> None:
+    assert reference.keys() == resumed.keys()
+    for k, v in reference.items():
+        assert torch.equal(v, resumed[k]), k  # bit for bit, as if it had never been interrupted
+
+
+def checkpoints(chaos: Chaos, job_id: str) -> list[int]:
+    return sorted(c.step_number for c in chaos.stack.client().fine_tuning.jobs.checkpoints.list(job_id))
+
+
+def wait_past_a_checkpoint(chaos: Chaos, job_id: str) -> None:
+    """Until the job has a checkpoint and is a few steps past it."""
+    chaos.stack.wait(lambda: checkpoints(chaos, job_id), 60, f"a checkpoint of job {job_id}")
+    chaos.stack.wait(lambda: int((chaos.job(job_id)["progress"] or {}).get("step", 0)) >= 13, 60,
+                     f"job {job_id} to pass step 13")
+
+
+def assert_resumed_once(chaos: Chaos, job_id: str, at_least: int) -> None:
+    """One crash, one requeue, one success; the second run resumed from the last checkpoint recorded (`at_least`,
+    as read just after the crash: a commit in flight may have landed since) and trained from there to the end."""
+    events = all_events(chaos.stack.client(), job_id)
+    assert status_events(events) == ["running", "queued", "running", "succeeded"]
+    (step,) = [int(m.group(1)) for e in events
+               if (m := re.fullmatch(r"Resuming from the checkpoint at step (\d+)", e.message))]
+    assert step in (at_least, at_least + 10)
+    assert metric_steps(events)[-(STEPS - step):] == list(range(step + 1, STEPS + 1))
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_kill_9_of_the_pool_process_mid_step(chaos: Chaos, training_file: str,
+                                             reference: dict[str, torch.Tensor]) -> None:
+    """The main process lives on, acknowledges the message (no broker redelivery) and forks a new pool process,
+    which takes the job once the reaper has requeued it."""
+    job_id = create_job(chaos.stack.client(), training_file, **HP)
+    wait_past_a_checkpoint(chaos, job_id)
+    main, child = chaos.holder(job_id)
+    os.kill(child, signal.SIGKILL)
+    step = checkpoints(chaos, job_id)[-1]  # the last one recorded before the kill
+    assert chaos.stack.wait_status(job_id, ("succeeded", "failed")).status == "succeeded"
+    assert_resumed_once(chaos, job_id, step)
+    assert not gone(main) and "WorkerLostError" in chaos.log_of("worker")
+    assert_same(reference, final_adapter(chaos, job_id))
+
+
+def test_crash_while_a_checkpoint_is_written(chaos: Chaos, training_file: str,
+                                             reference: dict[str, torch.Tensor]) -> None:
+    """The process dies after the checkpoint's files are in place, before its manifest: the torn directory is never
+    recorded, the next attempt resumes from the checkpoint before it and deletes it."""
+    chaos.fault_next_job(tear_checkpoint=20)
+    job_id = create_job(chaos.stack.client(), training_file, **HP)
+    assert chaos.stack.wait_status(job_id, ("succeeded", "failed")).status == "succeeded"
+    assert chaos.faulty(job_id) == {"tear_checkpoint": 20}
+    torn = chaos.faults / f"{job_id}.torn"
+    assert torn.read_text().endswith("/attempt-0/checkpoints/step-000020")  # it did die there
+    events = all_events(chaos.stack.client(), job_id)
+    assert "Resuming from the checkpoint at step 10" in [e.message for e in events]  # the one before the torn one
+    assert_resumed_once(chaos, job_id, 10)
+    assert not os.path.exists(torn.read_text())  # removed by the attempt that resumed
+    assert "torn by a crash of attempt 0" in chaos.log_of("worker")
+    assert checkpoints(chaos, job_id) == list(range(10, STEPS + 1, 10))
+    assert_same(reference, final_adapter(chaos, job_id))
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_after_the_cap(chaos: Chaos, training_file: str) -> None:
+    """Like an out-of-memory kill on every attempt: requeued `RESTARTS` times, then failed with a code a user can
+    act on; the broker does not redeliver it and nothing sends it again."""
+    client = chaos.stack.client()
+    chaos.fault_next_job(exit_at_step=3)
+    job_id = create_job(client, training_file, **HP)
+    job = chaos.stack.wait_status(job_id, ("succeeded", "failed"), timeout=120)
+    assert chaos.faulty(job_id) == {"exit_at_step": 3}
+    assert job.status == "failed" and job.error is not None and job.error.code == "worker_lost"
+    transitions = ["running", "queued"] * RESTARTS + ["running", "failed"]
+    assert status_events(all_events(client, job_id)) == transitions
+    deliveries = re.compile(rf"job {job_id} attempt \d+: ")
+    delivered = len(deliveries.findall(chaos.log_of("worker")))
+    time.sleep(3)  # a requeue storm would show here: more deliveries, more runs
+    assert len(deliveries.findall(chaos.log_of("worker"))) == delivered
+    assert chaos.log_of("worker").count(f"job {job_id} attempt") <= 2 * (RESTARTS + 1)
+    assert status_events(all_events(client, job_id)) == transitions
+    assert redis.Redis.from_url(chaos.redis.url).llen("gpu") == 0
+
+
+def test_kill_9_of_the_main_process(chaos: Chaos, training_file: str, reference: dict[str, torch.Tensor]) -> None:
+    """Its pool process dies with it (no orphan keeps training, or holding the GPU); the job waits, requeued, for
+    the next worker, which resumes it."""
+    job_id = create_job(chaos.stack.client(), training_file, **HP)
+    wait_past_a_checkpoint(chaos, job_id)
+    worker = chaos.worker_holding(job_id)
+    main, child = chaos.holder(job_id)
+    os.kill(main, signal.SIGKILL)
+    worker.popen.wait()
+    chaos.stack.wait(lambda: gone(child), 10, "the orphaned pool process to die")
+    step = checkpoints(chaos, job_id)[-1]
+    chaos.wait_attempt(job_id, 1, status="queued", timeout=30)  # the reaper, once the lease expired
+    chaos.start_worker("worker")
+    assert chaos.stack.wait_status(job_id, ("succeeded", "failed")).status == "succeeded"
+    assert_resumed_once(chaos, job_id, step)
+    assert_same(reference, final_adapter(chaos, job_id))
