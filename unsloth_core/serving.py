@@ -15,7 +15,7 @@ import collections
 import queue
 import threading
 import weakref
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,11 +34,16 @@ class Stream:
     ready; `cancel()` stops every request of the stream at the next step.
     """
 
-    def __init__(self, n_requests: int = 1) -> None:
+    def __init__(self, n_requests: int = 1, on_item: Callable[[Delta | BaseException | None], None] | None = None
+                 ) -> None:
         self._queue: queue.Queue[Delta | BaseException | None] = queue.Queue()
         self._open = n_requests  # requests still running; each posts None when it ends
         self._pending: collections.deque[Delta] = collections.deque()
         self.cancelled = threading.Event()
+        # Push mode: the engine's thread hands each item (a Delta, an error, or None when a request ends) to this
+        # callback instead of the queue, so a consumer on an event loop needs no thread of its own to wait on it.
+        # It must be quick and thread-safe (`loop.call_soon_threadsafe`).
+        self._on_item = on_item
 
     def __iter__(self) -> Iterator[Delta]:
         # One delta at a time from the same batches; a partly consumed batch stays on the stream (not in a
@@ -52,6 +57,8 @@ class Stream:
             yield self._pending.popleft()
 
     def batches(self) -> Iterator[list[Delta]]:
+        if self._on_item is not None:
+            raise TypeError("this stream hands its items to a callback; it cannot be iterated")
         if self._pending:
             yield list(self._pending)
             self._pending.clear()
@@ -74,7 +81,10 @@ class Stream:
         self.cancelled.set()
 
     def _put(self, item: Delta | BaseException | None) -> None:
-        self._queue.put(item)
+        if self._on_item is not None:
+            self._on_item(item)
+        else:
+            self._queue.put(item)
 
 
 @dataclass
@@ -143,18 +153,27 @@ class BatchEngine:
                ) -> Generator[list[Delta], None, None]:
         """`Generator.stream`'s interface over the shared batch: one Delta list per step that produced something.
         Closing the iterator (a client that went away) cancels its requests."""
-        ids = [self.encode(p) for p in prompts]
-        params = params or SamplingParams()
-        per_row = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
-        for row_ids, p in zip(ids, per_row):  # refuse the whole call before any of it runs
-            check_context(len(row_ids), p.max_new_tokens, self.max_seq_length)
-        out = Stream(len(ids))
+        out = self.submit_all(prompts, params)
         try:
-            for i, (row_ids, p) in enumerate(zip(ids, per_row)):
-                self.submit(row_ids, p, index=i, stream=out)
             yield from out.batches()
         finally:
             out.cancel()
+
+    def submit_all(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                   on_item: Callable[[Delta | BaseException | None], None] | None = None) -> Stream:
+        """Queue every prompt (row i of the result is prompt i) on one Stream, or none of them: a bad one raises
+        before any runs. With `on_item`, the Stream pushes its items to that callback (see `Stream`)."""
+        ids = [self.encode(p) for p in prompts]
+        params = params or SamplingParams()
+        per_row = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
+        for row_ids, p in zip(ids, per_row):
+            check_context(len(row_ids), p.max_new_tokens, self.max_seq_length)
+            if p.stop and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer")
+        out = Stream(len(ids), on_item)
+        for i, (row_ids, p) in enumerate(zip(ids, per_row)):
+            self.submit(row_ids, p, index=i, stream=out)
+        return out
 
     def encode(self, prompt: Prompt) -> list[int]:
         if not isinstance(prompt, str):

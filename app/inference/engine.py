@@ -1,18 +1,18 @@
 """Generation off the event loop.
 
-Each request reads its model's `BatchEngine.stream` (which batches it with every other request for that model) in a
-thread of a bounded pool; deltas come back to the loop through a queue. Past `max_concurrent_generations` requests
-in flight, new ones are refused at once (429 + Retry-After) rather than queued without bound. `stop()` (a
-disconnected client) ends the generation at its next step: the engine's stream is closed, which cancels it."""
+Each request's prompts go to their model's `BatchEngine`, which decodes them in one batch with every other request
+for that model, in its own thread. The engine pushes each step's deltas straight onto the event loop
+(`call_soon_threadsafe`): no thread per request waits on them, so 32 streams cost the event loop and the engine's
+thread, not 32 more threads contending for the GIL. Past `max_concurrent_generations` requests in flight, new ones
+are refused at once (429 + Retry-After) rather than queued without bound. `stop()` (a disconnected client) ends the
+generation at the engine's next step."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +26,7 @@ from app.services.models import Servable
 if TYPE_CHECKING:
     from unsloth_core.generate import Delta
     from unsloth_core.sampling import SamplingParams
+    from unsloth_core.serving import Stream
 
 log = logging.getLogger("app.inference")
 
@@ -33,61 +34,85 @@ _DONE = object()
 
 
 class GenerationRun:
-    """One running generation: iterate it (async) for lists of deltas; `stop()` ends it early."""
+    """One running generation: iterate it (async) for lists of deltas; `stop()` ends it early. Created on the event
+    loop; its slot (see `InferenceEngine.acquire`) is freed once every one of its requests has ended in the engine,
+    whether or not anyone still reads the deltas."""
 
-    def __init__(self, served: Served, prompts: list[list[int]], params: list[SamplingParams],
-                 executor: ThreadPoolExecutor, metrics: Metrics, on_done: Callable[[], None]) -> None:
-        self.served, self.prompts, self.params = served, prompts, params
-        self.metrics, self.on_done = metrics, on_done
-        self.stopped = threading.Event()
+    def __init__(self, served: Served, prompts: list[list[int]], params: list[SamplingParams], metrics: Metrics,
+                 on_done: Callable[[], None]) -> None:
+        self.served, self.metrics, self.on_done = served, metrics, on_done
         self.cancelled = False
+        self.finished = False
+        self._stopped = False
+        self._open = len(prompts)  # requests still running in the engine
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._future = executor.submit(self._work)
-
-    def _put(self, item: Any) -> None:
+        self._stream: Stream | None = None
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._stream = served.engine.submit_all(prompts, params, self._from_engine)
+        except BaseException as e:  # refused before anything ran
+            self._stream = None
+            self._deliver(e)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped or self.finished
+
+    def _from_engine(self, item: Delta | BaseException | None) -> None:
+        """Called on the engine's thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, item)
         except RuntimeError:  # the loop is gone (shutdown): nobody is listening
-            self.stopped.set()
+            self.stop()
 
-    def _work(self) -> None:
-        try:
-            if self.stopped.is_set():  # the client left while this request waited for a thread
-                self.cancelled = True
-                self.metrics.generations_cancelled.inc()
+    def _deliver(self, item: Delta | BaseException | None) -> None:
+        """On the event loop: an item from the engine. The run ends when its last request ends, or at an error."""
+        if self.finished:
+            return
+        if item is None:
+            self._open -= 1
+            if self._open > 0:
                 return
-            stream = self.served.engine.stream(self.prompts, self.params)  # a generator: closing it cancels
-            try:
-                for deltas in stream:
-                    if self.stopped.is_set():
-                        self.cancelled = True
-                        self.metrics.generations_cancelled.inc()
-                        break
-                    self.metrics.generated_tokens.labels(self.served.kind).inc(sum(len(d.token_ids) for d in deltas))
-                    self._put(deltas)
-            finally:
-                stream.close()  # cancels this call's requests in the shared batch
-        except BaseException as e:
-            self._put(e)
-        finally:
-            self._put(_DONE)
-            # The slot is freed when the thread is done, whether or not anyone still reads the deltas.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self.on_done)
+        elif not isinstance(item, BaseException):
+            self.metrics.generated_tokens.labels(self.served.kind).inc(len(item.token_ids))
+            self._queue.put_nowait(item)
+            return
+        else:
+            self._queue.put_nowait(item)
+            if self._stream is not None:
+                self._stream.cancel()  # an engine failure: the other requests are told the same
+        self.finished = True
+        self._queue.put_nowait(_DONE)
+        self.on_done()
 
     def stop(self) -> None:
-        self.stopped.set()
+        """Cancel what is still running (the engine drops it at its next step)."""
+        if self.stopped:
+            return
+        self._stopped = True
+        self.cancelled = True
+        self.metrics.generations_cancelled.inc()
+        if self._stream is not None:
+            self._stream.cancel()
 
     async def __aiter__(self) -> AsyncIterator[list[Delta]]:
+        """Lists of deltas: whatever has arrived since the last one (one step's, or several when the reader is
+        behind), so a busy server writes fewer, larger chunks instead of falling further behind."""
         try:
             while True:
-                item = await self._queue.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                items = [await self._queue.get()]
+                while not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                deltas: list[Delta] = []
+                for item in items:
+                    if item is _DONE:
+                        if deltas:
+                            yield deltas
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    deltas.append(item)
+                yield deltas
         finally:
             self.stop()
 
@@ -96,8 +121,7 @@ class InferenceEngine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.cache = ModelCache(settings)
-        self.executor = ThreadPoolExecutor(max_workers=settings.max_concurrent_generations,
-                                           thread_name_prefix="generate")
+        self.runs: weakref.WeakSet[GenerationRun] = weakref.WeakSet()  # running ones, for shutdown
         self.in_flight = 0  # only touched on the event loop
 
     def acquire(self) -> None:
@@ -127,9 +151,14 @@ class InferenceEngine:
                                 "incomplete.", type="server_error", code="model_load_failed") from None
 
     def start(self, served: Served, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> GenerationRun:
-        """Start generating in a thread; the slot taken by `acquire()` passes to the run, which frees it."""
+        """Start generating (on the event loop); the slot taken by `acquire()` passes to the run, which frees it."""
         self.metrics.prompt_tokens.labels(served.kind).inc(sum(len(p) for p in prompts))
-        return GenerationRun(served, list(prompts), list(params), self.executor, self.metrics, self.release)
+        run = GenerationRun(served, list(prompts), list(params), self.metrics, self.release)
+        if not run.finished:
+            self.runs.add(run)
+        return run
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Stop every generation still running (the server is going away)."""
+        for run in list(self.runs):
+            run.stop()

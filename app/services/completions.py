@@ -251,7 +251,7 @@ async def complete(*, engine: InferenceEngine, request: Request, servable: Serva
 
 
 async def _watch_disconnect(request: Request, run: GenerationRun) -> None:
-    while not run.stopped.is_set():
+    while not run.stopped:
         if await request.is_disconnected():
             run.stop()
             return
@@ -356,10 +356,11 @@ async def _stream(plan: Plan, run: GenerationRun) -> AsyncIterator[str]:
                 yield _sse(_chunk(plan, [{"index": i, "text": plan.echo[i], "logprobs": None,
                                           "finish_reason": None}]))
         async for deltas in run:
+            events = []
             for d in deltas:
                 completion_tokens += len(d.token_ids)
-                for choice in _delta_choices(plan, d, offsets):
-                    yield _sse(_chunk(plan, [choice]))
+                events += [_sse(_chunk(plan, [choice])) for choice in _delta_choices(plan, d, offsets)]
+            yield "".join(events)  # one write for what arrived together
         if plan.include_usage:
             usage = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": plan.prompt_tokens + completion_tokens}
