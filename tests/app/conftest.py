@@ -9,6 +9,7 @@ The base model is a tiny random Llama with a byte-level ChatML tokenizer, writte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -163,13 +164,24 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     admin_key = "sk-test-admin-" + secrets.token_hex(8)
     overrides: dict[str, Any] = {"data_dir": data_dir, "api_key": admin_key, "max_concurrent_generations": 2,
                                  "event_poll_interval_s": 0.1, "max_upload_bytes": 256 * 1024}
-    db_name = f"unsloth_test_{secrets.token_hex(4)}"
-    prefix = f"unsloth-test-{secrets.token_hex(4)}:"
-    if name == "postgresql":
+    with served_app(name, "test", overrides) as (settings, ctx, url, user_key, other_key):
+        yield Backend(name, settings, ctx, url, admin_key, user_key, other_key)
+
+
+@contextlib.contextmanager
+def served_app(backend: str, tag: str, overrides: dict[str, Any]
+               ) -> Iterator[tuple[Settings, AppContext, str, str, str]]:
+    """The API (uvicorn on a thread) on SQLite, or on a private PostgreSQL database and Redis key prefix, with two
+    user keys: yields (settings, context, base URL, user key, other user's key). The database and the broker's keys
+    are dropped on the way out."""
+    db_name = f"unsloth_{tag}_{secrets.token_hex(4)}"
+    prefix = f"unsloth-{tag}-{secrets.token_hex(4)}:"
+    if backend == "postgresql":
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{db_name}"')
         url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + db_name
-        overrides.update(database_url=url, broker_url=REDIS_URL, broker_transport_options={"global_keyprefix": prefix})
+        overrides = {**overrides, "database_url": url, "broker_url": REDIS_URL,
+                     "broker_transport_options": {"global_keyprefix": prefix}}
         settings = load_settings(**overrides)
         migrate.upgrade(settings.database_url)  # compose's `migrate` service; the API only checks the revision
     else:
@@ -181,10 +193,10 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             with ctx.sessions() as session:
                 user_key = keys.create_key(session=session, name="user")[1]
                 other_key = keys.create_key(session=session, name="other")[1]
-            yield Backend(name, settings, ctx, f"http://127.0.0.1:{server.port}", admin_key, user_key, other_key)
+            yield settings, ctx, f"http://127.0.0.1:{server.port}", user_key, other_key
     finally:
         ctx.close()
-        if name == "postgresql":
+        if backend == "postgresql":
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
             import redis

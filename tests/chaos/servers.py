@@ -58,7 +58,22 @@ def _pg_bin() -> Path:
     return Path(pg_ctl).resolve().parent
 
 
-class PostgresServer:
+class _Server:
+    """A server process of ours, in a process group of its own."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class PostgresServer(_Server):
     """A fresh cluster in a temporary directory of its own (pytest's are private to root, which the `postgres` user
     could not enter), listening on 127.0.0.1:`port` only (no Unix socket in a shared directory)."""
 
@@ -100,9 +115,6 @@ class PostgresServer:
         if self.user is not None and self.log.exists():
             os.chown(self.log, self.user.pw_uid, self.user.pw_gid)
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def accepts(self) -> bool:
         try:
             with psycopg.connect(self.admin_url, connect_timeout=2) as conn:
@@ -137,12 +149,6 @@ class PostgresServer:
         except subprocess.TimeoutExpired:
             self.kill()
 
-    def kill(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
     def restart(self, down_s: float = 0.0, mode: str = "immediate") -> None:
         self.stop(mode)
         time.sleep(down_s)
@@ -157,7 +163,7 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class RedisServer:
+class RedisServer(_Server):
     """redis-server on 127.0.0.1:`port` with no persistence: a restart loses every message, like a crash of a Redis
     without an append-only file."""
 
@@ -169,9 +175,6 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def accepts(self) -> bool:
         try:
@@ -200,12 +203,6 @@ class RedisServer:
     def stop(self) -> None:
         """SIGKILL: every connection drops at once and every message is gone."""
         self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
     def restart(self, down_s: float = 0.0) -> None:
         self.stop()

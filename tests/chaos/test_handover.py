@@ -18,7 +18,8 @@ from tests.e2e.conftest import all_events, create_job, metric_steps, status_even
 
 WORKERS = ("worker", "worker-b")
 STEPS = 200
-HP: dict[str, Any] = {"batch_size": 1, "n_checkpoints": 20}  # 200 steps (about 8 s), a checkpoint every 10
+HP: dict[str, Any] = {"batch_size": 1, "n_checkpoints": 20}  # 200 steps, a checkpoint every 10
+STEP_MS = 30  # each step takes at least this long (a fault hook): 6 s or more, however fast the machine trains
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def resumed_from(events: list[Any]) -> int:
 
 def test_sigterm_checkpoints_requeues_and_another_worker_finishes(chaos: Chaos, training_file: str) -> None:
     client = chaos.stack.client()
+    chaos.fault_next_job(step_ms=STEP_MS)
     job_id = create_job(client, training_file, **HP)
     trained_steps(chaos.stack, job_id, 3)
     first = name_of(chaos, chaos.holder(job_id)[0])
@@ -83,6 +85,7 @@ def test_sigterm_checkpoints_requeues_and_another_worker_finishes(chaos: Chaos, 
 
 def test_a_frozen_worker_resumed_after_its_job_moved_changes_nothing(chaos: Chaos, training_file: str) -> None:
     client = chaos.stack.client()
+    chaos.fault_next_job(step_ms=STEP_MS)
     job_id = create_job(client, training_file, **HP)
     chaos.stack.wait(lambda: list(client.fine_tuning.jobs.checkpoints.list(job_id)), 60, "a first checkpoint")
     main, _ = chaos.holder(job_id)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from tests.chaos.conftest import Chaos
 from tests.e2e.conftest import all_events, create_job, metric_steps, status_events, upload_facts
 
-STEPS = 100  # 100 examples, batch 1: 100 steps (about 3 s), a checkpoint every 10
+STEPS = 100  # 100 examples, batch 1: 100 steps, a checkpoint every 10
+STEP_MS = 30  # a job the test kills mid-way takes at least 3 s (a fault hook that only sleeps), on any machine
 HP: dict[str, Any] = {"batch_size": 1, "n_checkpoints": 10}
 RESTARTS = 2  # crash recoveries before a job fails
 
@@ -93,6 +94,7 @@ def test_kill_9_of_the_pool_process_mid_step(chaos: Chaos, training_file: str,
                                              reference: dict[str, torch.Tensor]) -> None:
     """The main process lives on, acknowledges the message (no broker redelivery) and forks a new pool process,
     which takes the job once the reaper has requeued it."""
+    chaos.fault_next_job(step_ms=STEP_MS)
     job_id = create_job(chaos.stack.client(), training_file, **HP)
     wait_past_a_checkpoint(chaos, job_id)
     main, child = chaos.holder(job_id)
@@ -146,6 +148,7 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_the_cap(chaos: Chaos
 def test_kill_9_of_the_main_process(chaos: Chaos, training_file: str, reference: dict[str, torch.Tensor]) -> None:
     """Its pool process dies with it (no orphan keeps training, or holding the GPU); the job waits, requeued, for
     the next worker, which resumes it."""
+    chaos.fault_next_job(step_ms=STEP_MS)
     job_id = create_job(chaos.stack.client(), training_file, **HP)
     wait_past_a_checkpoint(chaos, job_id)
     worker = chaos.worker_holding(job_id)

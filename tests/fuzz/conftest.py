@@ -13,15 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 
-from app.core.config import Settings, load_settings
+from app.core.config import Settings
 from app.core.context import AppContext
-from app.db import migrate
-from app.main import create_app
-from app.services import keys
-from tests.app.conftest import PG_ADMIN_URL, REDIS_URL, TINY, ServerThread, chat_rows, jsonl, write_tiny_tokenizer
+from tests.app.conftest import TINY, chat_rows, jsonl, served_app, write_tiny_tokenizer
 from tests.helpers import tiny_model
 
 MAX_UPLOAD_BYTES = 256 * 1024
@@ -105,34 +101,7 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     admin_key = "sk-test-admin-" + secrets.token_hex(8)
     overrides: dict[str, Any] = {"data_dir": data_dir, "api_key": admin_key, "max_concurrent_generations": 4,
                                  "event_poll_interval_s": 0.1, "max_upload_bytes": MAX_UPLOAD_BYTES}
-    db_name = f"unsloth_fuzz_{secrets.token_hex(4)}"
-    prefix = f"unsloth-fuzz-{secrets.token_hex(4)}:"
-    if name == "postgresql":
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{db_name}"')
-        url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + db_name
-        overrides.update(database_url=url, broker_url=REDIS_URL, broker_transport_options={"global_keyprefix": prefix})
-        settings = load_settings(**overrides)
-        migrate.upgrade(settings.database_url)
-    else:
-        settings = load_settings(**overrides)
-    app = create_app(settings)
-    ctx: AppContext = app.state.ctx
-    try:
-        with ServerThread(app) as server:
-            with ctx.sessions() as session:
-                user_key = keys.create_key(session=session, name="fuzz")[1]
-                other_key = keys.create_key(session=session, name="other")[1]
-            live = Live(name, settings, ctx, f"http://127.0.0.1:{server.port}", admin_key, user_key, other_key)
-            make_objects(live)
-            yield live
-    finally:
-        ctx.close()
-        if name == "postgresql":
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-            import redis
-
-            r = redis.Redis.from_url(REDIS_URL)
-            for k in r.scan_iter(match=f"{prefix}*"):
-                r.delete(k)
+    with served_app(name, "fuzz", overrides) as (settings, ctx, url, user_key, other_key):
+        live = Live(name, settings, ctx, url, admin_key, user_key, other_key)
+        make_objects(live)
+        yield live
