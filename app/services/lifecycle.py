@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,17 @@ def _fenced_update(session: Session, job_id: str, attempt: int, owner: str, valu
 # ---- claim and lease ----
 
 
+def db_now(session: Session) -> datetime:
+    """The time by the database's clock. Leases are written by workers and judged by the reaper, which may run on
+    other hosts: on PostgreSQL all of them read one clock, so a host whose clock drifts neither loses a lease early
+    nor keeps a dead one. SQLite lives on one host, where the process clock is that clock."""
+    if session.get_bind().dialect.name == "postgresql":
+        value = session.scalar(select(func.clock_timestamp()))
+        assert value is not None
+        return value.astimezone(UTC)
+    return utcnow()
+
+
 def claimable(*, session: Session, job_id: str, attempt: int) -> bool:
     """Whether a `train(job_id, attempt)` message could still claim the job. Once False it stays False (a claim or
     a requeue moves the job on, and attempts only grow): the message is a duplicate or stale and can be dropped."""
@@ -63,7 +74,7 @@ def claimable(*, session: Session, job_id: str, attempt: int) -> bool:
 def claim_job(*, session: Session, job_id: str, attempt: int, owner: str,
               lease: timedelta = DEFAULT_LEASE) -> Job | None:
     """queued + matching attempt -> running, leased to `owner`. None: a duplicate or stale message (drop it)."""
-    now = utcnow()
+    now = db_now(session)
     result = session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued")
                              .values(status="running", lease_owner=owner, lease_expires_at=now + lease,
                                      heartbeat_at=now, started_at=func.coalesce(Job.started_at, now)))
@@ -79,7 +90,7 @@ def claim_job(*, session: Session, job_id: str, attempt: int, owner: str,
 def renew_lease(*, session: Session, job_id: str, attempt: int, owner: str,
                 lease: timedelta = DEFAULT_LEASE) -> str | None:
     """Extend the lease; returns the job's stop request (cancel, pause, preempt or None). Raises LeaseLost."""
-    now = utcnow()
+    now = db_now(session)
     if not _fenced_update(session, job_id, attempt, owner, {"heartbeat_at": now, "lease_expires_at": now + lease}):
         raise LeaseLost(job_id)
     stop = session.scalar(select(Job.stop_requested).where(Job.id == job_id))
@@ -279,7 +290,7 @@ def reap_expired(*, session: Session, settings: Settings, now: datetime | None =
     """Recover running jobs whose lease expired (their worker died): requeued as attempt + 1 while under
     `max_job_restarts`, else failed; a pending cancel or pause is honoured instead. Returns (job id, attempt) of the
     jobs requeued, to send once committed. Several reapers may run: rows one holds are skipped, not waited for."""
-    now = now or utcnow()
+    now = now or db_now(session)
     rows = session.execute(select(Job.id, Job.attempt, Job.restarts, Job.stop_requested)
                            .where(Job.status == "running", Job.lease_expires_at < now)
                            .order_by(Job.lease_expires_at).limit(limit).with_for_update(skip_locked=True)).all()

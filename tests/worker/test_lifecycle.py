@@ -146,6 +146,24 @@ def test_heartbeat_renews_and_notices_a_lost_lease(env: WorkerEnv) -> None:
         lease.check()
 
 
+def test_leases_follow_the_database_clock(env: WorkerEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker, or a reaper, whose host clock is an hour off neither keeps a dead lease nor takes a live one
+    (PostgreSQL; SQLite lives on one host, where the process clock is the database's)."""
+    if env.name != "postgresql":
+        pytest.skip("one host, one clock")
+    job_id = env.create_job(env.upload(fact_rows(4)))
+    monkeypatch.setattr(lifecycle, "utcnow", lambda: utcnow() + timedelta(hours=1))  # this host runs ahead
+    assert claim(env, job_id, owner="skew/1/1/a", lease=timedelta(seconds=60)) is not None
+    expires = env.job(job_id).lease_expires_at
+    assert expires is not None and abs((expires - utcnow()).total_seconds() - 60) < 10
+    with env.ctx.sessions() as session:  # a reaper on the fast host: the lease is still live by the database
+        assert job_id not in dict(lifecycle.reap_expired(session=session, settings=env.settings, limit=1000))
+    monkeypatch.setattr(lifecycle, "utcnow", lambda: utcnow() - timedelta(hours=1))  # ... and one running behind
+    env.update_job(job_id, lease_expires_at=utcnow() - timedelta(seconds=1))  # its worker died a moment ago
+    with env.ctx.sessions() as session:
+        assert job_id in dict(lifecycle.reap_expired(session=session, settings=env.settings, limit=1000))
+
+
 def test_hyperparameters_become_engine_arguments(env: WorkerEnv, tmp_path: Path) -> None:
     job_id = env.create_job(env.upload(fact_rows(10)), n_epochs=3, batch_size=4, n_checkpoints=3, lora_r=8,
                             lora_alpha=16, lr_scheduler="cosine", warmup_ratio=0.1, packing=True)
