@@ -269,18 +269,23 @@ class BatchEngine:
 
     def _advance(self, requests: list[_Request], logits: Tensor) -> None:
         """Sample each request's next token from its row of logits, hand out text, retire finished rows."""
-        # Plain greedy rows share one argmax and one read-back; the others sample with their own state.
-        greedy = logits.argmax(-1).tolist()
+        # Plain greedy rows share one argmax; the others sample with their own state (seeds, penalties). Either
+        # way every row's token comes back to the host in one read: one device sync per step, not one per row.
+        chosen = logits.argmax(-1)
+        sampled: list[tuple[int, Tensor]] = []
+        lps: list[Tensor | None] = [None] * len(requests)
         for i, r in enumerate(requests):
-            lps = None
             if r.sampler.plain_greedy and r.params.logprobs is None:
-                tok = greedy[i]
-            else:
-                row_logits = logits[i : i + 1]
-                chosen = r.sampler.sample(row_logits)
-                tok = int(chosen)
-                lps = step_logprobs(row_logits, chosen, r.params.logprobs)
-            self._emit(r, tok, lps)
+                continue
+            row_logits = logits[i : i + 1]
+            token = r.sampler.sample(row_logits)
+            sampled.append((i, token))
+            lps[i] = step_logprobs(row_logits, token, r.params.logprobs)
+        if sampled:
+            rows = torch.tensor([i for i, _ in sampled], device=chosen.device)
+            chosen = chosen.index_copy(0, rows, torch.cat([t for _, t in sampled]))
+        for r, tok, row_lps in zip(requests, chosen.tolist(), lps):
+            self._emit(r, tok, row_lps)
         for r in [r for r in requests if r.state.finish is not None]:
             self._retire(r)
 
