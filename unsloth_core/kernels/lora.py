@@ -86,6 +86,20 @@ def _project(x: Tensor, proj: LoRAProj, scale: float, xa: Tensor) -> Tensor:
     return F.linear(x, weight, bias).addmm_(xa, b.to(x.dtype).t(), alpha=scale)
 
 
+def _project_base(x: Tensor, rows: Tensor, proj: LoRAProj, scale: float, xa: Tensor) -> Tensor:
+    """`_project` with x's leading dims, in a tensor of its own. A Function with several outputs must not return
+    views (autograd then forbids in-place changes to them), and RoPE rotates q and k in place."""
+    weight, bias, _, b = proj
+    out = rows.new_empty(*x.shape[:-1], weight.shape[0])
+    flat = out.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(rows, weight.t(), out=flat)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=flat)
+    flat.addmm_(xa, b.to(rows.dtype).t(), alpha=scale)
+    return out
+
+
 def _backward(dys: list[Tensor], x: Tensor, xa: Tensor, projs: list[LoRAProj], scale: float, drop: _Dropout,
               first: int, needs: list[tuple[bool, ...]], dx: Tensor | None
               ) -> tuple[list[Tensor | None], Tensor | None]:
@@ -199,10 +213,11 @@ class LoRAQKVFunction(torch.autograd.Function):
         rows, projs = _rows(x), _projs(flat)
         xa = _lora_in(rows, projs, drop, 0)  # (N, 3r): kept, it is small
         _save(ctx, scale, drop, rows, xa, *flat)
-        # Three separate outputs, not views of one fused product: RoPE rotates q and k in place afterwards.
-        q, k, v = (_unrows(_project(rows, proj, scale, xa_i), x)
+        # Three tensors of their own, not views (of one fused product, or of 2-D results): RoPE rotates q and k in
+        # place afterwards, which autograd forbids on the views a multi-output Function returns.
+        q, k, v = (_project_base(x, rows, proj, scale, xa_i)
                    for proj, xa_i in zip(projs, xa.split(_ranks(projs), dim=1)))
-        return q, k, v  # type: ignore[return-value]
+        return q, k, v
 
     @staticmethod
     @once_differentiable

@@ -1,0 +1,118 @@
+"""The engine end to end on each device present: the CPU always, a CUDA GPU when there is one (`gpu` marker; skipped
+elsewhere). Where the per-op kernel tests check one kernel at a time, these check that the paths a GPU takes by
+default (Triton kernels, the fused LoRA Functions, offloaded checkpointing, the compiled decode step, the batch
+engine) give what the plain path gives, on a whole model. On the CPU the Triton kernels run in the interpreter.
+
+`bench/gpu_check.sh` runs this file first on a lent GPU machine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import transformers
+
+from tests.helpers import tiny_model
+from unsloth_core import kernels
+from unsloth_core.generate import Generator
+from unsloth_core.kernels.backend import fused_lora_enabled, get_backend, set_fused_lora
+from unsloth_core.lora import apply_lora, lora_layers
+from unsloth_core.model import Llama
+from unsloth_core.sampling import SamplingParams
+from unsloth_core.serving import BatchEngine
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def paths() -> Iterator[None]:
+    """Leave the kernel backend and the fused-LoRA switch as they were."""
+    backend, fused = get_backend(), fused_lora_enabled()
+    yield
+    kernels.set_backend(backend)
+    set_fused_lora(fused)
+
+
+def batch(vocab: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (2, 40), generator=g)
+    labels = x.clone()
+    labels[0, :10] = -100  # a prompt that is not trained on
+    return x.to(device), labels.to(device)
+
+
+def lora_step(model: Llama, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(x, labels=labels).loss
+    assert loss is not None
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                         if p.grad is not None}
+
+
+def test_logits_match_transformers(device: torch.device) -> None:
+    ours = tiny_model(seed=1).to(device)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ours.config.to_hf_dict()))
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    hf = hf.to(device).eval()
+    x, _ = batch(ours.config.vocab_size, device)
+    with torch.no_grad():
+        a, b = ours(x).logits, hf(x).logits
+    assert a is not None and a.abs().max() > 1
+    assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.usefixtures("paths")
+def test_the_fast_lora_path_matches_the_plain_one(device: torch.device) -> None:
+    """Triton kernels + the hand-derived LoRA Functions against plain torch + per-layer autograd: same loss and
+    gradients on a whole model, with gradient checkpointing (offloaded on a GPU) on the fast side."""
+    model = apply_lora(tiny_model(seed=2, std=0.1), r=8, alpha=16, seed=0)
+    with torch.no_grad():  # B starts at zero (PEFT's init): give it values, so every LoRA gradient is non-zero
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    model = model.to(device).train()
+    x, labels = batch(model.config.vocab_size, device, seed=1)
+    kernels.set_backend("reference")
+    set_fused_lora(False)
+    plain_loss, plain = lora_step(model, x, labels)
+    kernels.set_backend("triton")
+    set_fused_lora(True)
+    model.gradient_checkpointing = "offload" if device.type == "cuda" else True
+    fast_loss, fast = lora_step(model, x, labels)
+    assert plain and set(fast) == set(plain)
+    assert abs(fast_loss - plain_loss) <= 1e-5 * abs(plain_loss)
+    for name, g in plain.items():
+        assert torch.allclose(fast[name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_the_compiled_decode_step_gives_the_same_tokens(device: torch.device) -> None:
+    """CUDA graphs (`reduce-overhead`) on a GPU, inductor's C++ on the CPU; tokens read back in blocks."""
+    if device.type == "cpu":
+        pytest.skip("tests/core/test_generate.py compiles on the CPU (slow tier)")
+    model = tiny_model(seed=11, std=0.3).to(device)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    eager = Generator(model, None, compile=False).generate(prompts, GREEDY)
+    compiled = Generator(model, None, compile=True, max_seq_length=64)
+    assert compiled.sync_every > 1
+    for _ in range(2):  # the second call replays the captured graph
+        assert [c.token_ids for c in compiled.generate(prompts, GREEDY)] == [c.token_ids for c in eager]
+
+
+def test_the_batch_engine_matches_the_generator(device: torch.device) -> None:
+    model = tiny_model(seed=11, std=0.3).to(device)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    expected = [c.token_ids for c in Generator(model, None, compile=False).generate(prompts, GREEDY)]
+    engine = BatchEngine(model, None, max_batch_size=4, max_seq_length=64)
+    try:
+        streams = [engine.submit(p, GREEDY) for p in prompts]  # three requests in one decode batch
+        got = [[t for d in s for t in d.token_ids] for s in streams]
+    finally:
+        engine.close()
+    assert got == expected
