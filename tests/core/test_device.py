@@ -50,7 +50,9 @@ def batch(vocab: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor
 
 def lora_step(model: Llama, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = model(x, labels=labels).loss
+    dtype = model.model.embed_tokens.weight.dtype
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(x, labels=labels).loss
     assert loss is not None
     loss.backward()
     return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
@@ -70,13 +72,18 @@ def test_logits_match_transformers(device: torch.device) -> None:
 
 
 @pytest.mark.usefixtures("paths")
-def test_the_fast_lora_path_matches_the_plain_one(device: torch.device) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_fast_lora_path_matches_the_plain_one(device: torch.device, dtype: torch.dtype) -> None:
     """Triton kernels + the hand-derived LoRA Functions against plain torch + per-layer autograd: same loss and
-    gradients on a whole model, with gradient checkpointing (offloaded on a GPU) on the fast side."""
+    gradients on a whole model, with gradient checkpointing (offloaded on a GPU) on the fast side. In bf16 as the
+    trainer runs it: frozen weights in bf16, LoRA weights in fp32, autocast."""
     model = apply_lora(tiny_model(seed=2, std=0.1), r=8, alpha=16, seed=0)
     with torch.no_grad():  # B starts at zero (PEFT's init): give it values, so every LoRA gradient is non-zero
         for _, layer in lora_layers(model):
             layer.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
     model = model.to(device).train()
     x, labels = batch(model.config.vocab_size, device, seed=1)
     kernels.set_backend("reference")
@@ -87,9 +94,14 @@ def test_the_fast_lora_path_matches_the_plain_one(device: torch.device) -> None:
     model.gradient_checkpointing = "offload" if device.type == "cuda" else True
     fast_loss, fast = lora_step(model, x, labels)
     assert plain and set(fast) == set(plain)
-    assert abs(fast_loss - plain_loss) <= 1e-5 * abs(plain_loss)
-    for name, g in plain.items():
-        assert torch.allclose(fast[name], g, rtol=1e-4, atol=1e-6), name
+    if dtype == torch.float32:
+        assert abs(fast_loss - plain_loss) <= 1e-5 * abs(plain_loss)
+        for name, g in plain.items():
+            assert torch.allclose(fast[name], g, rtol=1e-4, atol=1e-6), name
+    else:  # bf16 rounds differently along the two paths: compare as a whole, per tensor
+        assert abs(fast_loss - plain_loss) <= 1e-2 * abs(plain_loss)
+        for name, g in plain.items():
+            assert (fast[name] - g).norm() <= 5e-2 * g.norm(), name
 
 
 def test_the_compiled_decode_step_gives_the_same_tokens(device: torch.device) -> None:
