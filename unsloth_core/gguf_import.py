@@ -43,7 +43,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SINGLE_DIGIT_PRE = {"smollm", "starcoder", "refact"}
 LLAMA3_PRE = {"llama-bpe", "llama3", "smaug-bpe"}
-GGML_CONTROL, GGML_USER_DEFINED = 3, 4
+GGML_UNKNOWN, GGML_CONTROL, GGML_USER_DEFINED = 2, 3, 4
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -124,46 +125,39 @@ def _shape_kwargs(config: LlamaConfig) -> dict[str, Any]:
 
 
 def build_tokenizer(f: GGUFFile) -> tuple[Any, dict[str, Any]]:
-    """A `tokenizers.Tokenizer` and tokenizer_config.json contents from the GGUF's tokenizer metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    """A `tokenizers.Tokenizer` and tokenizer_config.json contents from the GGUF's tokenizer metadata: llama.cpp's
+    byte-level BPE ('gpt2': Llama 3, SmolLM) or SentencePiece BPE ('llama': Llama 2, Mistral, TinyLlama)."""
+    from tokenizers import AddedToken, processors
 
     kind = f.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelFormatError(
-            f"{f.path}: tokenizer model {kind!r} is not supported for GGUF import (byte-level BPE 'gpt2' is); "
-            f"import the model from its Hugging Face directory instead"
-        )
     tokens: list[str] = f.get("tokenizer.ggml.tokens")
     types: list[int] = f.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in f.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
-    pre = f.get("tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in LLAMA3_PRE)
-    if pre in SINGLE_DIGIT_PRE:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre in LLAMA3_PRE:
-        from tokenizers import Regex
-
-        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
-    else:
-        tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == GGML_CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == GGML_USER_DEFINED]
-    tok.add_special_tokens(special)
-    tok.add_tokens(user)
 
     def name(key: str) -> str | None:
         i = f.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
+    if kind == "gpt2":
+        tok = _byte_level_bpe(f, tokens)
+        special_types = {GGML_CONTROL}
+    elif kind == "llama":
+        tok = _sentencepiece_bpe(f, tokens, name("unknown"))
+        special_types = {GGML_CONTROL, GGML_UNKNOWN}
+    else:
+        raise ModelFormatError(
+            f"{f.path}: tokenizer model {kind!r} is not supported for GGUF import (byte-level BPE 'gpt2' and "
+            f"SentencePiece BPE 'llama' are); import the model from its Hugging Face directory instead"
+        )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in special_types])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == GGML_USER_DEFINED])
     bos = name("bos")
-    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
     if add_bos and bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, tokens.index(bos))])
-    else:
+    elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     config: dict[str, Any] = {
         "bos_token": bos, "eos_token": name("eos"), "pad_token": name("padding"), "unk_token": name("unknown"),
@@ -174,6 +168,60 @@ def build_tokenizer(f: GGUFFile) -> tuple[Any, dict[str, Any]]:
     if template:
         config["chat_template"] = template
     return tok, config
+
+
+def _byte_level_bpe(f: GGUFFile, tokens: list[str]) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    merges = [tuple(m.split(" ", 1)) for m in f.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+    pre = f.get("tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in LLAMA3_PRE)
+    if pre in SINGLE_DIGIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in LLAMA3_PRE:
+        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(f: GGUFFile, tokens: list[str], unk: str | None) -> Any:
+    """SentencePiece BPE as llama.cpp's 'llama' tokenizer runs it: spaces written as U+2581 with one in front of
+    the text, unknown characters spelled as byte tokens (`<0x0A>`), and no merge list (see `sentencepiece_merges`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    scores: list[float] = f.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    merges = f.get("tokenizer.ggml.merges")
+    pairs = ([tuple(m.split(" ", 1)) for m in merges] if merges else sentencepiece_merges(tokens, scores))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, unk_token=unk,
+                               fuse_unk=True, byte_fallback=True))
+    # Metaspace as transformers' LlamaTokenizer sets it, which is what loading the same GGUF there gives. (It adds
+    # no prefix to text that already starts with a space, where SentencePiece itself would.)
+    prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPM_SPACE, prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
+    return tok
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The merge list a SentencePiece BPE vocabulary implies. SentencePiece keeps none: at each step it joins the
+    adjacent pair whose joined piece scores highest. So every split of a piece into two pieces of the vocabulary is
+    a merge ranked by that piece's score; among equal scores a longer left part first, then a longer right part,
+    then vocabulary order (the ranking transformers uses for such files, so both tokenize alike)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score in zip(tokens, scores):
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                ranked.append((-score, -len(left), -len(right), ids[piece], ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
 
 
 def import_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], dtype: str | torch.dtype = "float32",
