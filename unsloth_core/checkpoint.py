@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from unsloth_core.config import LlamaConfig
 from unsloth_core.errors import ModelFormatError
 from unsloth_core.model import Llama
+from unsloth_core.quant import NF4Tensor, dense, quantize_model, should_quantize
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -168,13 +169,17 @@ def weight_files(directory: Path) -> list[Path]:
     raise ModelFormatError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
 
 
-def load_state_dict(directory: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(directory: Path, device: torch.device | str = "cpu",
+                    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's safetensors files, each passed through `transform` as soon as it is read (so a
+    cast or a quantization never holds the whole model at its stored size)."""
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    state[name] = f.get_tensor(name)
+                    t = f.get_tensor(name)
+                    state[name] = transform(name, t) if transform is not None else t
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelFormatError(f"cannot read {path}: the file is truncated or not safetensors ({e})") from None
     return state
@@ -184,15 +189,22 @@ def load_state_dict(directory: Path, device: torch.device | str = "cpu") -> dict
 
 
 def load_model(directory: str | os.PathLike[str], device: torch.device | str = "cpu",
-               dtype: str | torch.dtype | None = None) -> Llama:
-    """Load a Hugging Face Llama directory. `dtype` None keeps the stored dtype."""
+               dtype: str | torch.dtype | None = None, load_in_4bit: bool = False) -> Llama:
+    """Load a Hugging Face Llama directory. `dtype` None keeps the stored dtype. `load_in_4bit` stores the seven
+    projections of every block in NF4 (quant.py), each quantized as it is read, and computes in `dtype`."""
     directory = Path(directory)
     if not directory.exists():
         raise ModelFormatError(f"model path {directory} does not exist")
     if not directory.is_dir():
         raise ModelFormatError(f"model path {directory} is not a directory (a .gguf file? import it first)")
     config = LlamaConfig.from_file(directory)
-    state = load_state_dict(directory, device)
+    target = parse_dtype(dtype)
+
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(target) if target is not None else t
+        return NF4Tensor.from_dense(t) if load_in_4bit and should_quantize(name) else t
+
+    state = load_state_dict(directory, device, cast)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some exporters write the tied head anyway
     with torch.device("meta"):
@@ -210,20 +222,20 @@ def load_model(directory: str | os.PathLike[str], device: torch.device | str = "
         if t.shape != model.get_parameter(name).shape:
             raise ModelFormatError(f"{name} has shape {tuple(t.shape)} in {directory}, the config implies "
                                    f"{tuple(model.get_parameter(name).shape)}")
-    target = parse_dtype(dtype)
-    if target is not None:
-        state = {k: v.to(target) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if load_in_4bit:
+        quantize_model(model)  # the weights are NF4 already: this gives their layers the dequantizing forward
     model.init_buffers(device)
     model.config.torch_dtype = dtype_name(model.dtype)
     return model.eval()
 
 
 def model_state_dict(model: Llama) -> dict[str, torch.Tensor]:
-    """Base-model weights under HF names (tied LM head omitted, as transformers writes it)."""
-    state = model.state_dict()
+    """Base-model weights under HF names (tied LM head omitted, as transformers writes it); 4-bit weights
+    dequantized, so the directory is a plain 16/32-bit checkpoint any Llama loader reads."""
+    state = {k: dense(v) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state

@@ -56,7 +56,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from unsloth_core.lora import load_adapter
     from unsloth_core.sampling import SamplingParams
 
-    model, tokenizer = FastLanguageModel.from_pretrained(a.model, dtype=a.dtype)
+    model, tokenizer = FastLanguageModel.from_pretrained(a.model, dtype=a.dtype, load_in_4bit=a.load_in_4bit)
     if a.adapter:
         model = load_adapter(model, a.adapter)
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--load-in-4bit", dest="load_in_4bit", action="store_true",
+                   help="keep the block projections in 4-bit NF4 (a quarter of the 16-bit memory)")
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 

@@ -74,19 +74,26 @@ class FastLanguageModel:
                         dtype: torch.dtype | str | None = None, load_in_4bit: bool = False,
                         load_in_8bit: bool = False, full_finetuning: bool = False,
                         device_map: str | torch.device | None = None, **kwargs: Any) -> tuple[Llama, Tokenizer]:
-        """Load a model and its tokenizer. `dtype` None picks bf16 (fp16 on older GPUs) on a GPU, fp32 on CPU."""
+        """Load a model and its tokenizer. `dtype` None picks bf16 (fp16 on older GPUs) on a GPU, fp32 on CPU.
+
+        `load_in_4bit=True` stores the block projections in NF4 (QLoRA's 4-bit format, see quant.py): about a
+        quarter of the 16-bit memory; the embedding, norms and LM head keep `dtype`.
+        """
         unknown = set(kwargs) - {"token", "trust_remote_code", "revision", "fix_tokenizer", "random_state",
                                  "use_gradient_checkpointing", "rope_scaling", "local_files_only"}
         if unknown:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
-        if load_in_4bit or load_in_8bit:
-            warnings.warn("4-bit/8-bit quantized loading is not supported yet; loading in 16-bit instead",
-                          stacklevel=2)
+        if load_in_8bit:
+            warnings.warn("8-bit loading is not supported; loading in 16-bit instead (load_in_4bit=True gives "
+                          "4-bit NF4 base weights)", stacklevel=2)
+        if load_in_4bit and full_finetuning:
+            raise ValueError("full_finetuning trains every weight, and 4-bit weights cannot be trained: "
+                             "pass load_in_4bit=False for full fine-tuning, or train LoRA adapters on the 4-bit base")
         device = torch.device(device_map if isinstance(device_map, torch.device | str) and device_map not in (
             "auto", "sequential") else ("cuda" if torch.cuda.is_available() else "cpu"))
         directory = resolve_model_dir(model_name)
         target = parse_dtype(dtype) or auto_dtype(device)
-        model = load_model(directory, device, target)
+        model = load_model(directory, device, target, load_in_4bit=load_in_4bit)
         model.max_seq_length = min(max_seq_length, model.config.max_position_embeddings)
         if full_finetuning:
             model.requires_grad_(True)

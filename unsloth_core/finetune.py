@@ -71,12 +71,15 @@ def tokenize(examples: Sequence[Any], tokenizer: Tokenizer, args: TrainArgs) -> 
     return [tokenize_sft(e, tokenizer, args.max_seq_length, args.train_on_inputs) for e in examples]
 
 
-def load_base(model_path: str | Path, device: torch.device | None = None) -> tuple[Llama, Tokenizer]:
-    """A base model for training, in fp32 (the trainer casts frozen weights to the compute dtype)."""
+def load_base(model_path: str | Path, device: torch.device | None = None,
+              load_in_4bit: bool = False) -> tuple[Llama, Tokenizer]:
+    """A base model for training, in fp32 (the trainer casts frozen weights to the compute dtype); with
+    `load_in_4bit` the block projections are stored in NF4 and only dequantized for their products."""
     from unsloth_core.facade import resolve_model_dir
 
     directory = resolve_model_dir(model_path)
-    return load_model(directory, device or default_device(), dtype=torch.float32), Tokenizer.from_dir(directory)
+    model = load_model(directory, device or default_device(), dtype=torch.float32, load_in_4bit=load_in_4bit)
+    return model, Tokenizer.from_dir(directory)
 
 
 def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lora: LoRAConfig | None,
@@ -87,7 +90,10 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
     `lora` None trains every weight. Returns the trainer's result and the final directory, which is written only
     when training ran to its end (after a cancel or pause, the result's checkpoint is where to resume from).
     """
-    model, tokenizer = load_base(model_path, device)
+    if lora is None and args.load_in_4bit:
+        raise ValueError("load_in_4bit trains LoRA adapters on a frozen 4-bit base; full fine-tuning needs the "
+                         "weights in 16 or 32 bits (drop load_in_4bit, or train with LoRA)")
+    model, tokenizer = load_base(model_path, device, args.load_in_4bit)
     data = prepare_datasets(tokenizer, args, train_file, validation_file)
     base_name = str(model_path)
     if lora is not None:

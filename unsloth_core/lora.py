@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from unsloth_core.checkpoint import atomic_directory
 from unsloth_core.errors import ModelFormatError
 from unsloth_core.model import Llama
+from unsloth_core.quant import dense, is_quantized, quantize_model
+from unsloth_core.quant import linear as base_linear
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,7 +130,7 @@ class LoRALinear(nn.Linear):
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = base_linear(x, self.weight, self.bias)  # a 4-bit base weight is dequantized for the product only
         if self.disabled or self.merged:
             return y
         lora_in = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
@@ -136,7 +138,11 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold the adapter into the weight. A 4-bit base is dequantized first: the merged layer is 16-bit (NF4
+        cannot hold W + BA without rounding away most of the update), as Unsloth's merged_16bit export does."""
         if not self.merged:
+            if is_quantized(self.weight):
+                self.weight = nn.Parameter(dense(self.weight), requires_grad=False)
             self.weight.copy_((self.weight.float() + self.lora_delta()).to(self.weight.dtype))
             self.merged = True
 
@@ -346,6 +352,8 @@ def load_adapter(base: Llama, directory: str | os.PathLike[str]) -> Llama:
         if base.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight = module.weight
     inject(model, config)
+    if any(is_quantized(p) for p in base.parameters()):
+        quantize_model(model)  # the shared weights are NF4: the layers LoRA did not wrap need the 4-bit forward
     load_adapter_weights(model, directory)
     for p in model.parameters():
         p.requires_grad_(False)

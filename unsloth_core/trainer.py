@@ -54,6 +54,7 @@ class TrainArgs:
     seed: int = 3407
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU that has it
     gradient_checkpointing: bool | Literal["offload"] = False
+    load_in_4bit: bool = False  # QLoRA: the frozen base's projections in NF4 (quant.py); LoRA runs only
     max_seq_length: int = 2048
     packing: bool = False
     train_on_inputs: bool = False

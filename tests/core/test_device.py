@@ -14,11 +14,12 @@ import torch
 import transformers
 
 from tests.helpers import tiny_model
-from unsloth_core import kernels
+from unsloth_core import kernels, quant
 from unsloth_core.generate import Generator
 from unsloth_core.kernels.backend import fused_lora_enabled, get_backend, set_fused_lora
 from unsloth_core.lora import apply_lora, lora_layers
 from unsloth_core.model import Llama
+from unsloth_core.quant import quantize_model
 from unsloth_core.sampling import SamplingParams
 from unsloth_core.serving import BatchEngine
 
@@ -72,11 +73,14 @@ def test_logits_match_transformers(device: torch.device) -> None:
 
 
 @pytest.mark.usefixtures("paths")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_the_fast_lora_path_matches_the_plain_one(device: torch.device, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("dtype", "base"), [(torch.float32, "dense"), (torch.bfloat16, "dense"),
+                                             (torch.bfloat16, "nf4")], ids=["fp32", "bf16", "bf16-nf4"])
+def test_the_fast_lora_path_matches_the_plain_one(device: torch.device, dtype: torch.dtype, base: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton kernels + the hand-derived LoRA Functions against plain torch + per-layer autograd: same loss and
     gradients on a whole model, with gradient checkpointing (offloaded on a GPU) on the fast side. In bf16 as the
-    trainer runs it: frozen weights in bf16, LoRA weights in fp32, autocast."""
+    trainer runs it: frozen weights in bf16, LoRA weights in fp32, autocast; and as QLoRA, the base in NF4
+    (dequantized by the Triton kernel on the fast side), moved to the device after quantizing."""
     model = apply_lora(tiny_model(seed=2, std=0.1), r=8, alpha=16, seed=0)
     with torch.no_grad():  # B starts at zero (PEFT's init): give it values, so every LoRA gradient is non-zero
         for _, layer in lora_layers(model):
@@ -84,7 +88,14 @@ def test_the_fast_lora_path_matches_the_plain_one(device: torch.device, dtype: t
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
+    if base == "nf4":
+        quantize_model(model)
+        if device.type == "cpu":
+            # Triton's interpreter truncates fp32 -> bf16 where a GPU rounds, which biases every dequantized weight
+            # by up to an ulp; kernels/test_nf4.py checks that kernel against its twin. Here the twin dequantizes.
+            monkeypatch.setattr(quant, "use_triton", lambda op, x: False)
     model = model.to(device).train()
+    assert base == "dense" or model.model.layers[0].mlp.down_proj.weight.packed.device.type == device.type
     x, labels = batch(model.config.vocab_size, device, seed=1)
     kernels.set_backend("reference")
     set_fused_lora(False)
@@ -104,11 +115,14 @@ def test_the_fast_lora_path_matches_the_plain_one(device: torch.device, dtype: t
             assert (fast[name] - g).norm() <= 5e-2 * g.norm(), name
 
 
-def test_the_compiled_decode_step_gives_the_same_tokens(device: torch.device) -> None:
-    """CUDA graphs (`reduce-overhead`) on a GPU, inductor's C++ on the CPU; tokens read back in blocks."""
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_the_compiled_decode_step_gives_the_same_tokens(device: torch.device, base: str) -> None:
+    """CUDA graphs (`reduce-overhead`) on a GPU, inductor's C++ on the CPU; tokens read back in blocks. With an
+    NF4 base too: the dequantization is part of the captured step."""
     if device.type == "cpu":
         pytest.skip("tests/core/test_generate.py compiles on the CPU (slow tier)")
-    model = tiny_model(seed=11, std=0.3).to(device)
+    model = tiny_model(seed=11, std=0.3)
+    model = (quantize_model(model) if base == "nf4" else model).to(device)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     eager = Generator(model, None, compile=False).generate(prompts, GREEDY)
     compiled = Generator(model, None, compile=True, max_seq_length=64)

@@ -83,8 +83,8 @@ def test_generate_transformers_style_with_left_padding(model_dir: Path) -> None:
 def test_full_finetuning_and_quantized_flags(model_dir: Path) -> None:
     model, _ = FastLanguageModel.from_pretrained(str(model_dir), full_finetuning=True)
     assert all(p.requires_grad for p in model.parameters())
-    with pytest.warns(UserWarning, match="not supported yet"):
-        FastLanguageModel.from_pretrained(str(model_dir), load_in_4bit=True)
+    with pytest.warns(UserWarning, match="8-bit loading is not supported"):
+        FastLanguageModel.from_pretrained(str(model_dir), load_in_8bit=True)
     with pytest.raises(TypeError, match="unexpected arguments: nonsense"):
         FastLanguageModel.from_pretrained(str(model_dir), nonsense=1)
 

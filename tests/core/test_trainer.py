@@ -76,6 +76,24 @@ def test_resume_is_bit_identical(tmp_path: Path, model_dir: Path, sft_file: Path
     assert resumed.trained_tokens == straight.trained_tokens
 
 
+def test_qlora_in_bf16_resumes_bit_identical(tmp_path: Path, model_dir: Path, sft_file: Path) -> None:
+    """load_in_4bit: the base is quantized again on resume, to the same bits, so resume stays exact; the adapter
+    differs from one trained on the 16-bit base (the base really is 4-bit); full fine-tuning is refused."""
+    qlora = {"load_in_4bit": True, "dtype": "bfloat16", "save_steps": 2}
+    straight, _ = finetune(model_dir, sft_file, args(tmp_path / "a", **qlora), LORA)
+    assert straight.status == "completed"
+    finetune(model_dir, sft_file, args(tmp_path / "b", **qlora), LORA, callbacks=StopAt(3))
+    resumed, final = finetune(model_dir, sft_file, args(tmp_path / "b", **qlora), LORA, resume="latest")
+    assert resumed.status == "completed" and resumed.step == 6
+    a, b = adapter_tensors(tmp_path / "a" / "final"), adapter_tensors(final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    finetune(model_dir, sft_file, args(tmp_path / "c", dtype="bfloat16"), LORA)
+    sixteen = adapter_tensors(tmp_path / "c" / "final")
+    assert any(not torch.equal(a[k], sixteen[k]) for k in a if "lora_A" in k)
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        finetune(model_dir, sft_file, args(tmp_path / "d", load_in_4bit=True), None)
+
+
 def test_torn_checkpoint_is_ignored_and_removed(tmp_path: Path, model_dir: Path, sft_file: Path) -> None:
     finetune(model_dir, sft_file, args(tmp_path, save_steps=2, max_steps=4), LORA, callbacks=StopAt(4))
     ckpts = tmp_path / "checkpoints"

@@ -8,7 +8,8 @@ the rest:
     dB = s * dy^T (drop(x) A^T)        dA = s * (dy B)^T drop(x)
     dx = dy W + s * ((dy B) A) * keep / (1 - p)
 
-Every product is bracketed through the rank r, so no (out, in) temporary and no W + BA ever exists. Dropout masks
+Every product is bracketed through the rank r, so no (out, in) temporary and no W + BA ever exists. A 4-bit (NF4)
+W is saved as it is and dequantized into a temporary for each product that needs it (see quant.py). Dropout masks
 are not stored: each is regenerated in backward from a seed drawn in forward (one generator per mask).
 `lora_qkv` shares x between three projections and sums their dx, and without dropout runs the A-side products of
 all three as one GEMM against the concatenated A matrices (likewise gate and up in `lora_mlp`, which runs
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+import unsloth_core.quant as quant  # a module import: quant.py imports this package in turn
 from unsloth_core.kernels import reference
 from unsloth_core.kernels.backend import use_triton
 from unsloth_core.kernels.reference import LoRAProj
@@ -83,13 +85,14 @@ def _ranks(projs: list[LoRAProj]) -> list[int]:
 def _project(x: Tensor, proj: LoRAProj, scale: float, xa: Tensor) -> Tensor:
     """x W^T + b + s * xa B^T, xa = drop(x) A^T computed (and kept) by the caller."""
     weight, bias, _, b = proj
-    return F.linear(x, weight, bias).addmm_(xa, b.to(x.dtype).t(), alpha=scale)
+    return F.linear(x, quant.dense(weight), bias).addmm_(xa, b.to(x.dtype).t(), alpha=scale)
 
 
 def _project_base(x: Tensor, rows: Tensor, proj: LoRAProj, scale: float, xa: Tensor) -> Tensor:
     """`_project` with x's leading dims, in a tensor of its own. A Function with several outputs must not return
     views (autograd then forbids in-place changes to them), and RoPE rotates q and k in place."""
     weight, bias, _, b = proj
+    weight = quant.dense(weight)
     out = rows.new_empty(*x.shape[:-1], weight.shape[0])
     flat = out.view(-1, weight.shape[0])
     if bias is None:
@@ -136,7 +139,8 @@ def _add_dx(dx: Tensor | None, dys: list[Tensor], dtype: torch.dtype, projs: lis
     """dx + sum_i dy_i W_i + s drop_i'((dy_i B_i) A_i), accumulated in place (no (N, in) temporary without
     dropout)."""
     for dy, (weight, *_rest) in zip(dys, projs):
-        dx = torch.mm(dy, weight) if dx is None else dx.addmm_(dy, weight)
+        w = quant.dense(weight, dy.dtype)  # a 4-bit base weight is dequantized here, used, and dropped
+        dx = torch.mm(dy, w) if dx is None else dx.addmm_(dy, w)
     assert dx is not None
     if drop.seed is None:
         a = torch.cat([p[2] for p in projs]).to(dtype) if len(projs) > 1 else projs[0][2].to(dtype)
