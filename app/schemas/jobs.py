@@ -41,6 +41,7 @@ class SupervisedHyperparameters(LegacyHyperparameters):
     max_seq_length: Auto | Annotated[int, Field(ge=16, le=1_048_576)] = "auto"
     packing: Auto | StrictBool = "auto"
     n_checkpoints: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
+    load_in_4bit: Auto | StrictBool = "auto"  # QLoRA: the frozen base in 4-bit NF4 (auto: off)
 
 
 class DPOHyperparameters(SupervisedHyperparameters):

@@ -65,6 +65,7 @@ def resolve(hp: SupervisedHyperparameters, *, method_type: str, n_examples: int,
         "max_seq_length": pick(hp.max_seq_length, min(DEFAULT_MAX_SEQ_LENGTH, max_len)),
         "packing": pick(hp.packing, False),
         "n_checkpoints": pick(hp.n_checkpoints, min(3, n_epochs)),
+        "load_in_4bit": pick(hp.load_in_4bit, False),
     }
     if isinstance(hp, DPOHyperparameters):
         resolved["beta"] = pick(hp.beta, 0.1)
@@ -99,6 +100,7 @@ def train_config(method: dict[str, Any], *, seed: int, output_dir: Path, total_s
                      lr_scheduler=hp["lr_scheduler"], warmup_ratio=float(hp["warmup_ratio"]),
                      max_seq_length=int(hp["max_seq_length"]), packing=bool(hp["packing"]), seed=seed,
                      beta=float(hp.get("beta", 0.1)), logging_steps=metrics_every,
+                     load_in_4bit=bool(hp.get("load_in_4bit", False)),  # absent in jobs stored before it existed
                      save_steps=max(1, math.ceil(max(total_steps, 1) / int(hp["n_checkpoints"]))))
     lora = LoRAConfig(r=int(hp["lora_r"]), lora_alpha=float(hp["lora_alpha"]), lora_dropout=float(hp["lora_dropout"]),
                       target_modules=list(hp["lora_target_modules"]))

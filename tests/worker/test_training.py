@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.services import jobs, lifecycle
+from app.services.hyperparameters import stored_hyperparameters
 from tests.worker.conftest import TINY, WorkerEnv, fact_rows
 from unsloth_core.checkpoint import is_complete
 from worker import training
@@ -87,6 +88,17 @@ def test_job_runs_to_success_with_metrics_and_servable_checkpoints(env: WorkerEn
     events = len(env.events(job_id))
     assert run(env, job_id) == "dropped"  # the same message again: acknowledged, nothing done
     assert len(env.events(job_id)) == events and env.job(job_id).status == "succeeded"
+
+
+def test_a_qlora_job_trains_on_a_4bit_base(env: WorkerEnv) -> None:
+    """`load_in_4bit` reaches the engine: same data and seed, a different adapter than on the 16-bit base."""
+    data = env.upload(fact_rows(8))
+    qlora, plain = env.create_job(data, load_in_4bit=True), env.create_job(data)
+    assert run(env, qlora) == "succeeded" and run(env, plain) == "succeeded"
+    assert stored_hyperparameters(env.job(qlora).method)["load_in_4bit"] is True
+    assert stored_hyperparameters(env.job(plain).method)["load_in_4bit"] is False
+    a, b = final_adapter(env, qlora), final_adapter(env, plain)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cancel_stops_within_a_step(env: WorkerEnv, monkeypatch: pytest.MonkeyPatch) -> None:
