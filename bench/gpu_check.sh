@@ -7,7 +7,8 @@
 #   1. env.txt: the card, driver and package versions, the commit;
 #   2. tests.log: correctness on the GPU first (tests/core/test_device.py, and every kernel against its plain-torch
 #      twin on CUDA); a failure here means the bench numbers below are not to be trusted;
-#   3. train.jsonl / decode.jsonl / longest.jsonl (+ .log): `python -m bench --gpu`, split by work.
+#   3. train.jsonl / decode.jsonl / longest.jsonl (+ .log): `python -m bench --gpu`, split by work (decode.jsonl
+#      also holds the per-kernel rows, Triton against its torch twin: what AUTO_TRITON_OPS is to follow).
 # Copy the tables into bench/RESULTS.md with the card, date and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,8 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/core/test_device.py tests/core/kernels
+step tests 140 "$PY" -m pytest -q -x -p no:cacheprovider tests/core/test_device.py tests/core/kernels
 step train 180 "$PY" -m bench "${plan[@]}" --only train,loss --json "$OUT/train.jsonl"
-step decode 110 "$PY" -m bench "${plan[@]}" --only decode --json "$OUT/decode.jsonl"
+step decode 130 "$PY" -m bench "${plan[@]}" --only kernels,decode --json "$OUT/decode.jsonl"
 step longest 90 "$PY" -m bench "${plan[@]}" --only longest --longest-cap "$cap" --json "$OUT/longest.jsonl"
 ls -la "$OUT"

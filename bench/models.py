@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from unsloth_core.config import LlamaConfig
 from unsloth_core.lora import ALL_LINEAR, apply_lora, lora_layers, lora_parameters
 from unsloth_core.model import Llama
+from unsloth_core.quant import quantize_model
 
 # Bench names (hf_baseline.py's) -> our presets. The HF side is built from our config, so both match exactly.
 PRESETS = {"tiny": "tiny", "smollm2-135m": "smollm2-135m", "llama-1b": "llama-3.2-1b", "llama-8b": "llama-3.1-8b"}
@@ -46,9 +47,10 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Norms at one, everything else normal(0, std), each from a generator seeded by the parameter's name."""
-    for name, p in model.named_parameters():
+def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02, prefix: str = "") -> None:
+    """Norms at one, everything else normal(0, std), each from a generator seeded by the parameter's name (with
+    `prefix`, the name of `model` inside the whole model, so a part gets what it would get in the whole)."""
+    for name, p in model.named_parameters(prefix=prefix.rstrip(".")):
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
@@ -56,11 +58,33 @@ def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
             p.normal_(0.0, std, generator=g)
 
 
-def build_ours(shape: str, device: torch.device, dtype: torch.dtype, lora: bool, seed: int = 0) -> Llama:
-    # Built straight in the compute dtype (an 8B model never exists in fp32); RoPE's inv_freq stays fp32.
-    with torch.device(device), default_dtype(dtype):
+def build_nf4(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Llama:
+    """Our model with its block projections in NF4, built one block at a time (each drawn dense, then quantized),
+    so the dense model never exists whole: what loading with `load_in_4bit` costs, not a 16-bit model's peak."""
+    with torch.device("meta"), default_dtype(dtype):
         model = Llama(config(shape))
-    init_weights(model, seed)
+    parts: list[tuple[str, nn.Module]] = [("model.embed_tokens", model.model.embed_tokens)]
+    parts += [(f"model.layers.{i}", block) for i, block in enumerate(model.model.layers)]
+    parts += [("model.norm", model.model.norm)]
+    if not model.config.tie_word_embeddings:
+        parts.append(("lm_head", model.lm_head))
+    for prefix, part in parts:
+        part.to_empty(device=device)
+        init_weights(part, seed, prefix=prefix)
+        quantize_model(part)
+    model.init_buffers(device)
+    return model
+
+
+def build_ours(shape: str, device: torch.device, dtype: torch.dtype, lora: bool, seed: int = 0,
+               nf4: bool = False) -> Llama:
+    # Built straight in the compute dtype (an 8B model never exists in fp32); RoPE's inv_freq stays fp32.
+    if nf4:
+        model = build_nf4(shape, device, dtype, seed)
+    else:
+        with torch.device(device), default_dtype(dtype):
+            model = Llama(config(shape))
+        init_weights(model, seed)
     if lora:
         apply_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules=ALL_LINEAR, seed=seed)
         for p in lora_parameters(model):

@@ -95,7 +95,7 @@ def print_table(rows: list[Row], out: TextIO) -> None:
     for line in lines[1:]:
         print(render(line), file=out)
     print(file=out)
-    for what, attr in (("tok/s", "timing"), ("peak memory", "mem")):
+    for what, attr in (("speed", "timing"), ("peak memory", "mem")):
         kinds = sorted({getattr(r, attr) for r in rows if getattr(r, attr)})
         if kinds:
             print(f"{what}: {'; '.join(kinds)}", file=out)

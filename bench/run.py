@@ -19,16 +19,18 @@ from typing import Any
 
 import torch
 
+from bench.kernels import kernel_rows
 from bench.report import Row, print_table
 from bench.workloads import Job, ceilings, decode, longest, loss_agreement, short, train
 
-WORKS = ("train", "loss", "longest", "decode", "ceilings")
+WORKS = ("train", "loss", "longest", "decode", "ceilings", "kernels")
 
 # The shapes and micro batches of ../shared/PERFORMANCE.md (hf_baseline.py's plans), plus the rows HF has no
 # figure for there (loss agreement, longest sequence for ours).
 CPU_PLAN = [
     Job("train", "smollm2-135m", bsz=4, seq=256, gc=False, warmup=1, steps=5),
     Job("train", "smollm2-135m", bsz=4, seq=256, gc=True, warmup=1, steps=5),
+    Job("train", "smollm2-135m", bsz=4, seq=256, gc=True, warmup=1, steps=5, nf4=True),
     Job("loss", "smollm2-135m", bsz=2, seq=128, steps=8),
     Job("decode", "smollm2-135m", bsz=1, seq=32, new=64),
     Job("decode", "smollm2-135m", bsz=8, seq=32, new=64),
@@ -38,11 +40,14 @@ CPU_PLAN = [
 ]
 GPU_PLAN = [
     Job("ceilings"),
+    Job("kernels", "llama-8b", bsz=2, seq=2048),  # each Triton kernel against its torch twin (bench/kernels.py)
     Job("train", "smollm2-135m", bsz=8, seq=2048, gc=True, warmup=2, steps=10),
     Job("train", "llama-1b", bsz=4, seq=2048, gc=True, warmup=2, steps=10),
     Job("train", "llama-1b", bsz=4, seq=2048, gc=False, warmup=2, steps=10),
     Job("train", "llama-8b", bsz=2, seq=2048, gc=True, warmup=2, steps=5),
     Job("loss", "smollm2-135m", bsz=4, seq=512, gc=True, steps=50),
+    # QLoRA last among the training rows: under gpu_check.sh's time limit it is the one that may be cut.
+    Job("train", "llama-8b", bsz=2, seq=2048, gc=True, warmup=1, steps=3, nf4=True),
     # A probe's attention work grows with the square of its length: the caps keep a probe under about a minute.
     Job("longest", "llama-8b", seq=8192, cap=131072),
     Job("longest", "llama-1b", seq=8192, cap=262144),
@@ -53,11 +58,13 @@ GPU_PLAN = [
 QUICK_PLAN = [
     Job("train", "tiny", bsz=2, seq=64, gc=False, warmup=1, steps=2),
     Job("train", "tiny", bsz=2, seq=64, gc=True, warmup=1, steps=2),
+    Job("train", "tiny", bsz=2, seq=64, gc=True, warmup=1, steps=2, nf4=True),
     Job("loss", "tiny", bsz=2, seq=32, steps=5),
     Job("decode", "tiny", bsz=1, seq=8, new=8),
     Job("decode", "tiny", bsz=2, seq=8, new=8),
 ]
-QUICK_GPU_PLAN = [Job("ceilings"), *QUICK_PLAN, Job("longest", "tiny", seq=1024, cap=8192, granularity=1024)]
+QUICK_GPU_PLAN = [Job("ceilings"), Job("kernels", "tiny", bsz=2, seq=64), *QUICK_PLAN,
+                  Job("longest", "tiny", seq=1024, cap=8192, granularity=1024)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +101,7 @@ def select(args: argparse.Namespace, device: torch.device) -> list[Job]:
         jobs = [dataclasses.replace(j, cap=args.longest_cap) if j.work == "longest" else j for j in jobs]
     if not args.only:
         return jobs
-    wanted = args.only | ({"ceilings"} if "decode" in args.only else set())
+    wanted = args.only | ({"ceilings"} if args.only & {"decode", "kernels"} else set())
     return [j for j in jobs if j.work in wanted]
 
 
@@ -132,7 +139,14 @@ def environment(device: torch.device, plan: str) -> dict[str, Any]:
     return env
 
 
-def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str, Any]) -> Row:
+def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str, Any]) -> list[Row]:
+    """The job's rows: one, except `kernels` (one per op)."""
+    if job.work == "kernels":
+        return kernel_rows(job, device, dtype)
+    return [one_row(job, device, dtype, state)]
+
+
+def one_row(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str, Any]) -> Row:
     if job.work == "ceilings":
         row = ceilings(device)
         state["copy_tb_s"] = row.extra["copy_tb_s"]
@@ -208,11 +222,12 @@ def run(args: argparse.Namespace) -> list[Row]:
         for job in select(args, device):
             print(f"# {job.work} {job.shape} {job.setting}", file=sys.stderr, flush=True)
             try:
-                row = run_job(job, device, dtype, state)
+                done = run_job(job, device, dtype, state)
             except Exception as e:  # record and go on: one failure must not lose the other rows
-                row = Row(job.work, job.shape, job.setting, "", errors={"row": short(e)})
-            rows.append(row)
-            emit({"kind": job.work, **row.to_json()})
+                done = [Row(job.work, job.shape, job.setting, "", errors={"row": short(e)})]
+            rows += done
+            for row in done:
+                emit({"kind": job.work, **row.to_json()})
     finally:
         if sink is not None:
             sink.close()

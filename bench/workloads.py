@@ -55,12 +55,14 @@ class Job:
     cap: int = 0  # longest: the longest length probed
     granularity: int = 2048  # longest: lengths probed are multiples of this
     compiled: bool | None = None  # decode: our step compiled (None: on a GPU only, as Generator defaults)
+    nf4: bool = False  # train: our base in 4-bit NF4 (QLoRA), HF's in the compute dtype (no bitsandbytes here)
 
     @property
     def setting(self) -> str:
         if self.work in ("train", "loss"):
             return f"{self.bsz}x{self.seq}{' GC' if self.gc else ''}" + (f", {self.steps} steps"
-                                                                        if self.work == "loss" else "")
+                                                                        if self.work == "loss" else "") + (
+                ", ours NF4 base" if self.nf4 else "")
         if self.work == "decode":
             return f"bsz {self.bsz}, {self.seq}+{self.new}" + (", compiled" if self.compiled else "")
         if self.work == "longest":
@@ -185,8 +187,8 @@ StepFn = Callable[[Tensor], Tensor]  # one optimizer step on a batch of token id
 
 
 def ours_train_step(shape: str, device: torch.device, dtype: torch.dtype, checkpointing: bool | str,
-                    shared: dict[str, LoRAInit]) -> StepFn:
-    model = build_ours(shape, device, dtype, lora=True).train()
+                    shared: dict[str, LoRAInit], nf4: bool = False) -> StepFn:
+    model = build_ours(shape, device, dtype, lora=True, nf4=nf4).train()
     model.gradient_checkpointing = checkpointing
     shared["lora"] = lora_init(model)  # HF's PEFT adapters start from the same A and B
     opt = torch.optim.AdamW(lora_parameters(model), lr=LR)
@@ -222,7 +224,7 @@ def hf_train_step(shape: str, device: torch.device, dtype: torch.dtype, gc: bool
 def train_builders(job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, Builder]:
     shared: dict[str, LoRAInit] = {}
     makers: dict[str, Callable[[], StepFn]] = {
-        "ours": lambda: ours_train_step(job.shape, device, dtype, job.gc, shared),
+        "ours": lambda: ours_train_step(job.shape, device, dtype, job.gc, shared, job.nf4),
         "hf": lambda: hf_train_step(job.shape, device, dtype, job.gc, shared),
     }
 
@@ -243,7 +245,9 @@ def max_rel_diff(ours: list[float], hf: list[float]) -> float:
 
 def train(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
     outs = compare(train_builders(job, device, dtype), job.bsz * job.seq, job.warmup, job.steps, device)
-    row = _fill(Row("LoRA train", job.shape, job.setting, "tok/s"), outs, device)
+    row = _fill(Row("QLoRA train" if job.nf4 else "LoRA train", job.shape, job.setting, "tok/s"), outs, device)
+    if job.nf4:
+        row.note = "ours: NF4 base (4.5 bits a weight); HF + PEFT: the base in the compute dtype"
     curves = {name: [float(x) for x in o.outputs] for name, o in outs.items()}
     row.extra.update(losses=curves, warmup=job.warmup, steps=job.steps)
     if not row.errors:

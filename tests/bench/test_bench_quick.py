@@ -26,7 +26,8 @@ def test_quick_plan_prints_one_table_and_json_rows(tmp_path: Path, capsys: pytes
     assert env["kind"] == "env" and env["device"] == "cpu" and env["torch_threads"] == 1
     for key in ("torch", "transformers", "peft", "triton", "commit", "date", "loadavg"):
         assert key in env
-    assert [r["kind"] for r in rows] == ["train", "train", "loss", "decode", "decode"]
+    assert [r["kind"] for r in rows] == ["train", "train", "train", "loss", "decode", "decode"]
+    assert rows[2]["work"] == "QLoRA train" and "NF4" in rows[2]["setting"]
     for r in rows:
         assert r["errors"] == {}, r["errors"]
         assert r["shape"] == "tiny"
@@ -34,11 +35,11 @@ def test_quick_plan_prints_one_table_and_json_rows(tmp_path: Path, capsys: pytes
         if r["unit"] == "tok/s":
             assert r["ratio"] == pytest.approx(r["ours"] / r["hf"], rel=1e-2)
 
-    loss = rows[2]
+    loss = rows[3]
     assert loss["extra"]["within_tolerance"]
     assert loss["extra"]["max_rel_diff"] <= 0.01
     assert len(loss["extra"]["losses"]["ours"]) == len(loss["extra"]["losses"]["hf"]) == 5
-    for r in rows[3:]:
+    for r in rows[4:]:
         assert r["extra"]["same_tokens_as_hf"] == 1.0  # fp32 greedy on the same weights
 
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
@@ -84,3 +85,18 @@ def test_longest_search_runs_real_steps() -> None:
     found = longest_side(Job("longest", "tiny", seq=64, cap=256, granularity=64), CPU, torch.float32, ours=True)
     assert (found["longest"], found["fails_at"]) == (256, None)  # nothing runs out of memory on a tiny model
     assert [p["seq"] for p in found["probes"]] == [64, 128, 256]
+
+
+def test_kernel_rows_time_each_kernel_and_its_twin() -> None:
+    """Under Triton's interpreter on the CPU (the timings mean nothing here; the GPU plan runs them for real)."""
+    from bench.kernels import kernel_rows
+    from bench.workloads import Job
+    from unsloth_core.kernels.backend import AUTO_TRITON_OPS, get_backend
+
+    before = get_backend()
+    rows = kernel_rows(Job("kernels", "tiny", bsz=2, seq=16), CPU, torch.float32, warmup=1, reps=1)
+    assert get_backend() == before
+    assert [r.shape for r in rows] == ["rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize"]
+    for r in rows:
+        assert r.errors == {} and r.ours and r.hf and r.unit == "calls/s"
+        assert r.extra["auto_triton"] == (r.shape in AUTO_TRITON_OPS)

@@ -1,0 +1,118 @@
+"""Each fused op's Triton kernel against its plain-torch twin, forward and backward, at a model's training shape.
+
+This is the evidence `AUTO_TRITON_OPS` (unsloth_core/kernels/backend.py) is to follow: an op's kernel runs by
+default on a GPU only where its row shows it beating the twin there. In these rows the "ours" column is the Triton
+kernel and the "HF + PEFT" column is our plain-torch twin (what the `reference` backend runs), both in calls/s; the
+memory columns are each side's peak while its calls run. The GPU plan runs them; on a CPU the kernels only run under
+Triton's interpreter, which times nothing useful (tests run the rows that way, on tiny shapes, to keep them working).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.models import PeakMemory, config, free_memory
+from bench.report import Row
+from bench.workloads import Job, short, sync
+from unsloth_core import kernels
+from unsloth_core.kernels.backend import AUTO_TRITON_OPS
+from unsloth_core.kernels.cross_entropy import linear_cross_entropy
+from unsloth_core.quant import NF4Tensor
+
+Call = Callable[[], Any]  # one forward + backward (or one dequantization) of an op
+
+
+def _randn(*shape: int, device: torch.device, dtype: torch.dtype, grad: bool = False, seed: int = 0) -> Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, device=device, dtype=dtype, generator=g).requires_grad_(grad)
+
+
+def cases(job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, Callable[[bool], Call]]]:
+    """op -> (setting, make) where make(use_triton) returns the call to time, inputs built once."""
+    cfg = config(job.shape)
+    n, c, inter, d = job.bsz * job.seq, cfg.hidden_size, cfg.intermediate_size, cfg.d_head
+    kw: dict[str, Any] = {"device": device, "dtype": dtype}
+
+    def rms_norm(_: bool) -> Call:
+        x, w, dy = _randn(n, c, grad=True, **kw), torch.ones(c, **kw), _randn(n, c, seed=1, **kw)
+        return lambda: kernels.rms_norm(x, w, cfg.rms_norm_eps).backward(dy)
+
+    def rope(_: bool) -> Call:
+        q = _randn(job.bsz, cfg.num_attention_heads, job.seq, d, grad=True, **kw)
+        k = _randn(job.bsz, cfg.n_kv_heads, job.seq, d, grad=True, seed=1, **kw)
+        cos, sin = _randn(job.bsz, job.seq, d, seed=2, **kw), _randn(job.bsz, job.seq, d, seed=3, **kw)
+        dq, dk = torch.ones_like(q), torch.ones_like(k)
+
+        def call() -> None:
+            qo, ko = kernels.rope(q * 1, k * 1, cos, sin)  # private temporaries: the kernel rotates in place
+            torch.autograd.backward([qo, ko], [dq, dk])
+
+        return call
+
+    def swiglu(_: bool) -> Call:
+        gate, up = _randn(n, inter, grad=True, **kw), _randn(n, inter, grad=True, seed=1, **kw)
+        dh = _randn(n, inter, seed=2, **kw)
+        return lambda: kernels.swiglu(gate * 1, up * 1, inplace_backward=True).backward(dh)
+
+    def cross_entropy(use_triton: bool) -> Call:
+        # Both sides chunked: the choice `auto` makes is only the in-chunk softmax/gradient (kernel or torch).
+        hidden, weight = _randn(n, c, grad=True, **kw), _randn(cfg.vocab_size, c, seed=1, **kw).mul_(0.02)
+        labels = torch.randint(0, cfg.vocab_size, (n,), device=device, generator=torch.Generator(device=device))
+        return lambda: linear_cross_entropy(hidden, weight, labels, use_triton=use_triton)[0].backward()
+
+    def nf4_dequantize(_: bool) -> Call:
+        q = NF4Tensor.from_dense(_randn(inter, c, **kw), dtype=dtype)
+        return lambda: q.dense()
+
+    return {
+        "rms_norm": (f"{n}x{c}, fwd+bwd", rms_norm),
+        "rope": (f"q {job.bsz}x{cfg.num_attention_heads}x{job.seq}x{d}, fwd+bwd", rope),
+        "swiglu": (f"{n}x{inter}, fwd+bwd", swiglu),
+        "cross_entropy": (f"{n}x{c} @ {cfg.vocab_size}, fwd+bwd, chunked", cross_entropy),
+        "nf4_dequantize": (f"{inter}x{c} -> {str(dtype).removeprefix('torch.')}", nf4_dequantize),
+    }
+
+
+def time_calls(call: Call, device: torch.device, warmup: int, reps: int) -> tuple[float, float | None]:
+    """(median seconds per call, peak GiB while calling)."""
+    with PeakMemory(device) as mem:
+        for _ in range(warmup):
+            call()
+        sync(device)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), mem.gib
+
+
+def kernel_rows(job: Job, device: torch.device, dtype: torch.dtype, warmup: int = 3, reps: int = 10) -> list[Row]:
+    rows = []
+    before = kernels.get_backend()
+    for op, (setting, make) in cases(job, device, dtype).items():
+        row = Row("kernel", op, f"{job.shape}: {setting}", "calls/s", mem=PeakMemory.kind(device),
+                  timing=f"median of {reps} calls after {warmup}")
+        for side, backend in (("ours", "triton"), ("hf", "reference")):
+            try:
+                kernels.set_backend(backend)
+                seconds, gib = time_calls(make(backend == "triton"), device, warmup, reps)
+                setattr(row, side, 1.0 / seconds)
+                setattr(row, f"{side}_mem_gib", gib)
+            except Exception as e:
+                row.errors[side] = short(e)
+            finally:
+                kernels.set_backend(before)
+                free_memory(device)
+        on = op in AUTO_TRITON_OPS
+        row.note = f"ours: Triton, HF column: the torch twin; auto runs Triton on a GPU: {'yes' if on else 'no'}"
+        row.extra["auto_triton"] = on
+        rows.append(row)
+    return rows
