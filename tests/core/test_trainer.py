@@ -15,7 +15,7 @@ from tests.helpers import make_tiny_tokenizer, tiny_model, tiny_model_dir
 from unsloth_core.data import collate, pack, tokenize_sft
 from unsloth_core.data.examples import TextExample
 from unsloth_core.data.synthetic import fact_rows, made_up_facts, preference_rows, write_jsonl
-from unsloth_core.finetune import finetune, prepare_datasets
+from unsloth_core.finetune import finetune, load_base, prepare_datasets
 from unsloth_core.lora import LoRAConfig, apply_lora
 from unsloth_core.train_checkpoint import list_checkpoints
 from unsloth_core.trainer import StopRequest, TrainArgs, Trainer, TrainerCallbacks, lr_at
@@ -192,13 +192,14 @@ def test_bad_arguments_are_refused() -> None:
             TrainArgs(**kw)
 
 
-def test_dpo_raises_preference_accuracy(tmp_path: Path, model_dir: Path) -> None:
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["16bit", "qlora"])
+def test_dpo_raises_preference_accuracy(tmp_path: Path, model_dir: Path, load_in_4bit: bool) -> None:
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(made_up_facts(16, seed=3)))
     a = args(tmp_path / "out", method="dpo", max_steps=30, learning_rate=2e-2, beta=0.5, eval_steps=30,
              micro_batch_size=4, gradient_accumulation_steps=1)
     tok = make_tiny_tokenizer()
     datasets = prepare_datasets(tok, a, data)
-    model, _ = __import__("unsloth_core.finetune", fromlist=["load_base"]).load_base(model_dir)
+    model, _ = load_base(model_dir, load_in_4bit=load_in_4bit)
     apply_lora(model, r=8, alpha=16, seed=0)
     trainer = Trainer(copy.deepcopy(model), a, datasets.train, datasets.train, pad_id=tok.pad_token_id or 0)
     before = trainer.evaluate()
