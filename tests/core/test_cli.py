@@ -38,6 +38,9 @@ def test_generate_chat_stream_and_sampling(model_dir: Path, capsys: pytest.Captu
     assert main([*common, "--chat"]) == 0
     assert capsys.readouterr().out == streamed  # greedy: the same text either way
     assert main([*common, "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--chat", "--load-in-4bit"]) == 0  # the same model in NF4
+    assert capsys.readouterr().out.strip()
 
 
 def test_train_from_yaml_with_flag_overrides_then_export(tmp_path: Path, model_dir: Path,
