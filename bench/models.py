@@ -72,6 +72,9 @@ def build_nf4(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 
         part.to_empty(device=device)
         init_weights(part, seed, prefix=prefix)
         quantize_model(part)
+    if model.config.tie_word_embeddings:  # to_empty gave the embedding a new Parameter: tie the head to it again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    assert not any(t.is_meta for t in model.parameters()), "a part of the model was left unbuilt"
     model.init_buffers(device)
     return model
 
