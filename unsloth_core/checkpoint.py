@@ -209,6 +209,8 @@ def load_model(directory: str | os.PathLike[str], device: torch.device | str = "
         state.pop("lm_head.weight", None)  # some exporters write the tied head anyway
     with torch.device("meta"):
         model = Llama(config)
+    if load_in_4bit:
+        model.requires_grad_(False)  # a 4-bit weight cannot require grad; LoRA injection picks what trains
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}

@@ -341,6 +341,7 @@ def load_adapter(base: Llama, directory: str | os.PathLike[str]) -> Llama:
     config = read_adapter_config(directory)
     with torch.device("meta"):
         model = Llama(base.config)
+    model.requires_grad_(False)  # frozen before the base's tensors go in (a 4-bit weight refuses requires_grad)
     model.load_state_dict(dict(base.named_parameters()), strict=False, assign=True)
     if base.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

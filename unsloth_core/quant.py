@@ -11,7 +11,9 @@ in an `nn.Linear` as `weight` (frozen) and travels with the model: `.to(device)`
 projection is computed through `linear_4bit`, which dequantizes into a temporary for the matmul and again in
 backward, so autograd never keeps a dense copy of a frozen weight (a per-layer 16-bit temporary lives only while its
 matmul runs). The fused LoRA kernels call `dense()` on their base weights the same way. Any other op on an NF4Tensor
-runs on its dequantized value; ops that would write into one are refused, except `copy_`, which requantizes.
+runs on its dequantized value; ops that would write into one (in place or through `out=`) are refused, except
+`copy_`, which requantizes. A view or slice of one (`w[0]`, `w.t()`) is a dequantized copy: writing into it does
+not change the weight. An NF4 weight cannot be trained: asking for its gradient is an error.
 """
 
 from __future__ import annotations
@@ -119,10 +121,20 @@ class NF4Tensor(torch.Tensor):
                 f"device={self.device})")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NF4Tensor:
-        return self._rewrap(torch.clone)
+        copied = _rebuild(self.packed.clone(), self.absmax.clone(), self.code.clone(), tuple(self.shape),
+                          self.blocksize, self.dtype, _is_param(self))
+        memo[id(self)] = copied
+        return copied
 
-    def __reduce_ex__(self, protocol: Any) -> Any:  # pickling: keep the 4-bit storage
-        return NF4Tensor, (self.packed, self.absmax, self.code, tuple(self.shape), self.blocksize, self.dtype)
+    def __reduce_ex__(self, protocol: Any) -> Any:  # pickling: the 4-bit storage, and whether it is a Parameter
+        return _rebuild, (self.packed, self.absmax, self.code, tuple(self.shape), self.blocksize, self.dtype,
+                          _is_param(self))
+
+    def requires_grad_(self, requires_grad: bool = True) -> NF4Tensor:
+        if requires_grad:
+            raise RuntimeError("a 4-bit (NF4) weight cannot be trained; train LoRA adapters on it, or load the "
+                               "model without load_in_4bit to train this weight")
+        return super().requires_grad_(False)  # type: ignore[return-value]
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
         return ["packed", "absmax", "code"], (tuple(self.shape), self.blocksize, self.dtype)
@@ -145,12 +157,23 @@ class NF4Tensor(torch.Tensor):
         if handler is not None:
             return handler(*args, **kwargs)
         for i, arg in enumerate(func._schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write and i < len(args) \
-                    and isinstance(args[i], NF4Tensor):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)  # positional, or keyword such as out=
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, NF4Tensor):
                 raise RuntimeError(f"{func} would write into a 4-bit (NF4) weight; 4-bit base weights are frozen "
                                    f"(train LoRA adapters on them, or load the model without load_in_4bit)")
         return func(*tree_map(lambda t: t.dense() if isinstance(t, NF4Tensor) else t, args),
                     **tree_map(lambda t: t.dense() if isinstance(t, NF4Tensor) else t, kwargs))
+
+
+def _is_param(t: Tensor) -> bool:
+    return bool(getattr(t, "_is_param", False))
+
+
+def _rebuild(packed: Tensor, absmax: Tensor, code: Tensor, shape: tuple[int, ...], blocksize: int,
+             dtype: torch.dtype, is_param: bool = False) -> NF4Tensor:
+    """An NF4Tensor from its parts (copies and unpickling), a frozen Parameter again if it was one."""
+    t = NF4Tensor(packed, absmax, code, shape, blocksize, dtype)
+    return nn.Parameter(t, requires_grad=False) if is_param else t  # type: ignore[return-value]
 
 
 def _detach(t: NF4Tensor) -> NF4Tensor:
@@ -159,12 +182,17 @@ def _detach(t: NF4Tensor) -> NF4Tensor:
 
 def _to_copy(t: NF4Tensor, dtype: torch.dtype | None = None, device: torch.device | None = None,
              **_: Any) -> NF4Tensor:
-    """A device move moves the storage; a dtype change only changes the compute dtype (the levels stay 4-bit)."""
-    return t._rewrap(lambda x: x.to(device) if device is not None else x, dtype)
+    """A copy, as `.to()` makes: a device move moves the storage, a dtype change only changes the compute dtype
+    (the levels stay 4-bit)."""
+    return t._rewrap(lambda x: x.to(device, copy=True) if device is not None else x.clone(), dtype)
 
 
-def _copy(dst: NF4Tensor, src: Tensor, *_: Any, **__: Any) -> NF4Tensor:
-    """Loading into a 4-bit weight: takes src's storage if it is NF4 too, else quantizes src."""
+def _copy(dst: Tensor, src: Tensor, *_: Any, **__: Any) -> Tensor:
+    """Into a 4-bit weight: takes src's storage if it is NF4 too, else quantizes src. Into a plain tensor: the
+    dequantized values (loading a 4-bit state dict into a 16-bit model)."""
+    if not isinstance(dst, NF4Tensor):
+        assert isinstance(src, NF4Tensor)
+        return dst.copy_(src.dense(dst.dtype).to(dst.device))
     if src.shape != dst.shape:
         raise RuntimeError(f"cannot copy a tensor of shape {tuple(src.shape)} into a 4-bit weight of shape "
                            f"{tuple(dst.shape)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 
 import peft
@@ -73,6 +74,30 @@ def test_storage_is_4_5_bits_per_weight_and_follows_the_tensor_api() -> None:
     assert torch.equal(p.dense(torch.float32), NF4Tensor.from_dense(w * 2).dense())
     with torch.no_grad():  # any other op runs on the dequantized value
         assert torch.equal(p @ torch.eye(512, dtype=torch.bfloat16), p.dense())
+
+
+def test_copies_pickles_and_refusals() -> None:
+    """A deep copy or a pickled model keeps its 4-bit weights as frozen Parameters (so LoRA still fits on it);
+    `.to()` copies; writes through `out=` and asking for a gradient are refused; a 4-bit state dict loads into a
+    16-bit model as its dequantized values."""
+    model = quantize_model(tiny_model(seed=7))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        w = clone.model.layers[0].mlp.down_proj.weight
+        assert isinstance(w, NF4Tensor) and isinstance(w, torch.nn.Parameter) and not w.requires_grad
+        assert torch.equal(w.dense(), model.model.layers[0].mlp.down_proj.weight.dense())
+        apply_lora(clone, r=2, alpha=4, seed=0)
+    q = NF4Tensor.from_dense(torch.randn(8, 64))
+    half = q.to(torch.float16)
+    half.copy_(torch.zeros(8, 64))
+    assert q.dense().abs().sum() > 0  # the original kept its values
+    with pytest.raises(RuntimeError, match="would write into a 4-bit"):
+        torch.add(torch.ones(8, 64), 1.0, out=q)
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        q.requires_grad_(True)
+    plain = tiny_model(seed=8)
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain.model.layers[1].self_attn.o_proj.weight,
+                       model.model.layers[1].self_attn.o_proj.weight.dense())
 
 
 @pytest.mark.parametrize("autocast", [False, True])
