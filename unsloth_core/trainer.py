@@ -80,6 +80,7 @@ class TrainArgs:
             (self.beta > 0, "beta must be positive"),
             (self.logging_steps >= 1, "logging_steps must be at least 1"),
             (self.method in ("sft", "dpo"), "method must be 'sft' or 'dpo'"),
+            (isinstance(self.load_in_4bit, bool), "load_in_4bit must be true or false"),
             (self.lr_scheduler in ("linear", "cosine", "constant"), "lr_scheduler must be linear, cosine or constant"),
         ]
         for ok, message in checks:

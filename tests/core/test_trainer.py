@@ -92,6 +92,8 @@ def test_qlora_in_bf16_resumes_bit_identical(tmp_path: Path, model_dir: Path, sf
     assert any(not torch.equal(a[k], sixteen[k]) for k in a if "lora_A" in k)
     with pytest.raises(ValueError, match="load_in_4bit"):
         finetune(model_dir, sft_file, args(tmp_path / "d", load_in_4bit=True), None)
+    with pytest.raises(ValueError, match="load_in_4bit must be true or false"):
+        args(tmp_path / "e", load_in_4bit="maybe")  # e.g. a mistyped --load-in-4bit value
 
 
 def test_torn_checkpoint_is_ignored_and_removed(tmp_path: Path, model_dir: Path, sft_file: Path) -> None:
