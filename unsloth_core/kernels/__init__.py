@@ -6,9 +6,10 @@ same from code.
 
 One file per op: `norm.py` (RMSNorm), `rotary.py` (RoPE), `glu.py` (SwiGLU), `cross_entropy.py` (LM head + loss,
 chunked), `lora.py` (LoRA projections with a hand-written backward), `offload.py` (checkpointing with the layer
-input offloaded), `nf4.py` (4-bit weight dequantization, dispatched from unsloth_core/quant.py). The Triton files are imported on first use only, so importing this package never needs triton.
-Their names differ from the functions here on purpose: importing a submodule binds its name on the package, and a
-`kernels/rms_norm.py` would replace `kernels.rms_norm` the function with the module.
+input offloaded), `nf4.py` (4-bit weight dequantization, dispatched from unsloth_core/quant.py). The Triton files
+are imported on first use only, so importing this package never needs triton. Their names differ from the functions
+here on purpose: importing a submodule binds its name on the package, and a `kernels/rms_norm.py` would replace
+`kernels.rms_norm` the function with the module.
 """
 
 from __future__ import annotations
