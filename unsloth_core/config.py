@@ -15,6 +15,9 @@ from typing import Any
 
 from unsloth_core.errors import ModelFormatError
 
+# The seven linear projections of a Llama block, by their HF module names (what LoRA targets and NF4 stores).
+PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 

@@ -24,12 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unsloth_core.checkpoint import atomic_directory
+from unsloth_core.config import PROJECTIONS
 from unsloth_core.errors import ModelFormatError
 from unsloth_core.model import Llama
 from unsloth_core.quant import dense, is_quantized, quantize_model
 from unsloth_core.quant import linear as base_linear
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = PROJECTIONS
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."

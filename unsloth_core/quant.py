@@ -28,11 +28,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_map
 
+from unsloth_core.config import PROJECTIONS
 from unsloth_core.kernels import reference
 from unsloth_core.kernels.backend import use_triton
 
 BLOCKSIZE = 64
-QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZED_MODULES = PROJECTIONS
 
 aten = torch.ops.aten
 
