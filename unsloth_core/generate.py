@@ -228,6 +228,10 @@ class Generator:
             slot_mask[i, p:t] = True
         positions = (slot_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)
         next_pos = positions[:, -1:] + 1  # (B, 1)
+        # Each decode step's slot and positions are derived on the device from these. A tensor built from host data
+        # every step (torch.tensor([slot], device="cuda")) is a blocking copy: the host would wait for the GPU on
+        # every token, and the compiled step could never run ahead of it.
+        first_slot = torch.full((1,), t, device=dev)
         eos = set(self.model.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
         rows = [RowState(i, self.tokenizer, p, set(p.stop_token_ids) if p.stop_token_ids is not None else eos)
                 for i, p in enumerate(params)]
@@ -253,10 +257,9 @@ class Generator:
             if last:
                 break
             slot = t + step
-            slot_mask[:, slot] = True
+            slot_mask[:, slot].fill_(True)  # not `= True`: that makes a host tensor
             width = n_slots if self.compile else slot + 1
-            input_pos = torch.tensor([slot], device=dev)
-            logits = decode(chosen[:, None], input_pos, next_pos + step, slot_mask[:, :width])
+            logits = decode(chosen[:, None], first_slot + step, next_pos + step, slot_mask[:, :width])
             if self.compile:
                 logits = logits.clone()  # the CUDA-graph output buffer is overwritten by the next replay
 

@@ -7,6 +7,7 @@ engine) give what the plain path gives, on a whole model. On the CPU the Triton 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -130,6 +131,33 @@ def test_the_compiled_decode_step_gives_the_same_tokens(device: torch.device, ba
     for _ in range(2):  # the second call replays the captured graph
         assert [c.token_ids for c in compiled.generate(prompts, GREEDY)] == [c.token_ids for c in eager]
 
+
+
+@pytest.mark.gpu
+def test_the_compiled_decode_loop_does_not_sync_per_token() -> None:
+    """The host runs ahead of the GPU: it waits only when it reads tokens back, once per `sync_every` steps. Every
+    synchronizing call (a blocking copy, a read-back) warns under CUDA's sync debug mode; 32 more tokens may add
+    about 32 / 8 of them, not 32."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_model(seed=11, std=0.3).to("cuda")
+    gen = Generator(model, None, compile=True, max_seq_length=64)
+    assert gen.sync_every == 8
+
+    def syncs(new_tokens: int) -> int:
+        params = SamplingParams(temperature=0, max_new_tokens=new_tokens, stop_token_ids=[])
+        gen.generate([[1, 2, 3]], params)  # captured and warm: only the loop's own syncs are counted below
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                gen.generate([[1, 2, 3]], params)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return len(caught)
+
+    assert syncs(48) - syncs(16) <= 8
 
 def test_the_batch_engine_matches_the_generator(device: torch.device) -> None:
     model = tiny_model(seed=11, std=0.3).to(device)

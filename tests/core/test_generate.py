@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import make_tiny_tokenizer, tiny_model
 from unsloth_core.errors import ContextLengthError
@@ -183,3 +184,26 @@ def test_compiled_decode_step_gives_the_same_tokens(model: Llama) -> None:
     compiled = Generator(model, None, compile=True, max_seq_length=64)
     assert compiled.sync_every > 1  # tokens are read back in blocks: no host sync per token
     assert [c.token_ids for c in compiled.generate(prompts, params)] == [c.token_ids for c in eager]
+
+
+class TensorsFromHostData(TorchDispatchMode):
+    """Counts tensors built from Python data (`torch.tensor(...)`): on a GPU each is a blocking host-to-device copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_steps_build_no_tensors_from_host_data(model: Llama) -> None:
+    """Every step's inputs are derived on the device, so a compiled step on a GPU never waits for the host."""
+    def count(new_tokens: int) -> int:
+        with TensorsFromHostData() as mode:
+            Generator(model, None).generate([[1, 2, 3], [4, 5]],
+                                            SamplingParams(temperature=0, max_new_tokens=new_tokens, **NO_EOS))
+        return mode.count
+
+    assert count(12) == count(2)
