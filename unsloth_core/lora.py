@@ -292,7 +292,12 @@ def write_adapter_files(model: Llama, directory: Path, base_model_name_or_path: 
         raise ValueError("this model has no LoRA adapters to save (call apply_lora / get_peft_model first)")
     if base_model_name_or_path is not None:
         config.base_model_name_or_path = base_model_name_or_path
-    tensors = {peft_key(k): v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors: dict[str, Tensor] = {}
+    for k, v in adapter_state_dict(model).items():
+        t = v.detach().contiguous().cpu()
+        # A tied embedding and head both saved: safetensors refuses aliases, so write two copies, as PEFT does.
+        aliased = any(t.data_ptr() == u.data_ptr() for u in tensors.values())
+        tensors[peft_key(k)] = t.clone() if aliased else t
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(), indent=2, sort_keys=True) + "\n")
 

@@ -112,8 +112,13 @@ class KVCache(nn.Module):
 
 def fused_lora(*layers: nn.Module) -> list[kernels.LoRAProj] | None:
     """(W, b, A, B) of each layer when all are active LoRA layers with the same scaling and dropout, and gradients
-    are being recorded: then a group's hand-written autograd Function replaces the per-layer graph. Else None."""
-    if not (torch.is_grad_enabled() and kernels.fused_lora_enabled()):
+    are being recorded or the layers are training: then a group's hand-written autograd Function replaces the
+    per-layer graph. Else None.
+
+    Training without grad is a checkpointed layer's forward, whose replay in backward records gradients: both must
+    take this path, as each path draws its dropout masks its own way.
+    """
+    if not (kernels.fused_lora_enabled() and (torch.is_grad_enabled() or layers[0].training)):
         return None
     parts: list[kernels.LoRAProj] = []
     for layer in layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from unsloth_core.data import collate, pack, tokenize_sft
 from unsloth_core.data.examples import TextExample
 from unsloth_core.data.synthetic import fact_rows, made_up_facts, preference_rows, write_jsonl
 from unsloth_core.finetune import finetune, load_base, prepare_datasets
-from unsloth_core.lora import LoRAConfig, apply_lora
+from unsloth_core.lora import LoRAConfig, apply_lora, load_adapter
 from unsloth_core.train_checkpoint import list_checkpoints
 from unsloth_core.trainer import StopRequest, TrainArgs, Trainer, TrainerCallbacks, lr_at
 
@@ -223,3 +224,27 @@ def test_a_bad_validation_file_is_named_as_such(tmp_path: Path, sft_file: Path) 
     with pytest.raises(DataFileError, match="in the validation file") as info:
         prepare_datasets(make_tiny_tokenizer(), args(tmp_path), sft_file, bad)
     assert info.value.role == "validation" and info.value.errors[0].line == 1
+
+
+@pytest.mark.parametrize("trained", [["lm_head"], ["embed_tokens", "lm_head"], "full"])
+def test_bf16_autocast_trains_fp32_heads_and_embeddings(tmp_path: Path, model_dir: Path, sft_file: Path,
+                                                       trained: list[str] | str) -> None:
+    """What a GPU runs by default (bf16 autocast; frozen weights bf16, trained ones fp32) with a trained head, a
+    trained embedding (an fp32 residual stream into bf16 LoRA layers), or every weight: the fused Functions and the
+    chunked loss meet mixed dtypes there, which `out=` products refuse. A tied embedding saved under both names
+    loads back."""
+    lora = None if trained == "full" else LoRAConfig(r=4, lora_alpha=8, modules_to_save=list(trained))
+    log = StopAt(step=99)
+    result, final = finetune(model_dir, sft_file, args(tmp_path, dtype="bfloat16", learning_rate=2e-3), lora,
+                             callbacks=log)
+    assert result.status == "completed"
+    losses = [m["loss"] for m in log.logs if "loss" in m]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    if lora is not None:
+        base, _ = load_base(model_dir)
+        served = load_adapter(base, final)
+        saved = adapter_tensors(final)
+        for name in trained:
+            key = f"base_model.model.{'model.' if name == 'embed_tokens' else ''}{name}.weight"
+            module = served.model.embed_tokens if name == "embed_tokens" else served.lm_head
+            torch.testing.assert_close(module.weight, saved[key].to(module.weight.dtype))

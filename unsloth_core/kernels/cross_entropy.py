@@ -61,10 +61,19 @@ def _chunk_loss(logits: Tensor, labels: Tensor, ignore_index: int, write_grad: b
 
 def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b with acc in fp32 (CPU matmuls cannot write fp32 from bf16 inputs, so cast the product)."""
-    if acc.dtype == a.dtype:
+    if acc.dtype == a.dtype == b.dtype:
         acc.addmm_(a, b)
     else:
-        acc.add_(a @ b)
+        acc.add_(a @ b.to(a.dtype))
+
+
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out = a @ b. `out=` takes no mixed dtypes (and autocast does not apply to it): under bf16 autocast a trained
+    fp32 head gives bf16 logits, and a trained fp32 embedding an fp32 residual stream."""
+    if out.dtype == a.dtype == b.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
 
 
 def _chunked(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int | None, need_dh: bool,
@@ -80,12 +89,14 @@ def _chunked(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, 
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(h) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    w_grad: Tensor | None = None  # the weight in the logits' dtype, cast once
     for start in range(0, h.shape[0], step):
         h_c, y_c = h[start:start + step], y[start:start + step]
         row_loss, grad = _chunk_loss(h_c @ weight.t(), y_c, ignore_index, need_dh or need_dw, use_triton)
         loss += row_loss.sum()
         if dh is not None:
-            torch.mm(grad, weight, out=dh[start:start + step])
+            w_grad = weight.to(grad.dtype) if w_grad is None else w_grad
+            _matmul_into(dh[start:start + step], grad, w_grad)
         if dw is not None:
             _add_matmul(dw, grad.t(), h_c)
     if dh is not None and not kept_all:

@@ -66,6 +66,14 @@ def _dropout(p: float, training: bool) -> _Dropout:
     return _Dropout(p, draw_seed() if training and p > 0 else None)
 
 
+def _autocast_input(x: Tensor) -> Tensor:
+    """x in autocast's dtype when autocast is on. The Functions' `out=` and in-place products are not autocast, and
+    a trained fp32 embedding makes the residual stream fp32 while the frozen weights are bf16; autograd casts the
+    input's gradient back."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 # ---- projections sharing one input ----
 
 
@@ -204,7 +212,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
                 dropout_p: float = 0.0, training: bool = False) -> Tensor:
     """x W^T + b + scale * (dropout(x) A^T) B^T for x (..., in), W (out, in), A (r, in), B (out, r)."""
     drop = _dropout(dropout_p, training)
-    return LoRALinearFunction.apply(x, scale, drop, weight, bias, lora_a, lora_b)
+    return LoRALinearFunction.apply(_autocast_input(x), scale, drop, weight, bias, lora_a, lora_b)
 
 
 # ---- q, k, v from one input ----
@@ -239,7 +247,7 @@ def lora_qkv(x: Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, scale: float, dro
     Each projection is (W, b or None, lora_A.weight, lora_B.weight) and gets its own dropout mask, as in PEFT.
     """
     drop = _dropout(dropout_p, training)
-    return LoRAQKVFunction.apply(x, scale, drop, *q, *k, *v)
+    return LoRAQKVFunction.apply(_autocast_input(x), scale, drop, *q, *k, *v)
 
 
 # ---- gate, up, SwiGLU, down ----
@@ -301,4 +309,4 @@ def lora_mlp(x: Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj, scale: flo
              training: bool = False) -> Tensor:
     """down(silu(gate(x)) * up(x)) with every projection a `lora_linear`; saves x, gate(x) and up(x) only."""
     drop = _dropout(dropout_p, training)
-    return LoRAMLPFunction.apply(x, scale, drop, *gate, *up, *down)
+    return LoRAMLPFunction.apply(_autocast_input(x), scale, drop, *gate, *up, *down)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import tiny_model
 from unsloth_core import kernels
+from unsloth_core.lora import apply_lora
 
 C, R = 16, 4
 
@@ -63,3 +65,25 @@ def test_outside_grad_mode_it_is_a_plain_call() -> None:
         out = kernels.checkpoint(layer, x, torch.tensor(1.0), offload=True)
     assert out.grad_fn is None
     torch.testing.assert_close(out, layer(x, torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_a_checkpointed_lora_model_with_dropout_gets_the_gradients_of_an_unchecked_one(mode: bool | str) -> None:
+    """The checkpointed forward runs without grad and its replay with grad: both must take the same LoRA path, or
+    the replay draws other dropout masks than the forward used (a silent error in every gradient)."""
+    model = apply_lora(tiny_model(seed=3), r=4, alpha=8, dropout=0.3, seed=0).train()
+    x = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def grads(checkpointing: bool | str) -> list[torch.Tensor]:
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        loss = model(x, labels=x, return_logits=False).loss
+        assert loss is not None
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads(False)
+    assert len(plain) == 2 * 7 * model.config.num_hidden_layers
+    for a, b in zip(grads(mode), plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
