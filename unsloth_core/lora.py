@@ -109,8 +109,10 @@ class LoRALinear(nn.Linear):
             new = cls(linear.in_features, linear.out_features, config.r, config.lora_alpha, config.lora_dropout,
                       bias=linear.bias is not None, use_rslora=config.use_rslora)
         new.weight, new.bias = linear.weight, linear.bias
-        new.lora_A.weight = nn.Parameter(torch.empty(config.r, linear.in_features, device=w.device, dtype=w.dtype))
-        new.lora_B.weight = nn.Parameter(torch.empty(linear.out_features, config.r, device=w.device, dtype=w.dtype))
+        # Adapters in fp32 whatever the base's dtype, as PEFT keeps them (`autocast_adapter_dtype`): the optimizer
+        # updates fp32 values, so small steps are not rounded away as they would be in bf16.
+        new.lora_A.weight = nn.Parameter(torch.empty(config.r, linear.in_features, device=w.device))
+        new.lora_B.weight = nn.Parameter(torch.empty(linear.out_features, config.r, device=w.device))
         new.reset_lora(config.init_lora_weights)
         return new
 
@@ -135,7 +137,9 @@ class LoRALinear(nn.Linear):
         if self.disabled or self.merged:
             return y
         lora_in = F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x
-        return y + self.lora_B(self.lora_A(lora_in)) * self.scaling
+        if not torch.is_autocast_enabled(x.device.type):  # a 16-bit x meets the fp32 adapter: compute in fp32
+            lora_in = lora_in.to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(lora_in)) * self.scaling).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

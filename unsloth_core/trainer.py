@@ -343,11 +343,11 @@ class Trainer:
     def _prepare_model(self) -> None:
         torch.manual_seed(self.args.seed)
         random.seed(self.args.seed)
-        if self.compute_dtype != torch.float32:
-            # Frozen base weights in the compute dtype; trainable ones stay fp32 (autocast does the matmuls).
-            for p in self.model.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(self.compute_dtype)
+        for p in self.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # trained weights are fp32 masters (a model loaded in bf16 included)
+            elif not p.requires_grad and self.compute_dtype != torch.float32:
+                p.data = p.data.to(self.compute_dtype)  # frozen ones in the compute dtype; autocast does the matmuls
         self.model.gradient_checkpointing = self.args.gradient_checkpointing
         if self.args.method == "dpo" and self.model.lora_config is None and self.reference is None:
             import copy

@@ -171,3 +171,27 @@ def test_merge_unmerge_and_merged_export(tmp_path: Path) -> None:
         assert (load_model(tmp_path / "merged")(x).logits - adapted).abs().max() <= 1e-4
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         assert (hf(x).logits - adapted).abs().max() <= 1e-4
+
+
+def test_adapters_on_a_16_bit_base_are_fp32_as_peft_keeps_them() -> None:
+    """A bf16 base (how a GPU loads a model) gets fp32 adapters, as PEFT's do; with no autocast the adapter branch
+    runs in fp32, so the model computes what the fp32 model with the same adapter computes, to bf16's precision."""
+    ours, theirs = adapted_pair(std=0.15)
+    ours16 = copy.deepcopy(ours)
+    for name, p in ours16.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    fresh = apply_lora(tiny_model(seed=21).to(torch.bfloat16), r=R, alpha=ALPHA, seed=0)
+    peft16 = peft.get_peft_model(copy.deepcopy(theirs.base_model.model).to(torch.bfloat16),
+                                 peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(ALL_LINEAR)))
+    assert {p.dtype for n, p in fresh.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in peft16.named_parameters() if "lora_" in n} == {torch.float32}
+    x = batch()
+    out = ours16(x, labels=x)
+    assert out.logits is not None and out.loss is not None and out.logits.dtype == torch.bfloat16
+    expected = ours(x).logits
+    assert expected is not None
+    torch.testing.assert_close(out.logits.float(), expected, atol=0.1, rtol=0.05)
+    out.loss.backward()
+    grads = [p.grad for n, p in ours16.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
