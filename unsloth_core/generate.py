@@ -7,11 +7,13 @@ every `sync_every` steps, not every step. On the CPU it runs eagerly and attends
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch._dynamo
 from torch import Tensor
 
 from unsloth_core.errors import ContextLengthError
@@ -21,6 +23,11 @@ from unsloth_core.tokenizer import StreamDecoder, Tokenizer
 
 FinishReason = Literal["stop", "length"]
 Prompt = str | Sequence[int]
+
+# How many (batch, cache slots) shapes this process compiles the decode step for. Each shape is one compile (and
+# one CUDA graph); dynamo's default limit of 8 per function would fail the 9th, so the limit is raised to this, and
+# a shape past it decodes eagerly.
+COMPILED_SHAPES = 32
 
 
 @dataclass
@@ -133,8 +140,25 @@ class Generator:
     def _decoder(self) -> Callable[..., Tensor]:
         if self._decode is None:
             fn = self._decode_step
-            self._decode = torch.compile(fn, mode="reduce-overhead", fullgraph=True) if self.compile else fn
+            if self.compile:
+                config = torch._dynamo.config
+                config.recompile_limit = max(config.recompile_limit, COMPILED_SHAPES)
+                fn = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+            self._decode = fn
         return self._decode
+
+    def _decode_next(self, *args: Tensor) -> Tensor:
+        """One decode step; compiled, the logits are copied out of the CUDA graph's output buffer, which the next
+        replay overwrites. A shape past the compile limit runs eagerly from then on."""
+        if not self.compile:
+            return self._decoder()(*args)
+        try:
+            return self._decoder()(*args).clone()
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warnings.warn(f"the decode step is compiled for {COMPILED_SHAPES} (batch, cache) shapes already; "
+                          "this Generator decodes eagerly from now on", RuntimeWarning, stacklevel=2)
+            self._decode = self._decode_step
+            return self._decode_step(*args)
 
     # ---- public API ----
 
@@ -184,8 +208,13 @@ class Generator:
             self.check_context(len(row_ids), p.max_new_tokens)
             if p.stop and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer")
-        with torch.inference_mode():
-            yield from self._run(ids, per_row)
+        was_training = self.model.training
+        self.model.eval()  # no dropout in generation, even from a model straight out of training
+        try:
+            with torch.inference_mode():
+                yield from self._run(ids, per_row)
+        finally:
+            self.model.train(was_training)
 
     @staticmethod
     def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -206,6 +235,7 @@ class Generator:
         """
         if self.compile:
             n_slots = min(self.max_seq_length, max(256, 1 << (n_slots - 1).bit_length()))
+            n_slots = (n_slots + 7) // 8 * 8  # as setup_caches rounds it, or every call would reallocate
         shape = self.model.cache_shape
         too_big = not self.compile and shape is not None and shape[1] > 2 * n_slots + 64
         if shape is None or shape[0] != batch_size or shape[1] < n_slots or too_big or (
@@ -240,13 +270,23 @@ class Generator:
             sampler.observe_prompt(i, x)
         want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
 
+        def decode(step: int, chosen: Tensor) -> Tensor:
+            slot = t + step
+            slot_mask[:, slot].fill_(True)  # not `= True`: that makes a host tensor
+            width = n_slots if self.compile else slot + 1
+            return self._decode_next(chosen[:, None], first_slot + step, next_pos + step, slot_mask[:, :width])
+
+        # On a GPU the next step is queued before tokens are read back, so the device works while the host reads
+        # and emits. On the CPU that would only delay each delta by a step.
+        ahead = dev.type == "cuda"
         logits = self._prefill(tokens, slot_mask, positions)
-        decode = self._decoder()
         pending: list[tuple[Tensor, Tensor | None]] = []
         for step in range(max_new):
             chosen = sampler.sample(logits)
             pending.append((chosen, step_logprobs(logits, chosen, want_logprobs)))
             last = step == max_new - 1
+            if ahead and not last:
+                logits = decode(step, chosen)
             if len(pending) >= self.sync_every or last:
                 deltas = self._emit(rows, pending, params)
                 pending = []
@@ -254,14 +294,8 @@ class Generator:
                     yield deltas
                 if all(r.finish is not None for r in rows):
                     return
-            if last:
-                break
-            slot = t + step
-            slot_mask[:, slot].fill_(True)  # not `= True`: that makes a host tensor
-            width = n_slots if self.compile else slot + 1
-            logits = decode(chosen[:, None], first_slot + step, next_pos + step, slot_mask[:, :width])
-            if self.compile:
-                logits = logits.clone()  # the CUDA-graph output buffer is overwritten by the next replay
+            if not ahead and not last:
+                logits = decode(step, chosen)
 
     def _emit(self, rows: list[RowState], pending: list[tuple[Tensor, Tensor | None]],
               params: list[SamplingParams]) -> list[Delta]:

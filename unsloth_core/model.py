@@ -136,6 +136,27 @@ def lora_hparams(layer: nn.Module) -> tuple[float, float]:
     return float(lora.scaling), float(lora.dropout_p)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA of q (B, H, T, D) over k, v (B, KVH, S, D), KVH dividing H; causal when there is no mask and T > 1.
+
+    With a mask, no fused GPU kernel takes grouped KV heads (flash takes no mask; memory-efficient attention wants
+    as many KV heads as query heads), and SDPA would fall back to its math kernel, which materialises every score in
+    fp32. So a single query token (decode) folds each group's query heads into the query length, where they share
+    the mask (B, 1, 1, S); longer masked queries (prefill of a padded batch, packed training rows) get K and V
+    repeated per head.
+    """
+    b, h, t, d = q.shape
+    groups = h // k.size(1)
+    if mask is None or groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                              enable_gqa=groups > 1)
+    if t == 1:
+        y = F.scaled_dot_product_attention(q.reshape(b, k.size(1), groups, d), k, v, attn_mask=mask)
+        return y.view(b, h, 1, d)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                          attn_mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -159,8 +180,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # (B, KVH, S, D)
             if mask is not None and mask.size(-1) < k.size(2):  # eager decoding reads only the slots in use
                 k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -159,6 +159,26 @@ def test_the_compiled_decode_loop_does_not_sync_per_token() -> None:
 
     assert syncs(48) - syncs(16) <= 8
 
+
+@pytest.mark.gpu
+def test_masked_attention_runs_in_fused_kernels() -> None:
+    """A padded batch's prefill and decode, and a packed training row, in bf16 with grouped KV heads: attention
+    runs with SDPA's math kernel forbidden (it would hold every score in fp32), so a fused kernel took each call."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_model(seed=11, std=0.3).to("cuda", torch.bfloat16)
+    assert model.config.num_attention_heads != model.config.n_kv_heads
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused):
+        Generator(model, None, compile=False).generate([[1, 2, 3], [4, 5, 6, 7, 8]], GREEDY)
+        x = torch.randint(0, model.config.vocab_size, (1, 24), device="cuda")
+        positions = torch.cat([torch.arange(10), torch.arange(14)]).to("cuda")[None]  # two packed samples
+        loss = model(x, position_ids=positions, labels=x, return_logits=False).loss
+        assert loss is not None
+        loss.backward()
+
 def test_the_batch_engine_matches_the_generator(device: torch.device) -> None:
     model = tiny_model(seed=11, std=0.3).to(device)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import unsloth_core.generate as generate_module
 from tests.helpers import make_tiny_tokenizer, tiny_model
 from unsloth_core.errors import ContextLengthError
 from unsloth_core.generate import Generator
+from unsloth_core.lora import apply_lora, lora_layers
 from unsloth_core.model import Llama
 from unsloth_core.sampling import Sampler, SamplingParams
 from unsloth_core.tokenizer import StreamDecoder, Tokenizer
@@ -207,3 +212,33 @@ def test_decode_steps_build_no_tensors_from_host_data(model: Llama) -> None:
         return mode.count
 
     assert count(12) == count(2)
+
+
+def test_generation_runs_in_eval_mode_and_restores_the_mode(model: Llama) -> None:
+    """A model straight out of training (train mode, LoRA dropout) generates without dropout, then trains on."""
+    lora = apply_lora(copy.deepcopy(model), r=4, alpha=8, dropout=0.5, seed=0)
+    with torch.no_grad():
+        for _, layer in lora_layers(lora):
+            layer.lora_B.weight.normal_(0, 0.5)
+    params = SamplingParams(temperature=0, max_new_tokens=8, **NO_EOS)
+    expected = Generator(lora.eval(), None).generate([[1, 2, 3]], params)[0].token_ids
+    lora.train()
+    for _ in range(2):
+        assert Generator(lora, None).generate([[1, 2, 3]], params)[0].token_ids == expected
+    assert lora.training
+
+
+@pytest.mark.slow
+def test_a_shape_past_the_compile_limit_decodes_eagerly(model: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generate_module, "COMPILED_SHAPES", 1)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    params = SamplingParams(temperature=0, max_new_tokens=6, **NO_EOS)
+    compiled = Generator(model, None, compile=True, max_seq_length=64)
+    for prompts in ([[1, 2, 3]], [[1, 2, 3], [4, 5]]):  # the second batch size is one shape too many
+        eager = Generator(model, None).generate(prompts, params)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert [c.token_ids for c in compiled.generate(prompts, params)] == [c.token_ids for c in eager]
+        assert any("decodes eagerly" in str(w.message) for w in caught) == (len(prompts) == 2)
+    torch._dynamo.reset()

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from tests.helpers import tiny_model
-from unsloth_core.model import Llama
+from unsloth_core.model import Llama, attend
 
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=32)
@@ -102,3 +102,20 @@ def test_loss_without_logits_equals_loss_with() -> None:
     assert lean.logits is None
     assert full.loss is not None and lean.loss is not None
     assert torch.allclose(full.loss, lean.loss)
+
+
+@pytest.mark.parametrize("t", [1, 5])  # a decode step; a masked prefill or packed row
+def test_masked_grouped_attention_equals_sdpa_with_grouped_heads(t: int) -> None:
+    """`attend` reshapes (one query token) or repeats K and V (longer queries) so that a masked call never needs
+    SDPA's grouped-head support, which no fused GPU kernel has with a mask; values and gradients are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, t, 9, 16, generator=g).transpose(1, 2).requires_grad_()  # (B, H, T, D), strided as in the model
+    k, v = (torch.randn(2, 3, 17, 16, generator=g).requires_grad_() for _ in range(2))
+    mask = torch.rand(2, 1, t, 17, generator=g) > 0.3
+    mask[..., 0] = True
+    ours = attend(q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ours, ref)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b)
