@@ -13,6 +13,10 @@ class ContextLengthError(UnslothError):
     """A prompt (plus the tokens asked for) longer than the model's context."""
 
 
+class CapacityError(UnslothError):
+    """A request the server cannot fit in memory now (its KV cache or prefill); other requests are unaffected."""
+
+
 class DataFormatError(UnslothError):
     """A training file that does not validate; `errors` holds every bad line."""
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from unsloth_core.errors import CapacityError
 from unsloth_core.generate import Delta, Prompt, RowState, check_context, step_logprobs, token_logprob
 from unsloth_core.model import KVCache, Llama
 from unsloth_core.sampling import Sampler, SamplingParams
@@ -93,8 +94,10 @@ class _Request:
     params: SamplingParams
     stream: Stream
     state: RowState
-    sampler: Sampler
     tokens: list[int] = field(default_factory=list)  # prompt + generated: the row's slots hold these
+    # Made on the engine's thread at admission: its tensors go to the model's device, and a host-to-device copy
+    # from the caller's thread (the event loop) would wait there for the engine's queued GPU work.
+    sampler: Sampler | None = None
 
     @property
     def next_slot(self) -> int:
@@ -139,9 +142,7 @@ class BatchEngine:
             raise ValueError("stop strings need a tokenizer")
         stream = stream or Stream()
         stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else self.eos
-        sampler = Sampler([params], self.model.config.vocab_size, self.model.device)
-        sampler.observe_prompt(0, prompt)
-        request = _Request(list(prompt), params, stream, RowState(index, self.tokenizer, params, stop_ids), sampler,
+        request = _Request(list(prompt), params, stream, RowState(index, self.tokenizer, params, stop_ids),
                            list(prompt))
         self._ensure_running()
         _ENGINES.add(self)
@@ -232,12 +233,18 @@ class BatchEngine:
         old_rows, old_slots = shape or (0, 0)
         new_rows = min(self.max_batch_size, max(old_rows, 1 << max(0, rows - 1).bit_length()))
         new_slots = min(self.max_seq_length, max(old_slots, -(-slots // 256) * 256))
-        old = [(c.k, c.v) for c in self._caches()] if shape is not None else []
-        self.model.setup_caches(new_rows, new_slots)
+        # Every layer's new cache is allocated before any replaces the old one: running out of memory half way
+        # leaves the old caches whole, and only the request that asked for more fails.
+        cfg, dev = self.model.config, self.model.device
+        new = [KVCache(new_rows, cfg.n_kv_heads, (new_slots + 7) // 8 * 8, cfg.d_head, self.model.dtype, dev)
+               for _ in self.model.blocks()]
         live, used = len(self._live), max((len(r.tokens) for r in self._live), default=0)
-        for cache, (k, v) in zip(self._caches(), old):
-            cache.k[:live, :, :used] = k[:live, :, :used]
-            cache.v[:live, :, :used] = v[:live, :, :used]
+        for block, cache in zip(self.model.blocks(), new):
+            old = block.self_attn.kv_cache
+            if old is not None:
+                cache.k[:live, :, :used] = old.k[:live, :, :used]
+                cache.v[:live, :, :used] = old.v[:live, :, :used]
+            block.self_attn.kv_cache = cache
 
     def _caches(self) -> list[KVCache]:
         caches = [b.self_attn.kv_cache for b in self.model.blocks()]
@@ -249,15 +256,30 @@ class BatchEngine:
             if request.stream.cancelled.is_set():
                 request.stream._put(None)
                 continue
-            row = len(self._live)
-            reserve = max([len(r.prompt) + r.params.max_new_tokens for r in self._live]
-                          + [len(request.prompt) + request.params.max_new_tokens])
-            self._ensure_cache(row + 1, reserve)
-            ids = torch.tensor([request.prompt], device=self.model.device)
-            pos = torch.arange(len(request.prompt), device=self.model.device)[None]
-            hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
+            try:
+                logits = self._prefill(request)
+            except (torch.OutOfMemoryError, MemoryError):
+                request.stream._put(CapacityError(
+                    f"not enough {self.model.device.type} memory for this request now ({len(request.prompt)} prompt "
+                    f"tokens, {request.params.max_new_tokens} to generate, beside {len(self._live)} running): "
+                    "retry later, or ask for fewer tokens"))
+                request.stream._put(None)
+                continue
             self._live.append(request)
-            self._advance([request], self.model.lm_head(hidden[:, -1]).float())
+            self._advance([request], logits)
+
+    def _prefill(self, request: _Request) -> Tensor:
+        """Grow the cache for the request, run its prompt into the next free row, and return its next-token logits."""
+        row = len(self._live)
+        reserve = max([len(r.prompt) + r.params.max_new_tokens for r in self._live]
+                      + [len(request.prompt) + request.params.max_new_tokens])
+        self._ensure_cache(row + 1, reserve)
+        request.sampler = Sampler([request.params], self.model.config.vocab_size, self.model.device)
+        request.sampler.observe_prompt(0, request.prompt)
+        ids = torch.tensor([request.prompt], device=self.model.device)
+        pos = torch.arange(len(request.prompt), device=self.model.device)[None]
+        hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
+        return self.model.lm_head(hidden[:, -1]).float()
 
     def _decode(self) -> None:
         live = self._live
@@ -275,6 +297,7 @@ class BatchEngine:
         sampled: list[tuple[int, Tensor]] = []
         lps: list[Tensor | None] = [None] * len(requests)
         for i, r in enumerate(requests):
+            assert r.sampler is not None  # made at admission
             if r.sampler.plain_greedy and r.params.logprobs is None:
                 continue
             row_logits = logits[i : i + 1]

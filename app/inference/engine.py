@@ -110,11 +110,21 @@ class GenerationRun:
                             yield deltas
                         return
                     if isinstance(item, BaseException):
-                        raise item
+                        raise _api_error(item)
                     deltas.append(item)
                 yield deltas
         finally:
             self.stop()
+
+
+def _api_error(e: BaseException) -> BaseException:
+    """A request the engine could not fit now is the server's capacity, not a bug: 503, and the client may retry."""
+    from unsloth_core.errors import CapacityError
+
+    if isinstance(e, CapacityError):
+        return APIError(503, f"The server is out of memory for this request: {e}.", type="server_error",
+                        code="insufficient_capacity", headers={"Retry-After": "5"})
+    return e
 
 
 class InferenceEngine:

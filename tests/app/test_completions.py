@@ -12,8 +12,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.app.conftest import TINY, TINY_SLASHED, Backend, FineTune
+from unsloth_core.serving import BatchEngine
 
 HI = [{"role": "user", "content": "Say something."}]
 
@@ -151,6 +153,21 @@ def test_busy_server_answers_429_with_retry_after(backend: Backend) -> None:
         engine.in_flight -= backend.settings.max_concurrent_generations
     assert chat(backend.client(), max_tokens=2).choices
 
+
+
+def test_a_request_the_engine_cannot_fit_answers_503(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory for one request's cache or prefill is the server's capacity, not a bug: 503 with a message
+    and Retry-After (not a 500), and the next request is served."""
+    def out_of_memory(*_: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BatchEngine, "_prefill", out_of_memory)
+        with pytest.raises(openai.InternalServerError) as e:
+            chat(backend.client(), max_tokens=2)
+    assert e.value.status_code == 503 and e.value.code == "insufficient_capacity"
+    assert "out of memory for this request" in e.value.message and e.value.response.headers["retry-after"] == "5"
+    assert chat(backend.client(), max_tokens=2).choices
 
 @contextmanager
 def wait_for(condition: Any, timeout: float = 10.0) -> None:

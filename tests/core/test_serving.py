@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any
 
 import pytest
+import torch
 
+import unsloth_core.serving as serving
 from tests.helpers import make_tiny_tokenizer, tiny_model
-from unsloth_core.errors import ContextLengthError
+from unsloth_core.errors import CapacityError, ContextLengthError
 from unsloth_core.generate import Delta, Generator
-from unsloth_core.model import Llama
+from unsloth_core.model import KVCache, Llama
 from unsloth_core.sampling import SamplingParams
-from unsloth_core.serving import BatchEngine
+from unsloth_core.serving import BatchEngine, Stream
 from unsloth_core.tokenizer import Tokenizer
 
 NO_EOS = dict(stop_token_ids=[])
@@ -145,4 +149,46 @@ def test_cache_grows_under_live_rows_and_is_freed_when_idle(tok: Tokenizer) -> N
     while model.cache_shape is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert model.cache_shape is None  # idle: the cache was given back
+    engine.close()
+
+
+def test_a_request_that_runs_out_of_memory_fails_alone(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing the cache for a second row runs out of memory half way through the layers: that request gets a
+    CapacityError; the running one keeps its cache and finishes as it would alone; the engine serves on."""
+    grown: list[int] = []
+
+    class OutOfMemoryAtTwoRows(KVCache):
+        def __init__(self, batch_size: int, *args: Any, **kwargs: Any) -> None:
+            if batch_size >= 2:
+                grown.append(batch_size)
+                if len(grown) > 1:  # the first layer's new cache fits, the second does not
+                    raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            super().__init__(batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(serving, "KVCache", OutOfMemoryAtTwoRows)
+    reference = Generator(tiny_model(seed=12, std=0.3), tok)
+    engine = BatchEngine(tiny_model(seed=12, std=0.3), tok, max_batch_size=4, max_seq_length=128)  # no cache yet
+    long = SamplingParams(temperature=0, max_new_tokens=30, **NO_EOS)
+    items: list[Delta | BaseException | None] = []
+    second_queued = threading.Event()
+
+    def on_item(item: Delta | BaseException | None) -> None:  # on the engine's thread
+        items.append(item)
+        if len(items) == 1:  # the first request holds row 0: keep it running until the second one is queued
+            second_queued.wait(timeout=30)
+
+    engine.submit([1, 2, 3], long, stream=Stream(1, on_item))
+    while not items:
+        time.sleep(0.001)
+    refused = engine.submit([4, 5], SamplingParams(temperature=0, max_new_tokens=4, **NO_EOS))
+    second_queued.set()
+    with pytest.raises(CapacityError, match="not enough cpu memory"):
+        list(refused)
+    while items[-1] is not None:
+        time.sleep(0.001)
+    deltas = [d for d in items if isinstance(d, Delta)]
+    assert len(deltas) == len(items) - 1
+    assert collect(deltas)[1] == reference.generate([[1, 2, 3]], long)[0].token_ids
+    later = SamplingParams(temperature=0, max_new_tokens=5, **NO_EOS)
+    assert collect(list(engine.submit([7, 8], later)))[1] == reference.generate([[7, 8]], later)[0].token_ids
     engine.close()
