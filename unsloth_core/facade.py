@@ -126,6 +126,7 @@ class FastLanguageModel:
     @staticmethod
     def for_training(model: Llama, use_gradient_checkpointing: bool | str = True) -> Llama:
         model.train()
+        model.clear_caches()  # generation's KV cache is dead weight while training
         # Unsloth's "unsloth" mode is checkpointing with the layer inputs offloaded to host memory.
         model.gradient_checkpointing = "offload" if use_gradient_checkpointing == "unsloth" else bool(
             use_gradient_checkpointing)

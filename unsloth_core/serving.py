@@ -188,6 +188,8 @@ class BatchEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._thread is None or not self._thread.is_alive():  # nothing decodes any more: free its cache
+            self._free_cache()
 
     def _ensure_running(self) -> None:
         with self._lock:
@@ -206,7 +208,7 @@ class BatchEngine:
                     if self._live:
                         self._decode()
                     elif not self._wake.wait(timeout=self.idle_free_s):
-                        self.model.clear_caches()  # idle: give the memory back; the next request reallocates
+                        self._free_cache()
                     else:
                         self._wake.clear()
         except BaseException as e:  # a failing step fails every request in flight, never silently
@@ -214,6 +216,13 @@ class BatchEngine:
                 r.stream._put(e)
             self._live = []
             raise
+
+    def _free_cache(self) -> None:
+        """Idle: give the KV cache back (the next request reallocates), to the device too, not just to torch's
+        allocator, so a training job sharing the GPU can use it."""
+        self.model.clear_caches()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _drain_waiting(self) -> list[_Request]:
         out = []

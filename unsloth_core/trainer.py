@@ -223,9 +223,14 @@ class Trainer:
         self.model.train()
         if self.args.method == "dpo":
             return self._dpo_window(window)
-        n_targets = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in window)
+        # The window's counts in one read-back, and the sums read back once at its end: a read after each
+        # micro-batch's backward would leave a GPU idle while the host queues the next forward.
+        counts = torch.stack([torch.stack([(mb["labels"][:, 1:] != IGNORE_INDEX).sum(), mb["attention_mask"].sum()])
+                              for mb in window]).tolist()
+        n_targets = sum(targets for targets, _ in counts)
         track = (self.state.step + 1) % self.args.logging_steps == 0  # accuracy costs an LM-head pass: log steps only
-        loss_sum, correct = 0.0, 0
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
         for mb in window:
             with self._autocast():
                 # No attention mask: batches are right-padded, so causal attention is exact for the real tokens.
@@ -233,13 +238,14 @@ class Trainer:
                                  return_logits=False, accuracy=track)
             assert out.loss_sum is not None
             (out.loss_sum / max(n_targets, 1)).backward()
-            loss_sum += float(out.loss_sum.detach())
-            correct += int(out.n_correct) if out.n_correct is not None else 0
-            self.state.tokens_seen += int(mb["attention_mask"].sum())
+            loss_sum += out.loss_sum.detach()
+            if out.n_correct is not None:
+                correct += out.n_correct
+        self.state.tokens_seen += sum(tokens for _, tokens in counts)
         self.state.trained_tokens += n_targets
-        metrics: dict[str, Any] = {"loss": loss_sum / max(n_targets, 1)}
+        metrics: dict[str, Any] = {"loss": float(loss_sum) / max(n_targets, 1)}
         if track:
-            metrics["mean_token_accuracy"] = correct / max(n_targets, 1)
+            metrics["mean_token_accuracy"] = int(correct) / max(n_targets, 1)
         return metrics
 
     def _dpo_window(self, window: list[dict[str, Tensor]]) -> dict[str, Any]:

@@ -55,6 +55,9 @@ def test_notebook_flow(tmp_path: Path, model_dir: Path) -> None:
 
     ids = model.generate(x, max_new_tokens=5)
     assert ids.shape == (1, x.size(1) + 5) and torch.equal(ids[:, : x.size(1)], x)
+    assert model.cache_shape is not None and not model.training  # generation left its KV cache behind
+    FastLanguageModel.for_training(model)
+    assert model.cache_shape is None and model.training  # back to training: the cache is freed
 
 
 def test_from_pretrained_imports_a_gguf_on_the_fly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
