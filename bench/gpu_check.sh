@@ -1,45 +1,108 @@
 #!/usr/bin/env bash
-# The device check for a session that is lent a GPU machine: one call, under ten minutes, every result under $OUT
-# (at most 8 files come back). From the repository root:
-#     bash bench/gpu_check.sh                     # on the GPU machine (the device tool: run, timeout_s=590)
-#     GPU_CHECK_QUICK=1 bash bench/gpu_check.sh   # here, on the CPU: the same steps on --quick shapes
-# Steps, each under its own time limit so that a slow one cannot eat the others:
-#   1. env.txt: the card, driver and package versions, the commit;
-#   2. tests.log: correctness on the GPU first (tests/core/test_device.py, and every kernel against its plain-torch
-#      twin on CUDA); a failure here means the bench numbers below are not to be trusted;
-#   3. train.jsonl / decode.jsonl / longest.jsonl (+ .log): `python -m bench --gpu`, split by work (decode.jsonl
-#      also holds the per-kernel rows, Triton against its torch twin: what AUTO_TRITON_OPS is to follow).
+# The device check for a session that is lent a GPU machine: every result under $OUT (at most 8 files come back;
+# this writes at most 6). From the repository root:
+#     bash bench/gpu_check.sh stamp                # here, before the device calls: writes bench/COMMIT (below)
+#     GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh    # on the GPU first: the bench's GPU paths on tiny shapes, 2 min
+#                                                  #   at most (device tool: run, timeout_s=150)
+#     bash bench/gpu_check.sh                      # on the GPU: the check, 7.5 min at most (run, timeout_s=480)
+#     GPU_CHECK_QUICK=1 bash bench/gpu_check.sh    # here, on the CPU: the same steps on --quick shapes
+# The commit: the device machine receives the working tree without .git, so the commit is taken from
+# $BENCH_COMMIT, else git, else bench/COMMIT. `stamp` writes that file here (the short commit, "-dirty" when
+# tracked files have changes, which travel too); being untracked and not ignored, it travels with the tree.
+# Delete it after the calls (git status shows it) so that it is never committed.
+#
+# Steps, each under its own time limit so that a slow one cannot eat the others; each bench step writes its rows
+# (and the longest-sequence search each probe) to its JSON file as they finish, so a step cut short keeps them:
+#   step      limit  what
+#   env       ~10 s  env.txt: the card, driver and package versions, the commit (nvidia-smi and Python under
+#                    10 s and 20 s limits)
+#   tests      80 s  correctness on the GPU first (tests/core/test_device.py, every kernel against its plain-torch
+#                    twin); a failure here means the numbers below are not to be trusted. Four workers where
+#                    pytest-xdist is there (compiling kernels is CPU work), 60 s a test where pytest-timeout is
+#   kernels    40 s  each Triton kernel against its torch twin at the Llama-8B training shape (do_bench): what
+#                    AUTO_TRITON_OPS is to follow; ~12 s of start-up (imports, CUDA, a priming step) + ~20 s
+#   train     110 s  LoRA train (Llama-1B with GC first), the 50-step loss curve, Llama-8B, QLoRA last (the row a
+#                    slow start may cut); each side builds its model, ~5-25 s a row
+#   decode    120 s  Llama-1B greedy decode at batch 1 and 32: each row compiles our step cold (CUDA graphs,
+#                    ~30-40 s) and HF's generate runs 256 tokens eagerly (PERFORMANCE.md saw 55 ms a token at
+#                    batch 1); the SmolLM2 row of the full plan is left out for that
+#   longest    75 s  one search, Llama-1B from 32,768 in steps of 16,384, each side stopped at a 30 s deadline
+#                    (no probe starts that would end past it): HF's bracket and a lower bound for ours
+# 425 s of limits and the env step: about 7.3 minutes. Smoke mode: env, then one `--gpu --quick` run of every
+# work, 100 s at most (~70 s expected, kernels and two decode steps compiled cold).
+# Files: env.txt, steps.log (every step's output), and kernels/train/decode/longest.jsonl, or smoke.jsonl.
 # Copy the tables into bench/RESULTS.md with the card, date and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = stamp ]; then
+    c=$(git rev-parse --short HEAD) || exit 1
+    git diff --quiet HEAD -- || c="$c-dirty"
+    echo "$c" > bench/COMMIT
+    echo "bench/COMMIT: $c (delete it after the device calls)"
+    exit 0
+fi
+
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
-if [ -n "${GPU_CHECK_QUICK:-}" ]; then plan=(--cpu --quick); cap=4096; else plan=(--gpu); cap=131072; fi
+if [ -n "${GPU_CHECK_SMOKE:-}" ]; then mode=smoke; plan=(--gpu --quick)
+elif [ -n "${GPU_CHECK_QUICK:-}" ]; then mode=quick; plan=(--cpu --quick)
+else mode=full; plan=(--gpu --check); fi
+summary=()
 
-step() {  # step NAME SECONDS COMMAND...: output to $OUT/NAME.log and the screen, exit status noted
-    local name=$1 limit=$2
+step() {  # step NAME SECONDS COMMAND...: output appended to $OUT/steps.log (as it comes), its tail shown
+    local name=$1 limit=$2 start=$SECONDS from status
     shift 2
-    echo "== $name (at most ${limit} s): $*"
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local status=$?
-    tail -n 25 "$OUT/$name.log"
-    echo "== $name: exit $status"
+    echo "== $name (at most ${limit} s): $*" | tee -a "$OUT/steps.log"
+    from=$(($(stat -c %s "$OUT/steps.log") + 1))
+    timeout --kill-after=10 "$limit" "$@" >> "$OUT/steps.log" 2>&1
+    status=$?
+    tail -c "+$from" "$OUT/steps.log" | tail -n 20
+    local what="exit $status"
+    if [ "$status" = 124 ] || [ "$status" = 137 ]; then what="killed at its time limit"; fi
+    echo "== $name: $what after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/steps.log"
+    summary+=("$name: $what, $((SECONDS - start)) s of $limit")
 }
 
+commit() {  # the order bench/run.py's commit_id() follows
+    if [ -n "${BENCH_COMMIT:-}" ]; then echo "commit $BENCH_COMMIT (from BENCH_COMMIT)"
+    elif [ "$(git rev-parse --show-toplevel 2>/dev/null)" = "$(pwd -P)" ]; then git log -1 --format='commit %h %s'
+    elif [ -s bench/COMMIT ]; then echo "commit $(cat bench/COMMIT) (from bench/COMMIT)"
+    else echo "commit: unknown (no git checkout, no BENCH_COMMIT, no bench/COMMIT: see gpu_check.sh's header)"; fi
+}
+
+start=$SECONDS
 {
-    nvidia-smi 2>&1 || echo "no nvidia-smi"
-    "$PY" -c 'import torch, triton, transformers, peft
+    echo "mode $mode, $(date -u +%FT%TZ)"
+    timeout 10 nvidia-smi 2>&1 || echo "no nvidia-smi"
+    timeout 20 "$PY" -c 'import torch, triton, transformers, peft
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
       "peft", peft.__version__)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
-    git log -1 --format='commit %h %s' 2>/dev/null || echo "commit: not a git checkout"
+    commit
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+summary+=("env: $((SECONDS - start)) s")
 
-# -k "not cpu": test_device.py's CPU cases run in CI already; here they would spend the step's time in the interpreter.
-step tests 140 "$PY" -m pytest -q -x -p no:cacheprovider -k "not cpu" tests/core/test_device.py tests/core/kernels
-step train 180 "$PY" -m bench "${plan[@]}" --only train,loss --json "$OUT/train.jsonl"
-step decode 130 "$PY" -m bench "${plan[@]}" --only kernels,decode --json "$OUT/decode.jsonl"
-step longest 90 "$PY" -m bench "${plan[@]}" --only longest --longest-cap "$cap" --json "$OUT/longest.jsonl"
-ls -la "$OUT"
+bench() {  # bench NAME SECONDS WORKS: one `python -m bench` run of those works, rows to $OUT/NAME.jsonl
+    step "$1" "$2" "$PY" -m bench "${plan[@]}" --only "$3" --json "$OUT/$1.jsonl"
+}
+
+if [ "$mode" = smoke ]; then
+    bench smoke 100 ceilings,kernels,train,loss,decode,longest
+else
+    # -k "not cpu": test_device.py's CPU cases run in CI already; here they would spend the step's time in the
+    # interpreter. --maxfail, not -x: one failure must not hide the kernels' results.
+    tests=(-q -p no:cacheprovider --maxfail=20 -k "not cpu")
+    if "$PY" -c 'import pytest_timeout' 2> /dev/null; then tests+=(--timeout=60); fi
+    if [ "$mode" = full ] && "$PY" -c 'import xdist' 2> /dev/null; then tests+=(-n 4); fi
+    step tests 80 "$PY" -m pytest "${tests[@]}" tests/core/test_device.py tests/core/kernels
+    bench kernels 40 kernels
+    bench train 110 train,loss
+    bench decode 120 decode
+    bench longest 75 longest
+fi
+echo "== summary ($mode, $((SECONDS - start)) s in all; files in $OUT)"
+printf '%s\n' "${summary[@]}"
+ls "$OUT"

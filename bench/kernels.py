@@ -5,6 +5,9 @@ default on a GPU only where its row shows it beating the twin there. In these ro
 kernel and the "HF + PEFT" column is our plain-torch twin (what the `reference` backend runs), both in calls/s; the
 memory columns are each side's peak while its calls run. The GPU plan runs them; on a CPU the kernels only run under
 Triton's interpreter, which times nothing useful (tests run the rows that way, on tiny shapes, to keep them working).
+
+Each call returns its input gradients (`torch.autograd.grad`) rather than accumulating them into `.grad`: an
+accumulation would add a read-modify-write of every gradient to each call after the first, on both sides.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def cases(job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, tuple
 
     def rms_norm(_: bool) -> Call:
         x, w, dy = _randn(n, c, grad=True, **kw), torch.ones(c, **kw), _randn(n, c, seed=1, **kw)
-        return lambda: kernels.rms_norm(x, w, cfg.rms_norm_eps).backward(dy)
+        return lambda: torch.autograd.grad(kernels.rms_norm(x, w, cfg.rms_norm_eps), x, dy)
 
     def rope(_: bool) -> Call:
         q = _randn(job.bsz, cfg.num_attention_heads, job.seq, d, grad=True, **kw)
@@ -49,22 +52,23 @@ def cases(job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, tuple
         cos, sin = _randn(job.bsz, job.seq, d, seed=2, **kw), _randn(job.bsz, job.seq, d, seed=3, **kw)
         dq, dk = torch.ones_like(q), torch.ones_like(k)
 
-        def call() -> None:
+        def call() -> Any:
             qo, ko = kernels.rope(q * 1, k * 1, cos, sin)  # private temporaries: the kernel rotates in place
-            torch.autograd.backward([qo, ko], [dq, dk])
+            return torch.autograd.grad([qo, ko], [q, k], [dq, dk])
 
         return call
 
     def swiglu(_: bool) -> Call:
         gate, up = _randn(n, inter, grad=True, **kw), _randn(n, inter, grad=True, seed=1, **kw)
         dh = _randn(n, inter, seed=2, **kw)
-        return lambda: kernels.swiglu(gate * 1, up * 1, inplace_backward=True).backward(dh)
+        return lambda: torch.autograd.grad(kernels.swiglu(gate * 1, up * 1, inplace_backward=True), [gate, up], dh)
 
     def cross_entropy(use_triton: bool) -> Call:
         # Both sides chunked: the choice `auto` makes is only the in-chunk softmax/gradient (kernel or torch).
         hidden, weight = _randn(n, c, grad=True, **kw), _randn(cfg.vocab_size, c, seed=1, **kw).mul_(0.02)
         labels = torch.randint(0, cfg.vocab_size, (n,), device=device, generator=torch.Generator(device=device))
-        return lambda: linear_cross_entropy(hidden, weight, labels, use_triton=use_triton)[0].backward()
+        return lambda: torch.autograd.grad(linear_cross_entropy(hidden, weight, labels, use_triton=use_triton)[0],
+                                           hidden)
 
     def nf4_dequantize(_: bool) -> Call:
         q = NF4Tensor.from_dense(_randn(inter, c, **kw), dtype=dtype)
@@ -79,31 +83,62 @@ def cases(job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, tuple
     }
 
 
-def time_calls(call: Call, device: torch.device, warmup: int, reps: int) -> tuple[float, float | None]:
-    """(median seconds per call, peak GiB while calling)."""
+def triton_do_bench() -> Callable[..., float] | None:
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
+
+
+def seconds_per_call(call: Call, device: torch.device, reps: int) -> tuple[float, str]:
+    """(seconds per call, how it was timed), the call warm already.
+
+    On a GPU a kernel at a model's shape runs for tens of microseconds, about what a launch and a host sync cost, so
+    single calls timed by the host clock would measure those. There the time is taken on the device: Triton's
+    do_bench (CUDA events around each call, the L2 cache flushed in between, as a training step finds it), else
+    `reps` calls queued back to back between two events. On the CPU each call is timed alone (the median).
+    """
+    if device.type == "cuda":
+        do_bench = triton_do_bench()
+        if do_bench is not None:
+            return do_bench(call, warmup=25, rep=100, return_mode="median") / 1e3, "median of do_bench (CUDA events)"
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sync(device)
+        start.record()
+        for _ in range(reps):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps, f"mean of {reps} back-to-back calls (CUDA events)"
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), f"median of {reps} calls"
+
+
+def time_calls(call: Call, device: torch.device, warmup: int, reps: int) -> tuple[float, float | None, str]:
+    """(seconds per call, peak GiB while calling, how it was timed). The peak is read over the warm-up calls, apart
+    from the timing: do_bench's own cache-flush buffer would otherwise count."""
     with PeakMemory(device) as mem:
         for _ in range(warmup):
             call()
         sync(device)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            call()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), mem.gib
+    seconds, how = seconds_per_call(call, device, reps)
+    return seconds, mem.gib, f"{how} after {warmup} warm-up"
 
 
 def kernel_rows(job: Job, device: torch.device, dtype: torch.dtype, warmup: int = 3, reps: int = 10) -> list[Row]:
     rows = []
     before = kernels.get_backend()
     for op, (setting, make) in cases(job, device, dtype).items():
-        row = Row("kernel", op, f"{job.shape}: {setting}", "calls/s", mem=PeakMemory.kind(device),
-                  timing=f"median of {reps} calls after {warmup}")
+        row = Row("kernel", op, f"{job.shape}: {setting}", "calls/s", mem=PeakMemory.kind(device))
         for side, backend in (("ours", "triton"), ("hf", "reference")):
             try:
                 kernels.set_backend(backend)
-                seconds, gib = time_calls(make(backend == "triton"), device, warmup, reps)
+                seconds, gib, row.timing = time_calls(make(backend == "triton"), device, warmup, reps)
                 setattr(row, side, 1.0 / seconds)
                 setattr(row, f"{side}_mem_gib", gib)
             except Exception as e:

@@ -21,9 +21,11 @@ import torch
 
 from bench.kernels import kernel_rows
 from bench.report import Row, print_table
-from bench.workloads import Job, ceilings, decode, longest, loss_agreement, short, train
+from bench.workloads import Job, Progress, ceilings, decode, longest, loss_agreement, short, train
 
 WORKS = ("train", "loss", "longest", "decode", "ceilings", "kernels")
+ROOT = Path(__file__).resolve().parent.parent
+COMMIT_FILE = ROOT / "bench" / "COMMIT"  # written by `bash bench/gpu_check.sh stamp`: the device gets no .git
 
 # The shapes and micro batches of ../shared/PERFORMANCE.md (hf_baseline.py's plans), plus the rows HF has no
 # figure for there (loss agreement, longest sequence for ours).
@@ -38,22 +40,35 @@ CPU_PLAN = [
     Job("decode", "smollm2-135m", bsz=1, seq=32, new=64, compiled=True),
     Job("decode", "smollm2-135m", bsz=8, seq=32, new=64, compiled=True),
 ]
+# Within each work the rows PERFORMANCE.md sets a target on come first (Llama-1B training with GC, the loss curve,
+# Llama-1B decode), so a run cut short by a time limit keeps them; rows are written out as each one finishes.
 GPU_PLAN = [
     Job("ceilings"),
     Job("kernels", "llama-8b", bsz=2, seq=2048),  # each Triton kernel against its torch twin (bench/kernels.py)
-    Job("train", "smollm2-135m", bsz=8, seq=2048, gc=True, warmup=2, steps=10),
     Job("train", "llama-1b", bsz=4, seq=2048, gc=True, warmup=2, steps=10),
+    Job("loss", "smollm2-135m", bsz=4, seq=512, gc=True, steps=50),
     Job("train", "llama-1b", bsz=4, seq=2048, gc=False, warmup=2, steps=10),
     Job("train", "llama-8b", bsz=2, seq=2048, gc=True, warmup=2, steps=5),
-    Job("loss", "smollm2-135m", bsz=4, seq=512, gc=True, steps=50),
+    Job("train", "smollm2-135m", bsz=8, seq=2048, gc=True, warmup=2, steps=10),
     # QLoRA last among the training rows: under gpu_check.sh's time limit it is the one that may be cut.
     Job("train", "llama-8b", bsz=2, seq=2048, gc=True, warmup=1, steps=3, nf4=True),
-    # A probe's attention work grows with the square of its length: the caps keep a probe under about a minute.
-    Job("longest", "llama-8b", seq=8192, cap=131072),
-    Job("longest", "llama-1b", seq=8192, cap=262144),
-    Job("decode", "smollm2-135m", bsz=1, seq=128, new=256),
+    # Each decode row compiles our step cold (CUDA graphs; free_memory resets dynamo between rows).
     Job("decode", "llama-1b", bsz=1, seq=128, new=256),
     Job("decode", "llama-1b", bsz=32, seq=128, new=256),
+    Job("decode", "smollm2-135m", bsz=1, seq=128, new=256),
+    # A probe's attention work grows with the square of its length: the caps keep a probe under about a minute and a
+    # half (an 8B step at 131,072 tokens takes about 70 s).
+    Job("longest", "llama-8b", seq=8192, cap=131072),
+    Job("longest", "llama-1b", seq=8192, cap=262144),
+]
+# bench/gpu_check.sh's plan, cut to fit its time limits (its header gives them): the GPU plan without the SmolLM2
+# decode row (a cold compile of its own, and no target is set on it), and one longest-sequence search, Llama-1B
+# from 32k in steps of 16k, each side stopped at a deadline: what a minute can tell (HF's bracket, a lower bound
+# for ours), not the limit.
+CHECK_PLAN = [
+    *(j for j in GPU_PLAN if j.work not in ("decode", "longest")),
+    *(j for j in GPU_PLAN if j.work == "decode" and j.shape == "llama-1b"),
+    Job("longest", "llama-1b", seq=32768, cap=262144, granularity=16384, deadline=30),
 ]
 QUICK_PLAN = [
     Job("train", "tiny", bsz=2, seq=64, gc=False, warmup=1, steps=2),
@@ -64,7 +79,7 @@ QUICK_PLAN = [
     Job("decode", "tiny", bsz=2, seq=8, new=8),
 ]
 QUICK_GPU_PLAN = [Job("ceilings"), Job("kernels", "tiny", bsz=2, seq=64), *QUICK_PLAN,
-                  Job("longest", "tiny", seq=1024, cap=8192, granularity=1024)]
+                  Job("longest", "tiny", seq=1024, cap=8192, granularity=1024, deadline=30)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,11 +89,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--gpu", action="store_true",
                        help="the GPU plan: SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B shapes, bf16 (the default "
                             "when a GPU is present)")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, a few steps: checks the script in seconds")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny shapes, a few steps: checks the script in seconds")
+    size.add_argument("--check", action="store_true",
+                      help="the GPU plan cut to bench/gpu_check.sh's time limits (GPU only)")
     ap.add_argument("--only", default="", help=f"comma-separated works to run, of: {', '.join(WORKS)} "
-                                               "(decode brings the ceilings row on a GPU)")
+                                               "(decode and kernels bring the ceilings row on a GPU)")
     ap.add_argument("--longest-cap", type=int, default=None,
                     help="longest sequence probed (tokens; overrides the plan's caps)")
+    ap.add_argument("--longest-deadline", type=float, default=None,
+                    help="seconds each side's longest-sequence search may take before it reports the bracket found "
+                         "so far (overrides the plan's; 0: no limit)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: torch's choice). On a machine shared with other work use "
                          "1: no thread then waits on a sibling that lost its core, and runs are timed in CPU time")
@@ -89,16 +110,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--only takes {', '.join(WORKS)}, not {', '.join(sorted(args.only - set(WORKS)))}")
     if args.gpu and not torch.cuda.is_available():
         ap.error("--gpu needs a CUDA GPU and none is visible")
+    if args.check and (args.cpu or not torch.cuda.is_available()):
+        ap.error("--check is a GPU plan (Llama-8B shapes); on the CPU use --quick")
     return args
 
 
 def select(args: argparse.Namespace, device: torch.device) -> list[Job]:
     if args.quick:
         jobs = QUICK_GPU_PLAN if device.type == "cuda" else QUICK_PLAN
+    elif args.check:
+        jobs = CHECK_PLAN
     else:
         jobs = GPU_PLAN if device.type == "cuda" else CPU_PLAN
     if args.longest_cap:
         jobs = [dataclasses.replace(j, cap=args.longest_cap) if j.work == "longest" else j for j in jobs]
+    if args.longest_deadline is not None:
+        jobs = [dataclasses.replace(j, deadline=args.longest_deadline) if j.work == "longest" else j for j in jobs]
     if not args.only:
         return jobs
     wanted = args.only | ({"ceilings"} if args.only & {"decode", "kernels"} else set())
@@ -113,6 +140,22 @@ def _cmd(*cmd: str) -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def commit_id() -> tuple[str | None, bool | None]:
+    """(commit, uncommitted changes?): $BENCH_COMMIT, else git's, else bench/COMMIT. The device machine receives the
+    working tree without .git, so `bash bench/gpu_check.sh stamp` writes the commit there before the call; a
+    "-dirty" suffix on either says the tree had changes."""
+    stamp = os.environ.get("BENCH_COMMIT", "").strip()
+    if not stamp and _cmd("git", "rev-parse", "--show-toplevel") == str(ROOT):  # not some enclosing repository
+        return (_cmd("git", "rev-parse", "--short", "HEAD"),
+                bool(_cmd("git", "status", "--porcelain", "--untracked-files=no")))
+    if not stamp:
+        with contextlib.suppress(OSError):
+            stamp = COMMIT_FILE.read_text().strip()
+    if not stamp:
+        return None, None
+    return stamp.removesuffix("-dirty"), stamp.endswith("-dirty")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -125,9 +168,9 @@ def cpu_model() -> str:
 def environment(device: torch.device, plan: str) -> dict[str, Any]:
     from unsloth_core.kernels import get_backend
 
+    commit, dirty = commit_id()
     env: dict[str, Any] = {"kind": "env", "plan": plan, "date": datetime.datetime.now().astimezone().isoformat(
-        timespec="seconds"), "commit": _cmd("git", "rev-parse", "--short", "HEAD"),
-        "dirty": bool(_cmd("git", "status", "--porcelain", "--untracked-files=no")), "torch": torch.__version__}
+        timespec="seconds"), "commit": commit, "dirty": dirty, "torch": torch.__version__}
     for pkg in ("transformers", "peft", "triton"):
         try:
             env[pkg] = importlib.metadata.version(pkg)
@@ -139,14 +182,16 @@ def environment(device: torch.device, plan: str) -> dict[str, Any]:
     return env
 
 
-def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str, Any]) -> list[Row]:
-    """The job's rows: one, except `kernels` (one per op)."""
+def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str, Any],
+            progress: Progress) -> list[Row]:
+    """The job's rows: one, except `kernels` (one per op). Partial results, where a work has them, go to
+    `progress` as they come."""
     if job.work == "kernels":
         return kernel_rows(job, device, dtype)
-    return [one_row(job, device, dtype, state)]
+    return [one_row(job, device, dtype, state, progress)]
 
 
-def one_row(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str, Any]) -> Row:
+def one_row(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str, Any], progress: Progress) -> Row:
     if job.work == "ceilings":
         row = ceilings(device)
         state["copy_tb_s"] = row.extra["copy_tb_s"]
@@ -158,7 +203,7 @@ def one_row(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str,
     if job.work == "longest":
         if device.type != "cuda":
             raise RuntimeError("the longest-sequence search runs on a GPU only (it looks for the OOM)")
-        return longest(job, device, dtype)
+        return longest(job, device, dtype, progress)
     # Five timed runs each on the CPU, alternating (the best counts), to see past a shared machine; one on a GPU.
     return decode(job, device, dtype, state.get("copy_tb_s"), reps=1 if device.type == "cuda" else 5)
 
@@ -201,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> list[Row]:
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    plan = ("quick-" if args.quick else "") + device.type
+    plan = ("quick-" if args.quick else "check-" if args.check else "") + device.type
     env = environment(device, plan)
     print(f"# bench {plan}: torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
           f"{env['device']}, {env['cpu']}, torch threads {env['torch_threads']}, commit {env['commit']}, "
@@ -213,6 +258,15 @@ def run(args: argparse.Namespace) -> list[Row]:
             sink.write(json.dumps(obj) + "\n")
             sink.flush()  # a run cut short still leaves its finished rows
 
+    def partial(job: Job) -> Progress:
+        """A job's partial results as "partial" lines, each written the moment it is known (a longest-sequence
+        search can outlast a caller's time limit; what it found by then stays in the file)."""
+        def report(obj: dict[str, Any]) -> None:
+            print(f"#   {json.dumps(obj)}", file=sys.stderr, flush=True)
+            emit({"kind": "partial", "work": job.work, "shape": job.shape, "setting": job.setting, **obj})
+
+        return report
+
     rows: list[Row] = []
     state: dict[str, Any] = {}
     try:
@@ -222,7 +276,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         for job in select(args, device):
             print(f"# {job.work} {job.shape} {job.setting}", file=sys.stderr, flush=True)
             try:
-                done = run_job(job, device, dtype, state)
+                done = run_job(job, device, dtype, state, partial(job))
             except Exception as e:  # record and go on: one failure must not lose the other rows
                 done = [Row(job.work, job.shape, job.setting, "", errors={"row": short(e)})]
             rows += done

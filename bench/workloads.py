@@ -11,11 +11,12 @@ time would also count threads spinning while a sibling waits for a core, so wall
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,6 +39,11 @@ from unsloth_core.sampling import SamplingParams
 LR = 2e-4
 Runner = Callable[[int], Any]
 Builder = Callable[[], Runner]
+Progress = Callable[[dict[str, Any]], None]  # takes a partial result (a probe, a side) the moment it is known
+
+
+def _ignore(_: dict[str, Any]) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Job:
     steps: int = 0
     cap: int = 0  # longest: the longest length probed
     granularity: int = 2048  # longest: lengths probed are multiples of this
+    deadline: float = 0.0  # longest: seconds each side's search may take (0: no limit); see search_longest
     compiled: bool | None = None  # decode: our step compiled (None: on a GPU only, as Generator defaults)
     nf4: bool = False  # train: our base in 4-bit NF4 (QLoRA), HF's in the compute dtype (no bitsandbytes here)
 
@@ -66,7 +73,7 @@ class Job:
         if self.work == "decode":
             return f"bsz {self.bsz}, {self.seq}+{self.new}" + (", compiled" if self.compiled else "")
         if self.work == "longest":
-            return f"bsz 1, GC, cap {self.cap:,}"
+            return f"bsz 1, GC, cap {self.cap:,}" + (f", {self.deadline:g} s a side" if self.deadline else "")
         return ""
 
 
@@ -275,8 +282,13 @@ def loss_agreement(job: Job, device: torch.device, dtype: torch.dtype, tolerance
 # ---- longest trainable sequence ----
 
 
+# Allocation failures that do not come as torch's OutOfMemoryError: a library's workspace or handle that could not
+# be allocated on a full card is the same answer.
+OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+    return isinstance(e, torch.cuda.OutOfMemoryError) or any(m in str(e).lower() for m in OOM_MARKERS)
 
 
 def host_available_bytes() -> int:
@@ -287,31 +299,69 @@ def host_available_bytes() -> int:
     return 0
 
 
-def search_longest(fits: Callable[[int], bool], start: int, step: int, cap: int) -> tuple[int, int | None]:
-    """(longest length that fits, shortest found not to), lengths multiples of `step`: doubling, then bisection.
+class Bracket(NamedTuple):
+    """What a search found: the longest length that fitted (0: none did) and the shortest found not to (None: none
+    failed). `stopped` says why the search ended before narrowing the two to one step ("deadline", "error"; None
+    when it finished); `error` is the probe's error that ended it."""
 
-    The second value is None when `cap` fitted (the true limit is higher).
+    longest: int
+    fails_at: int | None
+    stopped: str | None = None
+    error: str | None = None
+
+
+def _next_length(good: int, bad: int | None, start: int, step: int, cap: int) -> int | None:
+    """The next length to probe (doubling from `start` up to `cap`, then bisection), None when done."""
+    if bad is None:
+        return None if good >= cap else min(2 * good if good else start, cap)
+    mid = (good + bad) // 2 // step * step
+    return mid if bad - good > step and mid > good else None
+
+
+def _predicted(n: int, probes: list[tuple[int, float, bool]]) -> float:
+    """Seconds a probe of length `n` should take, scaled from the longest probe that fitted (else the longest one;
+    the first probe pays one-time costs such as kernel builds, so a later one is the better base). A step's
+    attention work grows with the square of the length and the rest linearly: the square above the base and a
+    straight line below it err on the long side."""
+    if not probes:
+        return 0.0
+    base, seconds, _ = max(probes, key=lambda p: (p[2], p[0]))
+    return seconds * (n / base) ** (2 if n > base else 1)
+
+
+def search_longest(fits: Callable[[int], bool], start: int, step: int, cap: int, deadline: float | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> Bracket:
+    """The longest length that fits and the shortest found not to, lengths multiples of `step`: doubling from
+    `start`, then bisection. `fails_at` is None when `cap` fitted (the true limit is higher).
+
+    With a `deadline` (seconds from the start) no probe starts that is predicted to end past it, and a probe that
+    raises ends the search too: either way the bracket found so far comes back, with `stopped` set, rather than
+    nothing from a run its caller's time limit kills.
     """
-    good, bad, n = 0, None, start
-    while True:
-        if not fits(n):
-            bad = n
-            break
-        good = n
-        if n >= cap:
-            return good, None
-        n = min(2 * n, cap)
-    while bad - good > step:
-        mid = (good + bad) // 2 // step * step
-        if fits(mid):
-            good = mid
-        else:
-            bad = mid
-    return good, bad
+    t0 = clock()
+    good, bad = 0, None
+    probes: list[tuple[int, float, bool]] = []  # (length, seconds, fitted)
+    while (n := _next_length(good, bad, start, step, cap)) is not None:
+        if deadline is not None and clock() - t0 + _predicted(n, probes) > deadline:
+            return Bracket(good, bad, "deadline")
+        t = clock()
+        try:
+            ok = fits(n)
+        except Exception as e:  # a probe that cannot tell ends the search; what it found so far stands
+            return Bracket(good, bad, "error", short(e))
+        probes.append((n, clock() - t, ok))
+        good, bad = (n, bad) if ok else (good, n)
+    return Bracket(good, bad)
 
 
-def longest_side(job: Job, device: torch.device, dtype: torch.dtype, ours: bool) -> dict[str, Any]:
-    """Search the longest batch-1 LoRA step (forward, backward, AdamW) that fits; ours offloads layer inputs."""
+def longest_side(job: Job, device: torch.device, dtype: torch.dtype, ours: bool,
+                 progress: Progress = _ignore) -> dict[str, Any]:
+    """Search the longest batch-1 LoRA step (forward, backward, AdamW) that fits; ours offloads layer inputs.
+
+    Each probe goes to `progress` as it starts and as it ends, so a run killed in the middle still shows how far
+    it got. An error other than running out of memory is recorded and ends the search, keeping what it found.
+    """
+    side = "ours" if ours else "hf"
     cfg = config(job.shape)
     shared: dict[str, LoRAInit] = {}
     step: StepFn | None = (ours_train_step(job.shape, device, dtype, "offload", shared) if ours
@@ -320,45 +370,66 @@ def longest_side(job: Job, device: torch.device, dtype: torch.dtype, ours: bool)
     # Offloaded layer inputs live in pinned host memory: refuse lengths that would exhaust it (and kill us).
     host_budget = int(0.8 * host_available_bytes())
 
+    def record(probe: dict[str, Any]) -> None:
+        probes.append(probe)
+        progress({"event": "probe", "side": side, **probe})
+
     def fits(n: int) -> bool:
         assert step is not None
         host = cfg.num_hidden_layers * n * cfg.hidden_size * dtype.itemsize
         if ours and host > host_budget:
-            probes.append({"seq": n, "ok": False, "why": f"host memory ({host / 2**30:.0f} GiB of layer inputs)"})
+            record({"seq": n, "ok": False, "why": f"host memory ({host / 2**30:.0f} GiB of layer inputs)"})
             return False
+        progress({"event": "probing", "side": side, "seq": n})
         x = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
         t0 = time.perf_counter()
-        why = ""
+        why, failure = "", None
         with PeakMemory(device) as mem:
             try:
                 step(x)
                 sync(device)
-            except Exception as e:  # OOM is the answer we look for; anything else is a bug
-                if not is_oom(e):
-                    raise
-                why = "OOM"
-        probes.append({"seq": n, "ok": not why, "why": why, "s": round(time.perf_counter() - t0, 1),
-                       "peak_gib": None if mem.gib is None else round(mem.gib, 2)})
+            except Exception as e:  # OOM is the answer looked for; anything else ends the search, once recorded
+                why = "OOM" if is_oom(e) else short(e)
+                # Without its traceback the error holds no frame, so the probe's activations can be freed.
+                failure = None if is_oom(e) else e.with_traceback(None)
+        record({"seq": n, "ok": not why, "why": why, "s": round(time.perf_counter() - t0, 1),
+                "peak_gib": None if mem.gib is None else round(mem.gib, 2)})
         del x
+        if failure is not None:  # raised before freeing: after a CUDA error freeing fails too, and would hide it
+            raise failure
         free_memory(device)
         return not why
 
     try:
-        good, bad = search_longest(fits, job.seq, job.granularity, job.cap // job.granularity * job.granularity)
+        found = search_longest(fits, job.seq, job.granularity, job.cap // job.granularity * job.granularity,
+                               job.deadline or None)
     finally:
         step = None
         free_memory(device)
-    return {"longest": good, "fails_at": bad, "probes": probes}
+    return {"longest": found.longest, "fails_at": found.fails_at, "stopped": found.stopped, "error": found.error,
+            "probes": probes}
 
 
-def longest(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
+def _bracket_note(f: dict[str, Any]) -> str:
+    fail = f["fails_at"]
+    why = next((p["why"] for p in f["probes"] if p["seq"] == fail), "") if fail else ""
+    if not f["stopped"]:
+        return f"{why} at {fail:,}" if fail else "the cap fits (the limit is higher)"
+    found = f"between {f['longest']:,} and {fail:,} ({why})" if fail else f"at least {f['longest']:,}"
+    return f"{found}, search stopped by {'the deadline' if f['stopped'] == 'deadline' else 'an error'}"
+
+
+def longest(job: Job, device: torch.device, dtype: torch.dtype, progress: Progress = _ignore) -> Row:
+    """Both sides' searches; each side's result goes to `progress` as soon as that side is done."""
     row = Row("longest seq", job.shape, job.setting, "tokens", mem=PeakMemory.kind(device).split(" (")[0])
     found: dict[str, dict[str, Any]] = {}
     for name in ("ours", "hf"):
         try:
-            found[name] = longest_side(job, device, dtype, ours=name == "ours")
-        except Exception as e:
+            found[name] = longest_side(job, device, dtype, ours=name == "ours", progress=progress)
+        except Exception as e:  # building the side failed (no probe ran), or freeing it after a CUDA error
             row.errors[name] = short(e)
+        else:
+            progress({"event": "side", "side": name, **{k: v for k, v in found[name].items() if k != "probes"}})
         free_memory(device)
     row.extra = {"ours_checkpointing": "offload", "hf_checkpointing": "non-reentrant", **found}
     notes = []
@@ -369,9 +440,9 @@ def longest(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
             row.ours, row.ours_mem_gib = f["longest"], peak
         else:
             row.hf, row.hf_mem_gib = f["longest"], peak
-        fail = f["fails_at"]
-        why = next((p["why"] for p in f["probes"] if p["seq"] == fail), "") if fail else ""
-        notes.append(f"{name}: {why} at {fail:,}" if fail else f"{name}: the cap fits (the limit is higher)")
+        if f["error"]:
+            row.errors[name] = f["error"]
+        notes.append(f"{name}: {_bracket_note(f)}")
     row.note = "; ".join(notes)
     return row
 
@@ -384,11 +455,23 @@ def prompts(vocab: int, bsz: int, length: int) -> Tensor:
     return torch.randint(0, vocab, (bsz, length), generator=torch.Generator(device="cpu").manual_seed(1))
 
 
+def compiled_on(job: Job, device: torch.device) -> bool:
+    """Whether our decode step is compiled: as the job asks, else on a GPU only (CUDA graphs), Generator's default."""
+    return device.type == "cuda" if job.compiled is None else job.compiled
+
+
+def decode_setting(job: Job, device: torch.device) -> str:
+    """The row's setting, saying when ours ran compiled, the GPU's default too (HF's `generate` runs eagerly)."""
+    compiled = compiled_on(job, device)
+    cuda_graphs = " (CUDA graphs)" if compiled and device.type == "cuda" else ""
+    return dataclasses.replace(job, compiled=compiled).setting + cuda_graphs
+
+
 def ours_decoder(job: Job, device: torch.device, dtype: torch.dtype, info: dict[str, Any]) -> Builder:
     def build() -> Runner:
         model = build_ours(job.shape, device, dtype, lora=False).eval()
         info["weight_bytes"] = decode_weight_bytes(model)
-        gen = Generator(model, None, max_seq_length=job.seq + job.new, compile=job.compiled)
+        gen = Generator(model, None, max_seq_length=job.seq + job.new, compile=compiled_on(job, device))
         rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
 
         def generate(n: int) -> list[list[int]]:
@@ -424,7 +507,7 @@ def decode(job: Job, device: torch.device, dtype: torch.dtype, copy_tb_s: float 
     info: dict[str, Any] = {}
     builders = {"ours": ours_decoder(job, device, dtype, info), "hf": hf_decoder(job, device, dtype)}
     outs = compare(builders, job.bsz * job.new, 0, reps, device)
-    row = _fill(Row("greedy decode", job.shape, job.setting, "tok/s"), outs, device)
+    row = _fill(Row("greedy decode", job.shape, decode_setting(job, device), "tok/s"), outs, device)
     notes = []
     if not row.errors:
         ours_ids, hf_ids = outs["ours"].outputs[-1], outs["hf"].outputs[-1]
