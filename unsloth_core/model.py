@@ -32,7 +32,7 @@ class CausalLMOutput:
     loss: Tensor | None = None
     loss_sum: Tensor | None = None  # summed token losses, for normalising over a whole accumulation window
     n_tokens: Tensor | None = None  # number of target (non -100) tokens behind loss_sum
-    n_correct: Tensor | None = None  # targets the model ranks first (only when asked: it costs an LM-head pass)
+    n_correct: Tensor | None = None  # targets the model ranks first (only when asked: an argmax over the logits)
 
 
 class RMSNorm(nn.Module):
@@ -388,10 +388,11 @@ class Llama(nn.Module):
         if labels is not None:
             shifted = F.pad(labels, (0, 1), value=kernels.IGNORE_INDEX)[:, 1:].reshape(-1)
             flat = h.reshape(-1, h.size(-1))
-            out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(flat, self.lm_head.weight, shifted)
+            if accuracy:  # counted by the loss from its own logits: no second pass through the head
+                out.n_correct = torch.zeros((), dtype=torch.long, device=flat.device)
+            out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(flat, self.lm_head.weight, shifted,
+                                                                      correct=out.n_correct)
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
-            if accuracy:
-                out.n_correct = kernels.reference.count_correct(flat.detach(), self.lm_head.weight.detach(), shifted)
         return out
 
     # ---- transformers / Unsloth conveniences (the work is done in generate.py, checkpoint.py and lora.py) ----

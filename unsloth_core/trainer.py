@@ -228,7 +228,7 @@ class Trainer:
         counts = torch.stack([torch.stack([(mb["labels"][:, 1:] != IGNORE_INDEX).sum(), mb["attention_mask"].sum()])
                               for mb in window]).tolist()
         n_targets = sum(targets for targets, _ in counts)
-        track = (self.state.step + 1) % self.args.logging_steps == 0  # accuracy costs an LM-head pass: log steps only
+        track = (self.state.step + 1) % self.args.logging_steps == 0  # accuracy: an argmax over the logits, log steps only
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for mb in window:

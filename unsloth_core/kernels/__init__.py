@@ -75,14 +75,18 @@ def swiglu(gate: Tensor, up: Tensor, *, inplace_backward: bool = False) -> Tenso
     return reference.swiglu(gate, up)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
-                         ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
-    """(sum of token losses in fp32, number of target tokens) of hidden (N, C) @ weight (V, C)^T vs labels (N,).
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
+                         correct: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(sum of token losses in fp32, number of target tokens) of hidden (N, C) @ weight (V, C)^T vs labels (N,);
+    `correct` (a 0-dim integer tensor), when given, gets the number of targets the logits rank first added to it.
 
     Chunked so the (N, V) logits never exist, on every device; the `reference` backend computes them whole.
     """
     if get_backend() == "reference":
+        if correct is not None:
+            correct += reference.count_correct(hidden.detach(), weight.detach(), labels, ignore_index=ignore_index)
         return reference.linear_cross_entropy(hidden, weight, labels, ignore_index)
     from unsloth_core.kernels.cross_entropy import linear_cross_entropy as chunked
 
-    return chunked(hidden, weight, labels, ignore_index, use_triton=use_triton("cross_entropy", hidden))
+    return chunked(hidden, weight, labels, ignore_index, use_triton=use_triton("cross_entropy", hidden),
+                   correct=correct)

@@ -77,8 +77,11 @@ def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _chunked(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk: int | None, need_dh: bool,
-             need_dw: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(loss_sum, n_tokens, d loss_sum/d hidden or None, d loss_sum/d weight in fp32 or None), chunk by chunk."""
+             need_dw: bool, use_triton: bool, count_correct: bool = False
+             ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(loss_sum, n_tokens, targets ranked first or None, d loss_sum/d hidden or None, d loss_sum/d weight in fp32
+    or None), chunk by chunk. Counting the targets ranked first reads each chunk's logits once more while they
+    exist, where a separate count would redo the head's matmul."""
     valid = labels != ignore_index
     n_tokens = valid.sum()
     rows = valid.nonzero().squeeze(1)  # one host sync, repaid by skipping the masked tokens' matmuls
@@ -87,12 +90,16 @@ def _chunked(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, 
     y = labels if kept_all else labels.index_select(0, rows)
     step = chunk or chunk_rows(h.shape[0], weight.shape[0], h.dtype, h.device)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device) if count_correct else None
     dh = torch.empty_like(h) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     w_grad: Tensor | None = None  # the weight in the logits' dtype, cast once
     for start in range(0, h.shape[0], step):
         h_c, y_c = h[start:start + step], y[start:start + step]
-        row_loss, grad = _chunk_loss(h_c @ weight.t(), y_c, ignore_index, need_dh or need_dw, use_triton)
+        logits = h_c @ weight.t()
+        if correct is not None:  # before the loss kernel, which may write the gradient over the logits
+            correct += (logits.argmax(-1) == y_c).sum()
+        row_loss, grad = _chunk_loss(logits, y_c, ignore_index, need_dh or need_dw, use_triton)
         loss += row_loss.sum()
         if dh is not None:
             w_grad = weight.to(grad.dtype) if w_grad is None else w_grad
@@ -101,39 +108,49 @@ def _chunked(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, 
             _add_matmul(dw, grad.t(), h_c)
     if dh is not None and not kept_all:
         dh = torch.zeros_like(hidden).index_copy_(0, rows, dh)  # masked tokens get no gradient
-    return loss, n_tokens, dh, dw
+    return loss, n_tokens, correct, dh, dw
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-                chunk: int | None, use_triton: bool) -> tuple[Tensor, Tensor]:
+                chunk: int | None, use_triton: bool, count_correct: bool) -> tuple[Tensor, Tensor, Tensor]:
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, n_tokens, dh, dw = _chunked(hidden, weight, labels, ignore_index, chunk, need_dh, need_dw, use_triton)
+        loss, n_tokens, correct, dh, dw = _chunked(hidden, weight, labels, ignore_index, chunk, need_dh, need_dw,
+                                                   use_triton, count_correct)
+        correct = correct if correct is not None else torch.zeros((), dtype=torch.long, device=hidden.device)
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(n_tokens)
-        return loss, n_tokens
+        ctx.mark_non_differentiable(n_tokens, correct)
+        return loss, n_tokens, correct
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, d_loss: Tensor, _d_tokens: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, d_loss: Tensor, _d_tokens: Tensor | None, _d_correct: Tensor | None
+                 ) -> tuple[Tensor | None, ...]:
         # The gradients were computed in forward for a loss_sum weight of 1; the chain rule only scales them.
         dh, dw = ctx.saved_tensors
         d_hidden = dh * d_loss.to(dh.dtype) if dh is not None else None
         d_weight = (dw * d_loss).to(ctx.weight_dtype) if dw is not None else None
-        return d_hidden, d_weight, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, *,
-                         chunk_size: int | None = None, use_triton: bool = False) -> tuple[Tensor, Tensor]:
+                         chunk_size: int | None = None, use_triton: bool = False,
+                         correct: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(sum of token losses in fp32, number of target tokens) of `hidden` (N, C) @ `weight` (V, C)^T vs `labels` (N,).
 
     Same contract as `reference.linear_cross_entropy`. `chunk_size` overrides the tokens per chunk (default: from
-    the memory budget); `use_triton` runs each chunk's softmax and loss as the Triton kernel.
+    the memory budget); `use_triton` runs each chunk's softmax and loss as the Triton kernel. `correct`, a 0-dim
+    integer tensor, gets the number of targets the logits rank first added to it.
     """
+    count = correct is not None
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropyFunction.apply(
-            hidden, weight, labels, ignore_index, chunk_size, use_triton)
-    loss, n_tokens, _, _ = _chunked(hidden, weight, labels, ignore_index, chunk_size, False, False, use_triton)
+        loss, n_tokens, n_correct = LinearCrossEntropyFunction.apply(
+            hidden, weight, labels, ignore_index, chunk_size, use_triton, count)
+    else:
+        loss, n_tokens, n_correct, _, _ = _chunked(hidden, weight, labels, ignore_index, chunk_size, False, False,
+                                                   use_triton, count)
+    if correct is not None and n_correct is not None:
+        correct += n_correct
     return loss, n_tokens

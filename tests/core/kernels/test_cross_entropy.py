@@ -76,3 +76,23 @@ def test_chunk_rows_fits_the_budget() -> None:
     assert 0 < rows * 128_256 * 6 <= CHUNK_BYTES["cpu"]
     assert chunk_rows(10, 1000, torch.float32, cpu) == 10  # never more than the tokens there are
     assert chunk_rows(10, 1 << 30, torch.float32, cpu) == 1  # at least one row, whatever the vocabulary
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_counts_the_targets_ranked_first_as_the_reference(use_triton: bool, grad: bool, device: torch.device) -> None:
+    """The accuracy counted from each chunk's logits (before the Triton loss overwrites them with gradients) equals
+    a count from the whole logits; the loss is unchanged by counting."""
+    hidden, weight, labels = _inputs(torch.float32, False, device)
+    hidden.requires_grad_(grad)
+    argmax = (hidden @ weight.t()).argmax(-1)
+    labels[1::2] = torch.where(labels[1::2] == kernels.IGNORE_INDEX, labels[1::2], argmax[1::2])  # some right
+    want = reference.count_correct(hidden.detach(), weight, labels)
+    assert 0 < int(want) < int((labels != kernels.IGNORE_INDEX).sum())
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss, _ = linear_cross_entropy(hidden, weight, labels, chunk_size=7, use_triton=use_triton, correct=correct)
+    assert int(correct) == int(want)
+    assert torch.equal(loss, linear_cross_entropy(hidden, weight, labels, chunk_size=7, use_triton=use_triton)[0])
+    if grad:
+        loss.backward()
+        assert hidden.grad is not None and hidden.grad.any()
