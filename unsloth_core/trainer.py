@@ -228,13 +228,13 @@ class Trainer:
         counts = torch.stack([torch.stack([(mb["labels"][:, 1:] != IGNORE_INDEX).sum(), mb["attention_mask"].sum()])
                               for mb in window]).tolist()
         n_targets = sum(targets for targets, _ in counts)
-        track = (self.state.step + 1) % self.args.logging_steps == 0  # accuracy: an argmax over the logits, log steps only
+        track = (self.state.step + 1) % self.args.logging_steps == 0  # accuracy (an argmax): log steps only
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for mb in window:
             with self._autocast():
                 # No attention mask: batches are right-padded, so causal attention is exact for the real tokens.
-                out = self.model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"],
+                out = self.model(mb["input_ids"], position_ids=self._positions(mb), labels=mb["labels"],
                                  return_logits=False, accuracy=track)
             assert out.loss_sum is not None
             (out.loss_sum / max(n_targets, 1)).backward()
@@ -247,6 +247,12 @@ class Trainer:
         if track:
             metrics["mean_token_accuracy"] = int(correct) / max(n_targets, 1)
         return metrics
+
+    def _positions(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """Packed rows' own positions; None for plain right-padded rows, whose positions are 0..T-1 anyway. The
+        model looks for packed samples (a position 0 after the start) only when given positions: on a GPU that
+        look is a host sync per micro-batch."""
+        return batch["position_ids"] if self.args.packing else None
 
     def _dpo_window(self, window: list[dict[str, Tensor]]) -> dict[str, Any]:
         from unsloth_core.rl.dpo import dpo_step
@@ -319,7 +325,7 @@ class Trainer:
                 loss_sum, n = loss_sum + float(loss) * pairs, n + pairs
                 continue
             with self._autocast():
-                out = self.model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                out = self.model(batch["input_ids"], position_ids=self._positions(batch), labels=batch["labels"],
                                  return_logits=False, accuracy=True)
             assert out.loss_sum is not None and out.n_tokens is not None
             loss_sum, n = loss_sum + float(out.loss_sum), n + int(out.n_tokens)
