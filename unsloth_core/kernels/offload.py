@@ -29,6 +29,28 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+PINNED_ROUNDING = "pinned_max_round_threshold_mb"
+
+
+@functools.cache
+def exact_pinned_sizes(threshold_mb: int = 64) -> bool:
+    """Make pinned host blocks above `threshold_mb` exactly the size asked for; False where that is not possible.
+
+    The pinned-memory cache rounds each block up to a power of two. Offloaded layer inputs are large and all one
+    size, so just past a power of two every one of them takes twice its size: at 300k tokens a Llama-8B layer input
+    (2.3 GiB) would take 4 GiB, 32 of them more host memory than a 128 GiB machine has, and the longest trainable
+    sequence would stop near 262k instead of 390k. A setting the user made (PYTORCH_ALLOC_CONF) is kept.
+    """
+    try:
+        settings = torch._C._accelerator_getAllocatorSettings()
+        if PINNED_ROUNDING not in settings:
+            torch._C._accelerator_setAllocatorSettings(",".join(filter(None, [settings,
+                                                                          f"{PINNED_ROUNDING}:{threshold_mb}"])))
+    except (AttributeError, RuntimeError):  # a torch without the setting: blocks stay rounded
+        return False
+    return True
+
+
 class _HostCopy:
     """A pinned host copy of a CUDA tensor, made on a side stream so it overlaps the compute that follows."""
 
@@ -36,6 +58,7 @@ class _HostCopy:
         self.device = x.device
         stream = _side_stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))  # x must be fully written before it is copied
+        exact_pinned_sizes()
         self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             self.host.copy_(x, non_blocking=True)

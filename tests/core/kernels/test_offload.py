@@ -10,6 +10,7 @@ from torch import nn
 
 from tests.helpers import tiny_model
 from unsloth_core import kernels
+from unsloth_core.kernels import offload
 from unsloth_core.lora import apply_lora
 
 C, R = 16, 4
@@ -87,3 +88,23 @@ def test_a_checkpointed_lora_model_with_dropout_gets_the_gradients_of_an_uncheck
     assert len(plain) == 2 * 7 * model.config.num_hidden_layers
     for a, b in zip(grads(mode), plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pinned_blocks_are_allocated_at_their_size(device: torch.device) -> None:
+    """Offloaded inputs must not be rounded up to a power of two (twice the host memory just past one); a rounding
+    setting already made (the user's PYTORCH_ALLOC_CONF, or an earlier call) is kept."""
+    offload.exact_pinned_sizes.cache_clear()
+    assert offload.exact_pinned_sizes()
+    settings = torch._C._accelerator_getAllocatorSettings()
+    assert settings.count(offload.PINNED_ROUNDING) == 1
+    offload.exact_pinned_sizes.cache_clear()
+    offload.exact_pinned_sizes(threshold_mb=32)
+    assert torch._C._accelerator_getAllocatorSettings() == settings
+    if device.type == "cuda":
+        torch._C._host_emptyCache()
+        before = torch.cuda.host_memory_stats()["allocated_bytes.current"]
+        n = 65 * 2**20 + 4096  # just past 64 MiB: rounded, it would take 128 MiB
+        block = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        grown = torch.cuda.host_memory_stats()["allocated_bytes.current"] - before
+        assert n <= grown < n + 2**20, grown
+        del block
