@@ -17,6 +17,10 @@ class CapacityError(UnslothError):
     """A request the server cannot fit in memory now (its KV cache or prefill); other requests are unaffected."""
 
 
+class EngineClosedError(UnslothError):
+    """A request still running when its model's engine was stopped (the server shutting down)."""
+
+
 class DataFormatError(UnslothError):
     """A training file that does not validate; `errors` holds every bad line."""
 

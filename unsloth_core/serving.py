@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from unsloth_core.errors import CapacityError
+from unsloth_core.errors import CapacityError, EngineClosedError
 from unsloth_core.generate import Delta, Prompt, RowState, check_context, step_logprobs, token_logprob
 from unsloth_core.model import KVCache, Llama
 from unsloth_core.sampling import Sampler, SamplingParams
@@ -128,6 +128,7 @@ class BatchEngine:
         self._live: list[_Request] = []  # index = cache row
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._retiring = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.idle_free_s = idle_free_s  # free the KV cache after this long with nothing to do
@@ -184,12 +185,27 @@ class BatchEngine:
         return self.tokenizer.encode(prompt)
 
     def close(self) -> None:
+        """Stop now: requests still running or waiting end with an EngineClosedError (never left hanging)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self._thread is None or not self._thread.is_alive():  # nothing decodes any more: free its cache
+            self._end_all(EngineClosedError("the model was unloaded while this request ran (the server is "
+                                            "shutting down); retry the request"))
             self._free_cache()
+
+    def retire(self) -> None:
+        """Stop once the requests already submitted have finished (a model evicted from a server's cache: its
+        streams run to their end, then its cache is freed). Returns at once."""
+        self._retiring.set()
+        self._wake.set()
+
+    def _end_all(self, error: BaseException) -> None:
+        for r in self._live + self._drain_waiting():
+            r.stream._put(error)
+            r.stream._put(None)
+        self._live = []
 
     def _ensure_running(self) -> None:
         with self._lock:
@@ -207,6 +223,9 @@ class BatchEngine:
                     self._admit()
                     if self._live:
                         self._decode()
+                    elif self._retiring.is_set() and self._waiting.empty():
+                        self._free_cache()
+                        return
                     elif not self._wake.wait(timeout=self.idle_free_s):
                         self._free_cache()
                     else:

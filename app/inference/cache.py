@@ -88,7 +88,7 @@ class ModelCache:
     def evict(self, model_ids: list[str]) -> None:
         with self._lock:
             for key in [k for k in self._served if k[0] in model_ids]:
-                self._served.pop(key).engine.close()
+                self._served.pop(key).engine.retire()
 
     def peek(self, model_id: str) -> Served | None:
         """The loaded model with this id, if any (no loading, no LRU update)."""
@@ -148,10 +148,10 @@ class ModelCache:
         """Drop least-recently-used adapters, then bases (with everything served on them), beyond the limits."""
         adapters = [k for k, s in self._served.items() if s.kind != "base"]
         for key in adapters[: max(0, len(adapters) - self.settings.max_loaded_adapters)]:
-            self._served.pop(key).engine.close()
+            self._served.pop(key).engine.retire()  # its running streams finish first
         while len(self._bases) > self.settings.max_loaded_base_models:
             base_id, _ = self._bases.popitem(last=False)
             for key in [k for k, s in self._served.items() if s.base_id == base_id]:
-                self._served.pop(key).engine.close()
+                self._served.pop(key).engine.retire()
             log.info("unloaded base model %s", base_id)
 

@@ -119,11 +119,14 @@ class GenerationRun:
 
 def _api_error(e: BaseException) -> BaseException:
     """A request the engine could not fit now is the server's capacity, not a bug: 503, and the client may retry."""
-    from unsloth_core.errors import CapacityError
+    from unsloth_core.errors import CapacityError, EngineClosedError
 
     if isinstance(e, CapacityError):
         return APIError(503, f"The server is out of memory for this request: {e}.", type="server_error",
                         code="insufficient_capacity", headers={"Retry-After": "5"})
+    if isinstance(e, EngineClosedError):
+        return APIError(503, f"The generation was stopped: {e}.", type="server_error", code="engine_closed",
+                        headers={"Retry-After": "5"})
     return e
 
 

@@ -243,3 +243,18 @@ def test_concurrent_requests_share_the_model_safely(backend: Backend) -> None:
     for t in threads:
         t.join()
     assert results == [expected] * 4
+
+
+def test_engine_errors_a_client_can_act_on_are_503s() -> None:
+    """What the engine ends a request with, as the API answers it: out of memory for this request, or its model's
+    engine stopped under it (shutdown); anything else stays an internal error."""
+    from app.core.errors import APIError
+    from app.inference.engine import _api_error
+    from unsloth_core.errors import CapacityError, EngineClosedError
+
+    for error, code in ((CapacityError("x"), "insufficient_capacity"), (EngineClosedError("y"), "engine_closed")):
+        api = _api_error(error)
+        assert isinstance(api, APIError) and api.status == 503 and api.code == code
+        assert api.headers["Retry-After"] == "5"
+    other = RuntimeError("z")
+    assert _api_error(other) is other

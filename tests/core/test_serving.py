@@ -11,7 +11,7 @@ import torch
 
 import unsloth_core.serving as serving
 from tests.helpers import make_tiny_tokenizer, tiny_model
-from unsloth_core.errors import CapacityError, ContextLengthError
+from unsloth_core.errors import CapacityError, ContextLengthError, EngineClosedError
 from unsloth_core.generate import Delta, Generator
 from unsloth_core.model import KVCache, Llama
 from unsloth_core.sampling import SamplingParams
@@ -192,3 +192,59 @@ def test_a_request_that_runs_out_of_memory_fails_alone(tok: Tokenizer, monkeypat
     later = SamplingParams(temperature=0, max_new_tokens=5, **NO_EOS)
     assert collect(list(engine.submit([7, 8], later)))[1] == reference.generate([[7, 8]], later)[0].token_ids
     engine.close()
+
+
+def gated(first_item_waits_for: threading.Event) -> tuple[Stream, list[Delta | BaseException | None]]:
+    """A push-mode stream whose first item holds the engine's thread until the event is set."""
+    items: list[Delta | BaseException | None] = []
+
+    def on_item(item: Delta | BaseException | None) -> None:
+        items.append(item)
+        if len(items) == 1:
+            first_item_waits_for.wait(timeout=30)
+
+    return Stream(1, on_item), items
+
+
+def wait_until(condition: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_retired_engine_finishes_its_requests_then_frees_its_cache(tok: Tokenizer) -> None:
+    """What an evicted model's engine does: the streams already running end normally, then the cache goes."""
+    model = tiny_model(seed=12, std=0.3)
+    engine = BatchEngine(model, tok, max_batch_size=4, max_seq_length=128)
+    params = SamplingParams(temperature=0, max_new_tokens=40, **NO_EOS)
+    retired = threading.Event()
+    stream, items = gated(retired)
+    engine.submit([1, 2, 3], params, stream=stream)
+    wait_until(lambda: items)
+    engine.retire()
+    retired.set()
+    wait_until(lambda: items[-1] is None)
+    deltas = [d for d in items if isinstance(d, Delta)]
+    assert len(deltas) == len(items) - 1  # no error
+    assert collect(deltas)[1] == Generator(tiny_model(seed=12, std=0.3), tok).generate([[1, 2, 3]], params)[0].token_ids
+    wait_until(lambda: model.cache_shape is None)
+    engine.close()
+
+
+def test_a_closed_engine_ends_its_requests_with_an_error(tok: Tokenizer) -> None:
+    """Closing (the server going away) must not leave a request waiting forever for its next token."""
+    engine = BatchEngine(tiny_model(seed=12, std=0.3), tok, max_batch_size=4, max_seq_length=128)
+    closing = threading.Event()
+    stream, items = gated(closing)
+    engine.submit([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=100, **NO_EOS), stream=stream)
+    waiting = engine.submit([4, 5], SamplingParams(temperature=0, max_new_tokens=5, **NO_EOS))  # queued behind it
+    wait_until(lambda: items)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    engine._stop.wait(timeout=30)
+    closing.set()
+    closer.join(timeout=30)
+    assert isinstance(items[-2], EngineClosedError) and items[-1] is None
+    with pytest.raises(EngineClosedError, match="unloaded"):
+        list(waiting)
