@@ -40,7 +40,19 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.cuda.OutOfMemoryError | MemoryError):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "DefaultCPUAllocator" in text)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("out of memory", "DefaultCPUAllocator", "CUBLAS_STATUS_ALLOC_FAILED"))
+
+
+def out_of_gpu_memory(error: BaseException) -> bool:
+    """A GPU's memory, not the host's: torch's own error, or a CUDA, cuBLAS or Triton one that says so."""
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error)
+    return not isinstance(error, MemoryError) and "DefaultCPUAllocator" not in text and any(
+        s in text for s in ("CUDA", "CUBLAS", "cuda", "Triton", "GPU"))
 
 
 def classify(error: BaseException, *, model: str, method_type: str, hyperparameters: dict[str, Any]) -> JobFailure:
@@ -52,9 +64,7 @@ def classify(error: BaseException, *, model: str, method_type: str, hyperparamet
     if isinstance(error, JobFailure):
         return error
     if is_out_of_memory(error):
-        import torch
-
-        where = "GPU" if isinstance(error, torch.cuda.OutOfMemoryError) else "host"
+        where = "GPU" if out_of_gpu_memory(error) else "host"
         return JobFailure("out_of_memory", (
             f"Training ran out of {where} memory with batch_size={hyperparameters.get('batch_size')} and "
             f"max_seq_length={hyperparameters.get('max_seq_length')}. Lower {hp}.batch_size (the examples of a "

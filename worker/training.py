@@ -78,6 +78,23 @@ def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
         return "lost"
     finally:
         preempted.clear()
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Give the job's memory back before the next job in this process: only here, once the exception (whose
+    traceback holds the model, its optimizer state and activations) has been handled, is it all garbage."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import gc
+
+    import torch
+
+    gc.collect()  # cycles (autograd graphs, frames) would otherwise hold GPU tensors until some later collection
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _run_claimed(ctx: WorkerContext, job: Job, lease: Lease) -> str:
@@ -166,12 +183,10 @@ def _finetune(ctx: WorkerContext, plan: Plan, callbacks: JobCallbacks) -> tuple[
     if ctx.settings.torch_threads:
         torch.set_num_threads(ctx.settings.torch_threads)
     device = torch.device(resolve_device(ctx.settings.device))
-    try:
-        return finetune(plan.base, plan.train_file, plan.args, plan.lora, plan.validation_file, callbacks,
-                        resume=plan.resume, device=device)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # a worker that reuses its process starts the next job with free memory
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches on the current device, whatever its tensors' device
+    return finetune(plan.base, plan.train_file, plan.args, plan.lora, plan.validation_file, callbacks,
+                    resume=plan.resume, device=device)
 
 
 def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, callbacks: JobCallbacks) -> str:

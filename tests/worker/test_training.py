@@ -4,6 +4,7 @@ user can act on. Mid-training actions are hooked to an exact step, so each test 
 
 from __future__ import annotations
 
+import importlib
 import secrets
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from app.services import jobs, lifecycle
 from app.services.hyperparameters import stored_hyperparameters
 from tests.worker.conftest import TINY, WorkerEnv, fact_rows
 from unsloth_core.checkpoint import is_complete
-from worker import training
+from worker import failures, training
 from worker.context import WorkerContext
 
 
@@ -201,6 +202,10 @@ def _delete(env: WorkerEnv, file_id: str) -> None:
     (env.settings.files_dir / f"{file_id}.jsonl").unlink()
 
 
+# The module itself: `unsloth_core.finetune` as an attribute is the exported function until the module is imported.
+FINETUNE_MODULE = importlib.import_module("unsloth_core.finetune")
+
+
 def _oom(*_: Any, **__: Any) -> Any:
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -227,8 +232,8 @@ def test_failures_a_user_can_act_on(env: WorkerEnv, monkeypatch: pytest.MonkeyPa
     other = env.create_job(env.upload(fact_rows(4)))
     {"bad data": lambda: _corrupt(env, file_id), "file gone": lambda: _delete(env, file_id),
      "model gone": lambda: (env.settings.models_dir / model).unlink(),
-     "out of memory": lambda: monkeypatch.setattr("unsloth_core.finetune.finetune", _oom),
-     "bug": lambda: monkeypatch.setattr("unsloth_core.finetune.finetune", _bug)}[case]()
+     "out of memory": lambda: monkeypatch.setattr(FINETUNE_MODULE, "finetune", _oom),
+     "bug": lambda: monkeypatch.setattr(FINETUNE_MODULE, "finetune", _bug)}[case]()
     assert run(env, job_id) == "failed"
     job = env.job(job_id)
     assert job.status == "failed" and job.error is not None and (job.error["code"], job.error["param"]) == (code,
@@ -270,3 +275,42 @@ def test_a_database_hiccup_costs_a_metrics_event_not_the_job(env: WorkerEnv, mon
     assert run(env, job_id) == "succeeded"
     assert metric_steps(env, job_id) == [1, 3, 4]  # step 2's event was lost; the job was not
     assert env.job(job_id).status == "succeeded"
+
+
+@pytest.mark.parametrize(("error", "where"), [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU"),
+    (RuntimeError("CUDA error: out of memory"), "GPU"),
+    (RuntimeError("Triton Error [CUDA]: out of memory"), "GPU"),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), "GPU"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes"), "host"),
+    (MemoryError(), "host"),
+])
+def test_out_of_memory_names_the_memory_that_ran_out(error: BaseException, where: str) -> None:
+    failure = failures.classify(error, model=TINY, method_type="supervised",
+                                hyperparameters={"batch_size": 2, "max_seq_length": 128})
+    assert failure.code == "out_of_memory" and f"ran out of {where} memory" in failure.message
+
+
+def test_a_failed_job_gives_its_memory_back(env: WorkerEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model a failing job loaded is garbage once the failure is recorded, not kept alive by the exception's
+    traceback into the next job (a worker reuses its process in embedded mode)."""
+    import gc
+    import weakref
+
+    loaded: list[weakref.ref[Any]] = []
+    real_load_base = FINETUNE_MODULE.load_base
+
+    def load_then_fail(*args: Any, **kwargs: Any) -> Any:
+        model, _ = real_load_base(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        holder = [model]  # a reference cycle through this frame, as autograd graphs and tracebacks make
+        holder.append(holder)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(FINETUNE_MODULE, "load_base", load_then_fail)
+    gc.disable()  # only the worker's own collection may free the cycle
+    try:
+        assert run(env, env.create_job(env.upload(fact_rows(8)))) == "failed"
+        assert loaded and loaded[0]() is None
+    finally:
+        gc.enable()
