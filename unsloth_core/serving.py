@@ -216,6 +216,9 @@ class BatchEngine:
     # ---- the loop ----
 
     def _loop(self) -> None:
+        device = self.model.device
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # Triton launches on this thread's current device, whatever the tensors'
         try:
             with torch.inference_mode():
                 while not self._stop.is_set():

@@ -124,6 +124,9 @@ class ModelCache:
         from unsloth_core.checkpoint import load_model
         from unsloth_core.tokenizer import Tokenizer
 
+        with self._lock:  # make room first: at the limit, loading before evicting would hold one base too many
+            while self._bases and len(self._bases) >= self.settings.max_loaded_base_models:
+                self._drop_base(next(iter(self._bases)))
         log.info("loading base model %s on %s", base_id, self.device)
         model = load_model(path, self.device, resolve_dtype(self.settings.dtype, self.device))
         loaded = (model, Tokenizer.from_dir(path))
@@ -150,8 +153,12 @@ class ModelCache:
         for key in adapters[: max(0, len(adapters) - self.settings.max_loaded_adapters)]:
             self._served.pop(key).engine.retire()  # its running streams finish first
         while len(self._bases) > self.settings.max_loaded_base_models:
-            base_id, _ = self._bases.popitem(last=False)
-            for key in [k for k, s in self._served.items() if s.base_id == base_id]:
-                self._served.pop(key).engine.retire()
-            log.info("unloaded base model %s", base_id)
+            self._drop_base(next(iter(self._bases)))
+
+    def _drop_base(self, base_id: str) -> None:
+        """Unload a base and everything served on it (their running streams finish first). Caller holds the lock."""
+        del self._bases[base_id]
+        for key in [k for k, s in self._served.items() if s.base_id == base_id]:
+            self._served.pop(key).engine.retire()
+        log.info("unloaded base model %s", base_id)
 

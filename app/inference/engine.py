@@ -117,6 +117,17 @@ class GenerationRun:
             self.stop()
 
 
+def _release_memory() -> None:
+    """What a failed load allocated goes back to the device (a partly loaded model is garbage by now)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def _api_error(e: BaseException) -> BaseException:
     """A request the engine could not fit now is the server's capacity, not a bug: 503, and the client may retry."""
     from unsloth_core.errors import CapacityError, EngineClosedError
@@ -154,6 +165,8 @@ class InferenceEngine:
         self.metrics.generations_in_flight.dec()
 
     async def load(self, servable: Servable) -> Served:
+        import torch
+
         from unsloth_core.errors import UnslothError
 
         try:
@@ -162,6 +175,12 @@ class InferenceEngine:
             log.error("cannot load model %s: %s", servable.id, e)
             raise APIError(500, f"The model '{servable.id}' could not be loaded; its files are unreadable or "
                                 "incomplete.", type="server_error", code="model_load_failed") from None
+        except (torch.OutOfMemoryError, MemoryError):
+            log.warning("not enough memory to load model %s now", servable.id)
+            await run_in_threadpool(_release_memory)
+            raise APIError(503, f"The server has not enough memory to load the model '{servable.id}' now (models "
+                                "it unloaded may still be finishing their requests); retry later.",
+                           type="server_error", code="insufficient_capacity", headers={"Retry-After": "5"}) from None
 
     def start(self, served: Served, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> GenerationRun:
         """Start generating (on the event loop); the slot taken by `acquire()` passes to the run, which frees it."""

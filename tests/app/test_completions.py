@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -258,3 +259,45 @@ def test_engine_errors_a_client_can_act_on_are_503s() -> None:
         assert api.headers["Retry-After"] == "5"
     other = RuntimeError("z")
     assert _api_error(other) is other
+
+
+def test_a_new_base_is_loaded_after_the_oldest_one_is_unloaded(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the limit of loaded bases, loading first would hold one base too many at the peak (out of memory for big
+    models): the least recently used one goes first."""
+    from app.core.config import Settings
+    from app.inference.cache import ModelCache
+    from app.services.models import Servable
+    from tests.helpers import tiny_model_dir
+    from unsloth_core import checkpoint
+
+    paths = {name: tiny_model_dir(tmp_path / name) for name in ("a", "b")}
+    cache = ModelCache(Settings(data_dir=tmp_path, max_loaded_base_models=1, device="cpu"))
+    loaded_when_loading: list[list[str]] = []
+    real_load = checkpoint.load_model
+
+    def load_model(*args: Any, **kwargs: Any) -> Any:
+        loaded_when_loading.append(cache.loaded())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_model", load_model)
+    for name, path in paths.items():
+        served = cache.get(Servable(name, "base", name, path, None))
+        assert served.engine.model is not None
+    assert loaded_when_loading == [[], []] and cache.loaded() == ["b"]
+
+
+def test_a_model_that_does_not_fit_in_memory_answers_503(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unsloth_core import checkpoint
+
+    def out_of_memory(*_: Any, **__: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    backend.ctx.inference.cache.evict([TINY])  # the next request loads it again
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "load_model", out_of_memory)
+        with pytest.raises(openai.InternalServerError) as e:
+            chat(backend.client(), max_tokens=2)
+    assert e.value.status_code == 503 and e.value.code == "insufficient_capacity"
+    assert "not enough memory to load the model" in e.value.message
+    assert chat(backend.client(), max_tokens=2).choices  # loads now
