@@ -288,14 +288,14 @@ def test_a_new_base_is_loaded_after_the_oldest_one_is_unloaded(tmp_path: Path,
 
 
 def test_a_model_that_does_not_fit_in_memory_answers_503(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    from unsloth_core import checkpoint
+    from app.inference.cache import ModelCache
 
     def out_of_memory(*_: Any, **__: Any) -> Any:
         raise torch.OutOfMemoryError("CUDA out of memory (test)")
 
     backend.ctx.inference.cache.evict([TINY])  # the next request loads it again
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "load_model", out_of_memory)
+        patch.setattr(ModelCache, "_load", out_of_memory)
         with pytest.raises(openai.InternalServerError) as e:
             chat(backend.client(), max_tokens=2)
     assert e.value.status_code == 503 and e.value.code == "insufficient_capacity"
