@@ -24,7 +24,7 @@ from unsloth_core.data import (
 from unsloth_core.lora import LoRAConfig, inject, write_adapter_files
 from unsloth_core.model import Llama
 from unsloth_core.tokenizer import Tokenizer
-from unsloth_core.trainer import Callbacks, TrainArgs, Trainer, TrainResult
+from unsloth_core.trainer import Callbacks, TrainArgs, Trainer, TrainResult, resolve_dtype
 
 FINAL_DIR = "final"
 
@@ -71,14 +71,14 @@ def tokenize(examples: Sequence[Any], tokenizer: Tokenizer, args: TrainArgs) -> 
     return [tokenize_sft(e, tokenizer, args.max_seq_length, args.train_on_inputs) for e in examples]
 
 
-def load_base(model_path: str | Path, device: torch.device | None = None,
-              load_in_4bit: bool = False) -> tuple[Llama, Tokenizer]:
-    """A base model for training, in fp32 (the trainer casts frozen weights to the compute dtype); with
-    `load_in_4bit` the block projections are stored in NF4 and only dequantized for their products."""
+def load_base(model_path: str | Path, device: torch.device | None = None, load_in_4bit: bool = False,
+              dtype: torch.dtype = torch.float32) -> tuple[Llama, Tokenizer]:
+    """A base model for training, in `dtype`; with `load_in_4bit` the block projections are stored in NF4 and only
+    dequantized for their products."""
     from unsloth_core.facade import resolve_model_dir
 
     directory = resolve_model_dir(model_path)
-    model = load_model(directory, device or default_device(), dtype=torch.float32, load_in_4bit=load_in_4bit)
+    model = load_model(directory, device or default_device(), dtype=dtype, load_in_4bit=load_in_4bit)
     return model, Tokenizer.from_dir(directory)
 
 
@@ -93,7 +93,11 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
     if lora is None and args.load_in_4bit:
         raise ValueError("load_in_4bit trains LoRA adapters on a frozen 4-bit base; full fine-tuning needs the "
                          "weights in 16 or 32 bits (drop load_in_4bit, or train with LoRA)")
-    model, tokenizer = load_base(model_path, device, args.load_in_4bit)
+    device = device or default_device()
+    # A frozen base loads straight in the compute dtype (in fp32 it would take twice the memory until the trainer
+    # casts it); weights that train are fp32 masters, so full fine-tuning loads fp32.
+    dtype = resolve_dtype(args.dtype, device) if lora is not None else torch.float32
+    model, tokenizer = load_base(model_path, device, args.load_in_4bit, dtype)
     data = prepare_datasets(tokenizer, args, train_file, validation_file)
     base_name = str(model_path)
     if lora is not None:

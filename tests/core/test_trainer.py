@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import shutil
 from pathlib import Path
@@ -248,3 +249,22 @@ def test_bf16_autocast_trains_fp32_heads_and_embeddings(tmp_path: Path, model_di
             key = f"base_model.model.{'model.' if name == 'embed_tokens' else ''}{name}.weight"
             module = served.model.embed_tokens if name == "embed_tokens" else served.lm_head
             torch.testing.assert_close(module.weight, saved[key].to(module.weight.dtype))
+
+
+@pytest.mark.parametrize(("lora", "expected"), [(LORA, torch.bfloat16), (None, torch.float32)])
+def test_a_frozen_base_loads_in_the_compute_dtype(tmp_path: Path, model_dir: Path, sft_file: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, lora: LoRAConfig | None,
+                                                   expected: torch.dtype) -> None:
+    """LoRA's frozen base is read straight into bf16 (fp32 first would take twice the memory at load); full
+    fine-tuning reads fp32 masters."""
+    finetune_module = importlib.import_module("unsloth_core.finetune")
+    dtypes: list[torch.dtype] = []
+    real_load = finetune_module.load_model
+
+    def load_model(*args: Any, **kwargs: Any) -> Any:
+        dtypes.append(kwargs["dtype"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "load_model", load_model)
+    result, _ = finetune(model_dir, sft_file, args(tmp_path, dtype="bfloat16", max_steps=1), lora)
+    assert result.status == "completed" and dtypes == [expected]
