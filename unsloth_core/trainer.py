@@ -223,10 +223,9 @@ class Trainer:
         self.model.train()
         if self.args.method == "dpo":
             return self._dpo_window(window)
-        # The window's counts in one read-back, and the sums read back once at its end: a read after each
-        # micro-batch's backward would leave a GPU idle while the host queues the next forward.
-        counts = torch.stack([torch.stack([(mb["labels"][:, 1:] != IGNORE_INDEX).sum(), mb["attention_mask"].sum()])
-                              for mb in window]).tolist()
+        # The counts come from the host copies (see _collate), and the sums are read back once at the window's end:
+        # a read after each micro-batch's backward would leave a GPU idle while the host queues the next forward.
+        counts = [(int(mb["n_targets"]), int(mb["n_tokens"])) for mb in window]
         n_targets = sum(targets for targets, _ in counts)
         track = (self.state.step + 1) % self.args.logging_steps == 0  # accuracy (an argmax): log steps only
         loss_sum = torch.zeros((), device=self.device)
@@ -265,8 +264,8 @@ class Trainer:
             (loss * (mb["input_ids"].size(0) // 2) / pairs).backward()
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v * (mb["input_ids"].size(0) // 2)
-            self.state.tokens_seen += int(mb["attention_mask"].sum())
-            self.state.trained_tokens += int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
+            self.state.tokens_seen += int(mb["n_tokens"])
+            self.state.trained_tokens += int(mb["n_targets"])
         return {k: v / pairs for k, v in totals.items()}
 
     def _clip(self) -> float:
@@ -296,8 +295,15 @@ class Trainer:
                 window = []
 
     def _collate(self, items: list[Any]) -> dict[str, Tensor]:
+        """The micro-batch on the device, plus its token counts ("n_tokens", "n_targets") kept on the host, where
+        reading them costs no device sync. To a GPU the tensors go from pinned memory without blocking the host."""
         fn = collate_preference if self.args.method == "dpo" else collate
-        return {k: v.to(self.device) for k, v in fn(items, self.pad_id).items()}
+        batch = fn(items, self.pad_id)
+        cuda = self.device.type == "cuda"
+        out = {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in batch.items()}
+        out["n_tokens"] = batch["attention_mask"].sum()
+        out["n_targets"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return out
 
     # ---- evaluation ----
 
