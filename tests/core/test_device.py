@@ -7,22 +7,28 @@ engine) give what the plain path gives, on a whole model. On the CPU the Triton 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import transformers
 
-from tests.helpers import tiny_model
+from tests.helpers import tiny_model, tiny_model_dir
 from unsloth_core import kernels, quant
+from unsloth_core.data.synthetic import fact_rows, write_jsonl
+from unsloth_core.finetune import finetune, load_base
 from unsloth_core.generate import Generator
 from unsloth_core.kernels.backend import fused_lora_enabled, get_backend, set_fused_lora
-from unsloth_core.lora import apply_lora, lora_layers
+from unsloth_core.lora import LoRAConfig, apply_lora, load_adapter, lora_layers
 from unsloth_core.model import Llama
 from unsloth_core.quant import quantize_model
 from unsloth_core.sampling import SamplingParams
 from unsloth_core.serving import BatchEngine
+from unsloth_core.trainer import TrainArgs, TrainerCallbacks
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[])
@@ -178,6 +184,37 @@ def test_masked_attention_runs_in_fused_kernels() -> None:
         loss = model(x, position_ids=positions, labels=x, return_logits=False).loss
         assert loss is not None
         loss.backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_a_fine_tune_runs_on_the_gpu(tmp_path: Path, load_in_4bit: bool) -> None:
+    """The trainer as the worker runs it on a GPU (bf16 autocast, offloaded checkpointing, packing, LoRA dropout,
+    a trained head; QLoRA too): it completes, its loss falls, and the adapter it writes loads back."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model_dir = tiny_model_dir(tmp_path / "model", std=0.05)
+    data = write_jsonl(tmp_path / "facts.jsonl", fact_rows(24, seed=1))
+    args = TrainArgs(output_dir=str(tmp_path / "out"), micro_batch_size=2, gradient_accumulation_steps=2,
+                     max_steps=10, learning_rate=5e-3, max_seq_length=128, logging_steps=1, seed=7,
+                     gradient_checkpointing="offload", packing=True, load_in_4bit=load_in_4bit)
+    lora = LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.1, modules_to_save=None if load_in_4bit else ["lm_head"])
+    log = _Log()
+    result, final = finetune(model_dir, data, args, lora, callbacks=log, device=torch.device("cuda"))
+    assert result.status == "completed"
+    losses = [m["loss"] for m in log.logs if "loss" in m]
+    assert len(losses) == 10 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    base, _ = load_base(model_dir, torch.device("cuda"), load_in_4bit, torch.bfloat16)
+    served = load_adapter(base, final)
+    assert Generator(served, None).generate([[1, 2, 3]], GREEDY)[0].token_ids
+
+
+class _Log(TrainerCallbacks):
+    def __init__(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        self.logs.append(metrics)
 
 def test_the_batch_engine_matches_the_generator(device: torch.device) -> None:
     model = tiny_model(seed=11, std=0.3).to(device)
