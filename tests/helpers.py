@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -58,3 +60,11 @@ def tiny_model(seed: int = 0, std: float = 0.5, **overrides: object) -> Llama:
     model = Llama(LlamaConfig.from_name("tiny", **overrides))
     model.init_weights(seed=seed, std=std)
     return model.eval()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, poll: float = 0.005) -> None:
+    """Poll until `condition()` is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)

@@ -5,8 +5,6 @@ checkpoint ids served as adapters on the shared base."""
 from __future__ import annotations
 
 import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import pytest
 import torch
 
 from tests.app.conftest import TINY, TINY_SLASHED, Backend, FineTune
+from tests.helpers import wait_until
 from unsloth_core.serving import BatchEngine
 
 HI = [{"role": "user", "content": "Say something."}]
@@ -170,14 +169,6 @@ def test_a_request_the_engine_cannot_fit_answers_503(backend: Backend, monkeypat
     assert "out of memory for this request" in e.value.message and e.value.response.headers["retry-after"] == "5"
     assert chat(backend.client(), max_tokens=2).choices
 
-@contextmanager
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def cancelled(backend: Backend) -> float:
     return float(backend.ctx.metrics.generations_cancelled._value.get())
 
@@ -199,7 +190,7 @@ def test_a_client_that_leaves_stops_its_generation(backend: Backend) -> None:
         httpx.post(f"{backend.base_url}/v1/chat/completions", timeout=0.2,
                    headers={"Authorization": f"Bearer {backend.user_key}"},
                    json={"model": TINY, "messages": HI, "max_tokens": 450, "ignore_eos": True})
-    wait_for(lambda: engine.in_flight == 0)
+    wait_until(lambda: engine.in_flight == 0, timeout=10)
     assert cancelled(backend) == before + 2
     assert generated(backend) - tokens_before < 2 * 450  # both stopped early
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import unsloth_core.serving as serving
-from tests.helpers import make_tiny_tokenizer, tiny_model
+from tests.helpers import make_tiny_tokenizer, tiny_model, wait_until
 from unsloth_core.errors import CapacityError, ContextLengthError, EngineClosedError
 from unsloth_core.generate import Delta, Generator
 from unsloth_core.model import KVCache, Llama
@@ -204,13 +204,6 @@ def gated(first_item_waits_for: threading.Event) -> tuple[Stream, list[Delta | B
             first_item_waits_for.wait(timeout=30)
 
     return Stream(1, on_item), items
-
-
-def wait_until(condition: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_a_retired_engine_finishes_its_requests_then_frees_its_cache(tok: Tokenizer) -> None:
