@@ -80,7 +80,9 @@ def test_sigterm_checkpoints_requeues_and_another_worker_finishes(chaos: Chaos, 
         [e.message for e in events]
     assert step in [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job_id)]
     assert metric_steps(events) == list(range(1, STEPS + 1))  # stopped at its checkpoint: nothing trained twice
-    assert f"job {job_id} attempt 1: succeeded" in chaos.log_of(other(first))
+    # The worker logs the outcome after the job's final write (and after freeing its memory): wait for the line.
+    chaos.stack.wait(lambda: f"job {job_id} attempt 1: succeeded" in chaos.log_of(other(first)), 30,
+                     "the other worker to log the attempt it finished")
 
 
 def test_a_frozen_worker_resumed_after_its_job_moved_changes_nothing(chaos: Chaos, training_file: str) -> None:
@@ -104,6 +106,8 @@ def test_a_frozen_worker_resumed_after_its_job_moved_changes_nothing(chaos: Chao
     resumed = [i for i, e in enumerate(events) if e.data and e.data.get("status") == "running"][1]
     # After the second worker's claim, every metric is its own: one run from the checkpoint to the end.
     assert metric_steps(events[resumed:]) == list(range(resumed_from(events) + 1, STEPS + 1))
-    assert f"job {job_id} attempt 1: succeeded" in chaos.log_of(other(frozen))
+    # The worker logs the outcome after the job's final write (and after freeing its memory): wait for the line.
+    chaos.stack.wait(lambda: f"job {job_id} attempt 1: succeeded" in chaos.log_of(other(frozen)), 30,
+                     "the other worker to log the attempt it finished")
     job = chaos.job(job_id)
     assert job["attempt"] == 1 and job["fine_tuned_model"] and job["lease_owner"] is None
