@@ -242,3 +242,24 @@ def test_a_shape_past_the_compile_limit_decodes_eagerly(model: Llama, monkeypatc
             assert [c.token_ids for c in compiled.generate(prompts, params)] == [c.token_ids for c in eager]
         assert any("decodes eagerly" in str(w.message) for w in caught) == (len(prompts) == 2)
     torch._dynamo.reset()
+
+
+def test_sampling_never_picks_a_filtered_token_and_reaches_the_vocabulary_tail() -> None:
+    """Inverting the cumulative distribution: a token top-k removed (probability 0) is never drawn, the kept ones
+    follow their renormalised probabilities, and in a 128k vocabulary the last token is drawn when it holds the mass
+    (the fp64 cumulative sum keeps the tail)."""
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0]])
+    s = Sampler([SamplingParams(temperature=1.0, top_k=2, seed=3)], 4, torch.device("cpu"))
+    counts = torch.zeros(4)
+    for _ in range(3000):
+        counts[s.sample(logits)] += 1
+    kept = torch.tensor([1.0, 0.0, 0.0, 2.0]).exp() * torch.tensor([1.0, 0.0, 0.0, 1.0])
+    assert counts[1] == counts[2] == 0
+    assert torch.allclose(counts / 3000, kept / kept.sum(), atol=0.03)
+    tail = torch.full((2, 128256), -30.0)
+    tail[:, -1] = 30.0
+    tail[1, -2] = 30.0  # row 1: the last two tokens share the mass
+    picks = Sampler([SamplingParams(temperature=1.0, seed=i) for i in range(2)], 128256,
+                    torch.device("cpu"))
+    drawn = {tuple(picks.sample(tail).tolist()) for _ in range(200)}
+    assert {row0 for row0, _ in drawn} == {128255} and {row1 for _, row1 in drawn} == {128254, 128255}
