@@ -17,7 +17,7 @@ import torch._dynamo
 from torch import Tensor
 
 from unsloth_core.errors import ContextLengthError
-from unsloth_core.model import Llama
+from unsloth_core.model import Llama, cache_slots
 from unsloth_core.sampling import Sampler, SamplingParams
 from unsloth_core.tokenizer import StreamDecoder, Tokenizer
 
@@ -235,7 +235,7 @@ class Generator:
         """
         if self.compile:
             n_slots = min(self.max_seq_length, max(256, 1 << (n_slots - 1).bit_length()))
-            n_slots = (n_slots + 7) // 8 * 8  # as setup_caches rounds it, or every call would reallocate
+            n_slots = cache_slots(n_slots)  # as setup_caches rounds it, or every call would reallocate
         shape = self.model.cache_shape
         too_big = not self.compile and shape is not None and shape[1] > 2 * n_slots + 64
         if shape is None or shape[0] != batch_size or shape[1] < n_slots or too_big or (

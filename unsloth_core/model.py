@@ -74,6 +74,11 @@ def rope_tables(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> t
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def cache_slots(n_tokens: int) -> int:
+    """The slots a KV cache for `n_tokens` gets: rounded up to a multiple of 8."""
+    return (n_tokens + 7) // 8 * 8
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values (B, KVH, S, D): shapes never change, so a compiled decode step never retraces."""
 
@@ -326,11 +331,14 @@ class Llama(nn.Module):
 
     def setup_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate a static KV cache for generation; slots are rounded up to a multiple of 8."""
-        max_slots = (max_seq_length + 7) // 8 * 8
-        dtype = dtype or self.dtype
-        for block in self.blocks():
-            block.self_attn.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_slots, self.config.d_head,
-                                               dtype, self.device)
+        for block, cache in zip(self.blocks(), self.new_caches(batch_size, max_seq_length, dtype), strict=True):
+            block.self_attn.kv_cache = cache
+
+    def new_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One layer's KV cache per block, all allocated before any is installed (`cache_slots` slots each)."""
+        slots, dtype = cache_slots(max_seq_length), dtype or self.dtype
+        return [KVCache(batch_size, self.config.n_kv_heads, slots, self.config.d_head, dtype, self.device)
+                for _ in self.blocks()]
 
     def clear_caches(self) -> None:
         for block in self.blocks():

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from unsloth_core.errors import CapacityError, EngineClosedError
 from unsloth_core.generate import Delta, Prompt, RowState, check_context, step_logprobs, token_logprob
+from unsloth_core.memory import release_memory
 from unsloth_core.model import KVCache, Llama
 from unsloth_core.sampling import Sampler, SamplingParams
 from unsloth_core.tokenizer import Tokenizer
@@ -243,8 +244,7 @@ class BatchEngine:
         """Idle: give the KV cache back (the next request reallocates), to the device too, not just to torch's
         allocator, so a training job sharing the GPU can use it."""
         self.model.clear_caches()
-        if self.model.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(collect=False)
 
     def _drain_waiting(self) -> list[_Request]:
         out = []
@@ -266,9 +266,7 @@ class BatchEngine:
         new_slots = min(self.max_seq_length, max(old_slots, -(-slots // 256) * 256))
         # Every layer's new cache is allocated before any replaces the old one: running out of memory half way
         # leaves the old caches whole, and only the request that asked for more fails.
-        cfg, dev = self.model.config, self.model.device
-        new = [KVCache(new_rows, cfg.n_kv_heads, (new_slots + 7) // 8 * 8, cfg.d_head, self.model.dtype, dev)
-               for _ in self.model.blocks()]
+        new = self.model.new_caches(new_rows, new_slots)
         live, used = len(self._live), max((len(r.tokens) for r in self._live), default=0)
         for block, cache in zip(self.model.blocks(), new):
             old = block.self_attn.kv_cache

@@ -86,15 +86,11 @@ def _release_memory() -> None:
     traceback holds the model, its optimizer state and activations) has been handled, is it all garbage."""
     import sys
 
-    if "torch" not in sys.modules:
+    if "torch" not in sys.modules:  # nothing was loaded: no reason to import torch here
         return
-    import gc
+    from unsloth_core.memory import release_memory
 
-    import torch
-
-    gc.collect()  # cycles (autograd graphs, frames) would otherwise hold GPU tensors until some later collection
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 def _run_claimed(ctx: WorkerContext, job: Job, lease: Lease) -> str:

@@ -117,17 +117,6 @@ class GenerationRun:
             self.stop()
 
 
-def _release_memory() -> None:
-    """What a failed load allocated goes back to the device (a partly loaded model is garbage by now)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
 def _api_error(e: BaseException) -> BaseException:
     """A request the engine could not fit now is the server's capacity, not a bug: 503, and the client may retry."""
     from unsloth_core.errors import CapacityError, EngineClosedError
@@ -177,7 +166,9 @@ class InferenceEngine:
                                 "incomplete.", type="server_error", code="model_load_failed") from None
         except (torch.OutOfMemoryError, MemoryError):
             log.warning("not enough memory to load model %s now", servable.id)
-            await run_in_threadpool(_release_memory)
+            from unsloth_core.memory import release_memory
+
+            await run_in_threadpool(release_memory)  # what the failed load allocated, garbage by now
             raise APIError(503, f"The server has not enough memory to load the model '{servable.id}' now (models "
                                 "it unloaded may still be finishing their requests); retry later.",
                            type="server_error", code="insufficient_capacity", headers={"Retry-After": "5"}) from None

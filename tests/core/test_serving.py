@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-import unsloth_core.serving as serving
+import unsloth_core.model as model_module
 from tests.helpers import make_tiny_tokenizer, tiny_model, wait_until
 from unsloth_core.errors import CapacityError, ContextLengthError, EngineClosedError
 from unsloth_core.generate import Delta, Generator
@@ -165,7 +165,7 @@ def test_a_request_that_runs_out_of_memory_fails_alone(tok: Tokenizer, monkeypat
                     raise torch.OutOfMemoryError("CUDA out of memory (test)")
             super().__init__(batch_size, *args, **kwargs)
 
-    monkeypatch.setattr(serving, "KVCache", OutOfMemoryAtTwoRows)
+    monkeypatch.setattr(model_module, "KVCache", OutOfMemoryAtTwoRows)
     reference = Generator(tiny_model(seed=12, std=0.3), tok)
     engine = BatchEngine(tiny_model(seed=12, std=0.3), tok, max_batch_size=4, max_seq_length=128)  # no cache yet
     long = SamplingParams(temperature=0, max_new_tokens=30, **NO_EOS)
