@@ -30,6 +30,11 @@
 #                    (no probe starts that would end past it): HF's bracket and a lower bound for ours
 # 455 s of limits and the env step: about 7.8 minutes. Smoke mode: env, then one `--gpu --quick` run of every
 # work, 100 s at most (~70 s expected, kernels and two decode steps compiled cold).
+# GPU_CHECK_STEPS picks the steps and their order, from smoke (the smoke mode's run) and the five above; a lease
+# too short for a smoke call and a full call (each start costs a minute or two) splits them, e.g.
+#     GPU_CHECK_STEPS="smoke tests kernels" bash bench/gpu_check.sh     # first call: run, timeout_s=290
+#     GPU_CHECK_STEPS="train decode longest" bash bench/gpu_check.sh    # after the fixes: run, timeout_s=330
+# GPU_CHECK_TESTS (pytest arguments) narrows the tests step to a rerun of what failed.
 # Files: env.txt, steps.log (every step's output), and kernels/train/decode/longest.jsonl, or smoke.jsonl.
 # Copy the tables into bench/RESULTS.md with the card, date and commit.
 set -uo pipefail
@@ -89,20 +94,25 @@ bench() {  # bench NAME SECONDS WORKS: one `python -m bench` run of those works,
     step "$1" "$2" "$PY" -m bench "${plan[@]}" --only "$3" --json "$OUT/$1.jsonl"
 }
 
-if [ "$mode" = smoke ]; then
-    bench smoke 100 ceilings,kernels,train,loss,decode,longest
-else
-    # -k "not cpu": test_device.py's CPU cases run in CI already; here they would spend the step's time in the
-    # interpreter. --maxfail, not -x: one failure must not hide the kernels' results.
-    tests=(-q -p no:cacheprovider --maxfail=20 -k "not cpu")
-    if "$PY" -c 'import pytest_timeout' 2> /dev/null; then tests+=(--timeout=60); fi
-    if [ "$mode" = full ] && "$PY" -c 'import xdist' 2> /dev/null; then tests+=(-n 4); fi
-    step tests 110 "$PY" -m pytest "${tests[@]}" tests/core/test_device.py tests/core/kernels
-    bench kernels 40 kernels
-    bench train 110 train,loss
-    bench decode 120 decode
-    bench longest 75 longest
-fi
+# -k "not cpu": test_device.py's CPU cases run in CI already; here they would spend the step's time in the
+# interpreter. --maxfail, not -x: one failure must not hide the kernels' results.
+tests=(-q -p no:cacheprovider --maxfail=20 -k "not cpu")
+if "$PY" -c 'import pytest_timeout' 2> /dev/null; then tests+=(--timeout=60); fi
+if [ "$mode" = full ] && "$PY" -c 'import xdist' 2> /dev/null; then tests+=(-n 4); fi
+read -ra targets <<< "${GPU_CHECK_TESTS:-tests/core/test_device.py tests/core/kernels}"
+if [ "$mode" = smoke ]; then default=smoke; else default="tests kernels train decode longest"; fi
+for s in ${GPU_CHECK_STEPS:-$default}; do
+    case $s in
+        smoke) step smoke 100 "$PY" -m bench --gpu --quick --only ceilings,kernels,train,loss,decode,longest \
+                   --json "$OUT/smoke.jsonl" ;;
+        tests) step tests 110 "$PY" -m pytest "${tests[@]}" "${targets[@]}" ;;
+        kernels) bench kernels 40 kernels ;;
+        train) bench train 110 train,loss ;;
+        decode) bench decode 120 decode ;;
+        longest) bench longest 75 longest ;;
+        *) echo "unknown step $s (smoke tests kernels train decode longest)"; exit 2 ;;
+    esac
+done
 echo "== summary ($mode, $((SECONDS - start)) s in all; files in $OUT)"
 printf '%s\n' "${summary[@]}"
 ls "$OUT"
