@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -37,6 +39,7 @@ from unsloth_core.lora import lora_parameters
 from unsloth_core.sampling import SamplingParams
 
 LR = 2e-4
+ROOT = Path(__file__).resolve().parent.parent  # errors name the innermost line of ours
 Runner = Callable[[int], Any]
 Builder = Callable[[], Runner]
 Progress = Callable[[dict[str, Any]], None]  # takes a partial result (a probe, a side) the moment it is known
@@ -93,7 +96,13 @@ def sync(device: torch.device) -> None:
 
 
 def short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    """The error's first line, and where it came from when that is the engine or the bench: the innermost line in
+    this repository, named when it is in unsloth_core/ or bench/ (a row keeps no traceback)."""
+    text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(str(ROOT))]
+    if not frames or not frames[-1].filename.startswith((str(ROOT / "unsloth_core"), str(ROOT / "bench"))):
+        return text
+    return f"{text} [at {Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno}]"
 
 
 def compare(builders: dict[str, Builder], tokens_per_run: int, warmup: int, reps: int, device: torch.device,
@@ -406,7 +415,10 @@ def longest_side(job: Job, device: torch.device, dtype: torch.dtype, ours: bool,
     finally:
         step = None
         free_memory(device)
-    return {"longest": found.longest, "fails_at": found.fails_at, "stopped": found.stopped, "error": found.error,
+    error = found.error
+    if found.stopped == "error" and probes and probes[-1]["why"]:
+        error = probes[-1]["why"]  # the probe's own text names where it failed; the re-raise names the probe
+    return {"longest": found.longest, "fails_at": found.fails_at, "stopped": found.stopped, "error": error,
             "probes": probes}
 
 

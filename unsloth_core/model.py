@@ -157,7 +157,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
                                               enable_gqa=groups > 1)
     if t == 1:
         y = F.scaled_dot_product_attention(q.reshape(b, k.size(1), groups, d), k, v, attn_mask=mask)
-        return y.view(b, h, 1, d)
+        # reshape, not view: CUDA's fused kernels return (B, KVH, G, D) as a transpose of a (B, G, KVH, D) tensor.
+        return y.reshape(b, h, 1, d)
     return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                                           attn_mask=mask)
 
@@ -294,7 +295,10 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Where the weights are (a `with torch.device("cuda")` build), except on meta: init_buffers makes it there.
+        device = self.lm_head.weight.device
+        inv_freq = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq if device.type == "meta" else inv_freq.to(device), persistent=False)
 
     # ---- construction ----
 

@@ -4,6 +4,7 @@ no assertion here is about speed."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,13 @@ def test_kernel_rows_time_each_kernel_and_its_twin() -> None:
         assert r.errors == {} and r.ours and r.hf and r.unit == "calls/s"
         assert r.timing == "median of 1 calls after 1 warm-up"
         assert r.extra["auto_triton"] == (r.shape in AUTO_TRITON_OPS)
+
+
+def test_an_error_names_the_line_of_ours_it_came_from() -> None:
+    """A row keeps one line of an error, not its traceback: the innermost engine or bench line says where."""
+    from bench.workloads import short
+    from unsloth_core.config import LlamaConfig
+
+    with pytest.raises(KeyError) as caught:
+        LlamaConfig.from_name("nope")
+    assert re.fullmatch(r"KeyError: .*unknown preset 'nope'.* \[at unsloth_core/config\.py:\d+\]", short(caught.value))

@@ -19,6 +19,7 @@ import transformers
 
 from tests.helpers import tiny_model, tiny_model_dir
 from unsloth_core import kernels, quant
+from unsloth_core.config import LlamaConfig
 from unsloth_core.data.synthetic import fact_rows, write_jsonl
 from unsloth_core.finetune import finetune, load_base
 from unsloth_core.generate import Generator
@@ -78,6 +79,19 @@ def test_logits_match_transformers(device: torch.device) -> None:
     assert a is not None and a.abs().max() > 1
     assert (a - b).abs().max() <= 1e-4
 
+
+
+def test_a_model_built_on_the_device_runs_there(device: torch.device) -> None:
+    """`with torch.device(...)`: Llama(config)` (how the bench builds an 8B model in place) puts RoPE's frequencies
+    beside the weights; on a GPU they stayed on the CPU and the first forward failed."""
+    with torch.device(device):
+        model = Llama(LlamaConfig.from_name("tiny"))
+    assert model.inv_freq.device.type == device.type
+    x, _ = batch(model.config.vocab_size, device)
+    with torch.no_grad():
+        assert model(x).logits is not None
+    with torch.device("meta"):
+        assert Llama(LlamaConfig.from_name("tiny")).inv_freq.device.type == "cpu"  # init_buffers places it later
 
 @pytest.mark.usefixtures("paths")
 @pytest.mark.parametrize(("dtype", "base"), [(torch.float32, "dense"), (torch.bfloat16, "dense"),

@@ -64,4 +64,7 @@ def test_tiny_llama_matches_the_reference_backend(device: torch.device) -> None:
         kernels.set_backend(previous)
     assert len(got) == len(want) == 1 + len(list(model.parameters()))
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # The absolute error of a sum in another order scales with its terms, not its result: on an H200 one element
+        # of the tied embedding's gradient (-0.012, where the tensor reaches 14.7) differed by 1.2e-5. So atol is
+        # relative to the tensor's largest magnitude.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -90,11 +92,20 @@ def test_a_checkpointed_lora_model_with_dropout_gets_the_gradients_of_an_uncheck
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _torch_takes_pinned_rounding() -> bool:
+    """Whether this torch takes the setting at all, asked in a fresh process (setting it here would change what the
+    test checks). torch 2.11, which the H200 machine has, refuses it."""
+    code = f"import torch; torch._C._accelerator_setAllocatorSettings('{offload.PINNED_ROUNDING}:64')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
 def test_pinned_blocks_are_allocated_at_their_size(device: torch.device) -> None:
     """Offloaded inputs must not be rounded up to a power of two (twice the host memory just past one); a rounding
     setting already made (the user's PYTORCH_ALLOC_CONF, or an earlier call) is kept."""
     offload.exact_pinned_sizes.cache_clear()
-    assert offload.exact_pinned_sizes()
+    if not offload.exact_pinned_sizes():
+        assert not _torch_takes_pinned_rounding(), "this torch takes the setting, but exact_pinned_sizes did not"
+        pytest.skip(f"torch {torch.__version__} has no {offload.PINNED_ROUNDING} setting (blocks stay rounded)")
     settings = torch._C._accelerator_getAllocatorSettings()
     assert settings.count(offload.PINNED_ROUNDING) == 1
     offload.exact_pinned_sizes.cache_clear()
