@@ -37,3 +37,16 @@ def test_non_contiguous_source_and_other_blocksizes(device: torch.device) -> Non
     assert (dense - w).abs().max() <= 0.2 * w.abs().max()
     with pytest.raises(ValueError, match="even"):
         NF4Tensor.from_dense(w, blocksize=33)
+
+
+def test_the_kernel_runs_inside_a_compiled_graph(device: torch.device) -> None:
+    """The compiled decode step of a QLoRA model calls the kernel from `NF4Tensor.dense`, which the compiler runs
+    on fake tensors: the kernel must be an opaque op with a shape rule, not a launch traced into (on an H200 the
+    launch read a fake tensor's data pointer and every compiled 4-bit decode failed)."""
+    layer = torch.nn.Linear(64, 96, bias=False).to(device)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05, generator=torch.Generator(device).manual_seed(2))
+    w = NF4Tensor.from_dense(layer.weight.detach())
+    x = torch.randn(3, 64, device=device)
+    compiled = torch.compile(lambda x: torch.nn.functional.linear(x, w.dense()), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, w.dense()))
