@@ -275,3 +275,14 @@ def test_an_error_names_the_line_of_ours_it_came_from() -> None:
     with pytest.raises(KeyError) as caught:
         LlamaConfig.from_name("nope")
     assert re.fullmatch(r"KeyError: .*unknown preset 'nope'.* \[at unsloth_core/config\.py:\d+\]", short(caught.value))
+
+
+def test_profile_agreement_and_profiles_run_on_the_tiny_shape(tmp_path: Path) -> None:
+    """bench/profile.py on the CPU: in fp32 the two models agree at every position, and each part writes its file."""
+    import bench.profile
+
+    text = bench.profile.agreement("tiny", CPU, torch.float32, 2, 8, 8)
+    assert "HF's argmax = ours' generated token: 100.0%" in text
+    assert "every position: 100.0%" in text
+    decode = bench.profile.decode_profile("tiny", CPU, torch.float32, 1, 8, 4)
+    assert "ms a step unprofiled" in decode and "Self CPU time total" in decode
