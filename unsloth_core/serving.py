@@ -287,15 +287,27 @@ class BatchEngine:
                 continue
             try:
                 logits = self._prefill(request)
-            except (torch.OutOfMemoryError, MemoryError):
-                request.stream._put(CapacityError(
-                    f"not enough {self.model.device.type} memory for this request now ({len(request.prompt)} prompt "
-                    f"tokens, {request.params.max_new_tokens} to generate, beside {len(self._live)} running): "
-                    "retry later, or ask for fewer tokens"))
+            except Exception as e:  # this request alone: it never took a live row
+                request.stream._put(self._request_error(request, e))
                 request.stream._put(None)
                 continue
             self._live.append(request)
             self._advance([request], logits)
+
+    def _request_error(self, request: _Request, e: Exception) -> Exception:
+        """What the request's caller is told: running out of memory is capacity (retry later), anything else the
+        error itself. Either way it ends that request only; the engine goes on with the others."""
+        if isinstance(e, torch.OutOfMemoryError | MemoryError):
+            return CapacityError(
+                f"not enough {self.model.device.type} memory for this request now ({len(request.prompt)} prompt "
+                f"tokens, {request.params.max_new_tokens} to generate, beside {len(self._live)} running): "
+                "retry later, or ask for fewer tokens")
+        return e
+
+    def _fail(self, request: _Request, e: Exception) -> None:
+        """End one live request with an error and give its row back."""
+        request.stream._put(self._request_error(request, e))
+        self._retire(request)
 
     def _prefill(self, request: _Request) -> Tensor:
         """Grow the cache for the request, run its prompt into the next free row, and return its next-token logits."""
@@ -311,34 +323,70 @@ class BatchEngine:
         return self.model.lm_head(hidden[:, -1]).float()
 
     def _decode(self) -> None:
-        live = self._live
+        live = list(self._live)
+        try:
+            logits = self._step(live, 0)
+        except Exception:  # whose fault? Each row alone tells: the rows that still fail end, the others go on
+            self._decode_rows_alone(live)
+            return
+        self._advance(live, logits)
+
+    def _step(self, requests: list[_Request], first_row: int) -> Tensor:
+        """Next-token logits of consecutive live rows from `first_row` on (their cache rows)."""
         dev = self.model.device
-        tokens = torch.tensor([[r.tokens[-1]] for r in live], device=dev)
-        pos = torch.tensor([[r.next_slot] for r in live], device=dev)
-        hidden = self.model.hidden_states(tokens, pos, None, pos, cache_row=0)
-        self._advance(live, self.model.lm_head(hidden[:, -1]).float())
+        tokens = torch.tensor([[r.tokens[-1]] for r in requests], device=dev)
+        pos = torch.tensor([[r.next_slot] for r in requests], device=dev)
+        hidden = self.model.hidden_states(tokens, pos, None, pos, cache_row=first_row)
+        return self.model.lm_head(hidden[:, -1]).float()
+
+    def _decode_rows_alone(self, live: list[_Request]) -> None:
+        """A batched step failed: run each row by itself (a row's cache slot is rewritten with the same values)."""
+        ok: list[tuple[_Request, Tensor]] = []
+        failed: list[tuple[_Request, Exception]] = []
+        for row, r in enumerate(live):
+            try:
+                ok.append((r, self._step([r], row)))
+            except Exception as e:
+                failed.append((r, e))
+        if ok:
+            self._advance([r for r, _ in ok], torch.cat([logits for _, logits in ok]))
+        for r, e in failed:
+            self._fail(r, e)
 
     def _advance(self, requests: list[_Request], logits: Tensor) -> None:
-        """Sample each request's next token from its row of logits, hand out text, retire finished rows."""
+        """Sample each request's next token from its row of logits, hand out text, retire finished rows. A request
+        whose sampling or output fails ends alone."""
         # Plain greedy rows share one argmax; the others sample with their own state (seeds, penalties). Either
         # way every row's token comes back to the host in one read: one device sync per step, not one per row.
         chosen = logits.argmax(-1)
         sampled: list[tuple[int, Tensor]] = []
         lps: list[Tensor | None] = [None] * len(requests)
+        failed: dict[int, Exception] = {}
         for i, r in enumerate(requests):
             assert r.sampler is not None  # made at admission
             if r.sampler.plain_greedy and r.params.logprobs is None:
                 continue
             row_logits = logits[i : i + 1]
-            token = r.sampler.sample(row_logits)
+            try:
+                token = r.sampler.sample(row_logits)
+                lps[i] = step_logprobs(row_logits, token, r.params.logprobs)
+            except Exception as e:
+                failed[i] = e
+                continue
             sampled.append((i, token))
-            lps[i] = step_logprobs(row_logits, token, r.params.logprobs)
         if sampled:
             rows = torch.tensor([i for i, _ in sampled], device=chosen.device)
             chosen = chosen.index_copy(0, rows, torch.cat([t for _, t in sampled]))
-        for r, tok, row_lps in zip(requests, chosen.tolist(), lps):
-            self._emit(r, tok, row_lps)
-        for r in [r for r in requests if r.state.finish is not None]:
+        for i, (r, tok, row_lps) in enumerate(zip(requests, chosen.tolist(), lps)):
+            if i in failed:
+                continue
+            try:
+                self._emit(r, tok, row_lps)
+            except Exception as e:
+                failed[i] = e
+        for i, e in failed.items():
+            self._fail(requests[i], e)
+        for r in [r for i, r in enumerate(requests) if i not in failed and r.state.finish is not None]:
             self._retire(r)
 
     def _emit(self, r: _Request, tok: int, lps: Tensor | None) -> None:

@@ -11,6 +11,7 @@ import torch
 
 import unsloth_core.model as model_module
 from tests.helpers import make_tiny_tokenizer, tiny_model, wait_until
+from unsloth_core import serving
 from unsloth_core.errors import CapacityError, ContextLengthError, EngineClosedError
 from unsloth_core.generate import Delta, Generator
 from unsloth_core.model import KVCache, Llama
@@ -241,3 +242,85 @@ def test_a_closed_engine_ends_its_requests_with_an_error(tok: Tokenizer) -> None
     assert isinstance(items[-2], EngineClosedError) and items[-1] is None
     with pytest.raises(EngineClosedError, match="unloaded"):
         list(waiting)
+
+
+MARK, MARK_SEED = [77, 77, 77], 4242  # the request a fault is injected into
+
+
+def _inject(stage: str, engine: BatchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the marked request fail at `stage` of its life in the engine, and only it."""
+    def boom() -> RuntimeError:
+        return RuntimeError(f"injected at {stage}")
+
+    if stage == "admit":  # its sampler cannot be made (today's real case: a seed torch refuses)
+        class Refusing(serving.Sampler):
+            def __init__(self, params: Any, *args: Any) -> None:
+                if params[0].seed == MARK_SEED:
+                    raise boom()
+                super().__init__(params, *args)
+
+        monkeypatch.setattr(serving, "Sampler", Refusing)
+    elif stage == "prefill":
+        forward = engine.model.hidden_states
+
+        def hidden_states(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if ids.size(1) > 1 and ids[0, :3].tolist() == MARK:
+                raise boom()
+            return forward(ids, *args, **kwargs)
+
+        monkeypatch.setattr(engine.model, "hidden_states", hidden_states)
+    elif stage == "decode":  # the batched step fails whenever the marked row is in it
+        step = BatchEngine._step
+
+        def failing_step(self: BatchEngine, requests: list[Any], first_row: int) -> torch.Tensor:
+            if any(r.prompt == MARK for r in requests):
+                raise boom()
+            return step(self, requests, first_row)
+
+        monkeypatch.setattr(BatchEngine, "_step", failing_step)
+    elif stage == "sample":
+        sample = serving.Sampler.sample
+
+        def failing_sample(self: Any, logits: torch.Tensor) -> torch.Tensor:
+            if self.generators and self.temperature[0, 0].item() == 0.5:
+                raise boom()
+            return sample(self, logits)
+
+        monkeypatch.setattr(serving.Sampler, "sample", failing_sample)
+    else:
+        emit = BatchEngine._emit
+
+        def failing_emit(self: BatchEngine, r: Any, *args: Any) -> None:
+            if r.prompt == MARK:
+                raise boom()
+            emit(self, r, *args)
+
+        monkeypatch.setattr(BatchEngine, "_emit", failing_emit)
+
+
+@pytest.mark.parametrize("stage", ["admit", "prefill", "decode", "sample", "emit"])
+def test_a_failure_in_one_request_ends_that_request_alone(stage: str, tok: Tokenizer,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault in one request at any stage ends it with the error; the requests batched beside it finish with the
+    tokens they get without it, and the engine goes on serving."""
+    reference = Generator(tiny_model(seed=12, std=0.3), tok)
+    engine = BatchEngine(tiny_model(seed=12, std=0.3), tok, max_batch_size=4, max_seq_length=128)
+    _inject(stage, engine, monkeypatch)
+    greedy = SamplingParams(temperature=0, max_new_tokens=20, **NO_EOS)
+    neighbours = [[1, 2, 3], [9, 8, 7, 6], [42]]
+    release = threading.Event()
+    first, first_items = gated(release)  # holds the engine until every request is queued: they share a batch
+    engine.submit(neighbours[0], greedy, stream=first)
+    marked = engine.submit(MARK, SamplingParams(temperature=0.5, seed=MARK_SEED, max_new_tokens=20, **NO_EOS))
+    others = [engine.submit(p, greedy) for p in neighbours[1:]]
+    release.set()
+    with pytest.raises(RuntimeError, match=f"injected at {stage}"):
+        list(marked)
+    got = [collect(list(s))[1] for s in others]
+    wait_until(lambda: first_items and first_items[-1] is None)
+    got.insert(0, collect([d for d in first_items if isinstance(d, Delta)])[1])
+    assert got == [reference.generate([p], greedy)[0].token_ids for p in neighbours]
+    later = SamplingParams(temperature=0, max_new_tokens=5, **NO_EOS)
+    assert collect(list(engine.submit([7, 8], later)))[1] == reference.generate([[7, 8]], later)[0].token_ids
+    wait_until(lambda: not engine._live)
+    engine.close()
