@@ -10,7 +10,7 @@ its own generator, so a seed reproduces a row's sample whatever else shares the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +34,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None  # None: the model's EOS ids
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
     skip_special_tokens: bool = True
+    logit_bias: Mapping[int, float] | None = None  # OpenAI's: added to a token's logit before sampling, -100..100
 
     def __post_init__(self) -> None:
         checks = [
@@ -46,6 +47,9 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (self.seed is None or -2**63 <= self.seed < 2**64, "seed must fit in 64 bits"),
+            (all(t >= 0 and -100 <= b <= 100 for t, b in (self.logit_bias or {}).items()),
+             "logit_bias must map token ids to values between -100 and 100"),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,6 +83,15 @@ class Sampler:
         self.any_count_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
         self.any_repetition = any(p.repetition_penalty != 1 for p in params)
         b = len(params)
+        self.bias: Tensor | None = None  # (B, V), where any row has a logit_bias
+        if any(p.logit_bias for p in params):
+            self.bias = torch.zeros(b, vocab_size, dtype=torch.float32)
+            for row, p in enumerate(params):
+                for token, value in (p.logit_bias or {}).items():
+                    if token >= vocab_size:
+                        raise ValueError(f"logit_bias names token {token}, outside the vocabulary of {vocab_size}")
+                    self.bias[row, token] = value
+            self.bias = self.bias.to(device)
         self.counts = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)  # generated tokens
         self.seen = torch.zeros(b, vocab_size, dtype=torch.bool, device=device)  # prompt + generated
         self.generators = [self._generator(p.seed, device) for p in params]
@@ -103,6 +116,8 @@ class Sampler:
         self.seen.scatter_(1, tokens[:, None], True)
 
     def penalize(self, logits: Tensor) -> Tensor:
+        if self.bias is not None:
+            logits = logits + self.bias
         if self.any_repetition:
             penalized = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
             logits = torch.where(self.seen, penalized, logits)
@@ -142,4 +157,4 @@ class Sampler:
     @property
     def plain_greedy(self) -> bool:
         """Every row takes the argmax of the raw logits (no temperature, filters or penalties)."""
-        return not (self.any_sampling or self.any_count_penalty or self.any_repetition)
+        return not (self.any_sampling or self.any_count_penalty or self.any_repetition or self.bias is not None)

@@ -350,8 +350,8 @@ class BatchEngine:
                 failed.append((r, e))
         if ok:
             self._advance([r for r, _ in ok], torch.cat([logits for _, logits in ok]))
-        for r, e in failed:
-            self._fail(r, e)
+        for r, error in failed:
+            self._fail(r, error)
 
     def _advance(self, requests: list[_Request], logits: Tensor) -> None:
         """Sample each request's next token from its row of logits, hand out text, retire finished rows. A request
@@ -384,8 +384,8 @@ class BatchEngine:
                 self._emit(r, tok, row_lps)
             except Exception as e:
                 failed[i] = e
-        for i, e in failed.items():
-            self._fail(requests[i], e)
+        for i, error in failed.items():
+            self._fail(requests[i], error)
         for r in [r for i, r in enumerate(requests) if i not in failed and r.state.finish is not None]:
             self._retire(r)
 

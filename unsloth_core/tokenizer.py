@@ -107,6 +107,13 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's text in the vocabulary: no text of N tokens is longer than N times this (a byte-level
+        vocabulary spells each byte as one character; a byte fallback as more), so a prompt longer than that for the
+        context can be refused without tokenizing it."""
+        return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+
+    @cached_property
     def special_ids(self) -> frozenset[int]:
         return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
 

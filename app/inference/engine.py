@@ -10,10 +10,12 @@ generation at the engine's next step."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("app.inference")
 
 _DONE = object()
+T = TypeVar("T")
 
 
 class GenerationRun:
@@ -134,6 +137,9 @@ class InferenceEngine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.cache = ModelCache(settings)
+        # Tokenizing and chat templating are CPU work on the caller's text: a few threads of their own, so a huge
+        # prompt never holds the event loop (or the thread pool that loads models and serves files).
+        self.tokenize_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
         self.runs: weakref.WeakSet[GenerationRun] = weakref.WeakSet()  # running ones, for shutdown
         self.in_flight = 0  # only touched on the event loop
 
@@ -173,6 +179,10 @@ class InferenceEngine:
                                 "it unloaded may still be finishing their requests); retry later.",
                            type="server_error", code="insufficient_capacity", headers={"Retry-After": "5"}) from None
 
+    async def tokenize(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, functools.partial(fn, *args))
+
     def start(self, served: Served, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> GenerationRun:
         """Start generating (on the event loop); the slot taken by `acquire()` passes to the run, which frees it."""
         self.metrics.prompt_tokens.labels(served.kind).inc(sum(len(p) for p in prompts))
@@ -185,3 +195,4 @@ class InferenceEngine:
         """Stop every generation still running (the server is going away)."""
         for run in list(self.runs):
             run.stop()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)

@@ -6,12 +6,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.schemas.common import Identifier
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
-TokenIds = list[int]
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 2.0 as an integer: take an integral float as its int (2.5 and "2" still fail)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _seed(value: int) -> int:
+    if not -(2**63) <= value < 2**64:  # what torch's generators take
+        raise ValueError("a seed must fit in 64 bits: between -2**63 and 2**64 - 1")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Seed = Annotated[Int, AfterValidator(_seed)]
+INT32 = 2**31 - 1  # the largest count or id a field takes (bigger is never meaningful, and costs the engine)
+StopText = Annotated[str, Field(min_length=1, max_length=1000)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
+TokenIds = list[Annotated[Int, Field(ge=0, le=INT32)]]
 
 
 class StreamOptions(BaseModel):
@@ -20,24 +36,27 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    # Unknown keys are ignored (as vLLM does); known ones are not coerced (`"max_tokens": "5"` is a 400).
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Unknown keys are ignored (as vLLM does); known ones are not coerced (`"max_tokens": "5"` is a 400), except an
+    # integral float where an integer is expected. Every bound is one the engine accepts, so a bad value is a 400
+    # naming its field, never an error inside a batch other requests share.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: Annotated[Identifier, Field(min_length=1, max_length=512)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1, le=INT32)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] = 1
+    n: Annotated[Int, Field(ge=1, le=128)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    # token id (as a string, JSON keys being strings) -> bias; the ids are checked against the model's vocabulary
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
     # extensions (vLLM names)
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[Int, Field(ge=-1, le=INT32)] | None = None  # at most the vocabulary, checked by the service
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
     ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks, load tests)
@@ -46,9 +65,9 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] | \
         Annotated[list[TokenIds], Field(min_length=1)]
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
     echo: bool = False
-    best_of: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[Int, Field(ge=1, le=128)] | None = None
     suffix: str | None = None
 
 
@@ -68,9 +87,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1, le=INT32)] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None

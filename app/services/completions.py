@@ -74,9 +74,6 @@ class _Choice:
 
 
 def _check_common(body: SamplingFields, settings: Settings) -> None:
-    if body.logit_bias:
-        raise bad_request("logit_bias is not supported by this server.", param="logit_bias",
-                          code="unsupported_parameter")
     if body.n > settings.max_n:
         raise bad_request(f"n must be at most {settings.max_n}.", param="n")
     if (isinstance(body.stop, list) and any(not s for s in body.stop)) or body.stop == "":
@@ -105,6 +102,40 @@ def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
                           param="response_format", code="unsupported_parameter")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
+
+
+def _check_against_model(body: SamplingFields, served: Served) -> dict[int, float] | None:
+    """The fields whose bounds are the model's: top_k and logit_bias's token ids within the vocabulary. Returns
+    logit_bias with integer keys."""
+    vocab = served.engine.model.config.vocab_size  # what the sampler's rows span
+    if body.top_k is not None and body.top_k > vocab:
+        raise bad_request(f"top_k must be at most the vocabulary size ({vocab}), or -1 for no limit.", param="top_k")
+    if not body.logit_bias:
+        return None
+    bias = {}
+    for key, value in body.logit_bias.items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise bad_request(f"logit_bias keys must be token ids between 0 and {vocab - 1}; got {key[:40]!r}.",
+                              param="logit_bias")
+        bias[int(key)] = value
+    return bias
+
+
+def _check_prompt_size(body: CompletionRequest | ChatCompletionRequest, served: Served) -> None:
+    """Refuse, before tokenizing, a prompt too long in characters to fit the context in any tokenization: no text
+    of N tokens is longer than N times the vocabulary's longest token."""
+    limit = served.max_len * served.tokenizer.max_token_chars
+    if isinstance(body, ChatCompletionRequest):
+        texts = [m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or [])
+                 for m in body.messages]
+        sizes, param = [sum(map(len, texts))], "messages"
+    else:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        sizes, param = [len(p) for p in prompts if isinstance(p, str | list)], "prompt"
+    if sizes and max(sizes) > limit:
+        raise APIError(400, f"This model's maximum context length is {served.max_len} tokens, and a prompt of "
+                            f"{max(sizes):,} characters cannot fit in it. Please reduce the length of the {param}.",
+                       param=param, code="context_length_exceeded")
 
 
 # ---- prompts ----
@@ -174,7 +205,8 @@ def _max_new_tokens(requested: int | None, default: int | None, n_prompt: int, s
     return max_new
 
 
-def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int) -> SamplingParams:
+def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int,
+              logit_bias: dict[int, float] | None = None) -> SamplingParams:
     from unsloth_core.sampling import SamplingParams
 
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -188,13 +220,22 @@ def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int
             top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
-            seed=None if body.seed is None else body.seed + row, stop=stop, logprobs=logprobs,
-            stop_token_ids=[] if body.ignore_eos else None)
+            seed=None if body.seed is None else (body.seed + row) % 2**64, stop=stop, logprobs=logprobs,
+            stop_token_ids=[] if body.ignore_eos else None, logit_bias=logit_bias)
     except ValueError as e:
         raise bad_request(f"Invalid sampling parameters: {e}.", param=str(e).split(" ", 1)[0]) from None
 
 
 # ---- preparing a run ----
+
+
+def _tokenize(served: Served, body: CompletionRequest | ChatCompletionRequest,
+              ) -> tuple[list[list[int]], list[str] | None]:
+    """(token-id prompts, echoed texts): CPU work on the caller's text, run on the tokenizer threads."""
+    if isinstance(body, ChatCompletionRequest):
+        return [chat_prompt(served, body)], None
+    prompts = completion_prompts(served, body.prompt)
+    return prompts, [served.tokenizer.decode(p) for p in prompts] if body.echo else None
 
 
 async def _prepare(engine: InferenceEngine, servable: Servable, body: CompletionRequest | ChatCompletionRequest,
@@ -203,25 +244,24 @@ async def _prepare(engine: InferenceEngine, servable: Servable, body: Completion
     engine.acquire()
     try:
         served = await engine.load(servable)
+        logit_bias = _check_against_model(body, served)
+        _check_prompt_size(body, served)
+        prompts, echo = await engine.tokenize(_tokenize, served, body)
         if isinstance(body, ChatCompletionRequest):
             kind: Kind = "chat"
-            prompts = [chat_prompt(served, body)]
             requested = body.max_completion_tokens or body.max_tokens
             param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
             max_new = _max_new_tokens(requested, None, len(prompts[0]), served, settings, param, "messages")
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            echo = None
         else:
             kind = "completion"
-            prompts = completion_prompts(served, body.prompt)
             longest = max(len(p) for p in prompts)
             max_new = _max_new_tokens(body.max_tokens, 16, longest, served, settings, "max_tokens", "prompt")
             logprobs = body.logprobs
-            echo = [served.tokenizer.decode(p) for p in prompts] if body.echo else None
         if len(prompts) * body.n > MAX_ROWS:
             raise bad_request(f"At most {MAX_ROWS} choices per request (prompts x n).", param="n")
         rows = [p for p in prompts for _ in range(body.n)]
-        params = [_sampling(body, max_new, logprobs, i) for i in range(len(rows))]
+        params = [_sampling(body, max_new, logprobs, i, logit_bias) for i in range(len(rows))]
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         plan = Plan(kind=kind, model=body.model, served=served, rows=rows, params=params,
                     prompt_tokens=sum(len(p) for p in prompts), include_usage=include_usage, logprobs=logprobs,

@@ -292,3 +292,135 @@ def test_a_model_that_does_not_fit_in_memory_answers_503(backend: Backend, monke
     assert e.value.status_code == 503 and e.value.code == "insufficient_capacity"
     assert "not enough memory to load the model" in e.value.message
     assert chat(backend.client(), max_tokens=2).choices  # loads now
+
+
+def test_a_bad_sampling_value_is_a_400_naming_it_and_its_neighbours_run_on(backend: Backend) -> None:
+    """Every sampling field has the engine's bounds in the schema (or against the model): a bad value is a 400 that
+    names the field, sent while another stream runs, and that stream's text is what it is alone."""
+    client = backend.client()
+    long = dict(max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    alone = chat(client, **long).choices[0].message.content
+    stream = chat(client, stream=True, **long)
+    chunks = iter(stream)
+    text = [c.choices[0].delta.content or "" for c in [next(chunks)] if c.choices]
+    vocab = 272  # the tiny model's
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"n": 2.5}, "n"), ({"n": "2"}, "n"),
+        ({"extra_body": {"top_k": vocab + 1}}, "top_k"), ({"extra_body": {"top_k": 10**30}}, "top_k"),
+        ({"logit_bias": {"9999": 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"), ({"stop": [""]}, "stop[0]"), ({"stop": ["x" * 1001]}, "stop"),
+        ({"max_tokens": 2**40}, "max_tokens"),
+    ]
+    for kwargs, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, **{"max_tokens": 2, **kwargs})
+        assert e.value.param is not None and e.value.param.startswith(param), (kwargs, e.value.param)
+    raw = httpx.post(f"{backend.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {backend.user_key}",
+                     "Content-Type": "application/json"}, timeout=30,
+                     content=b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], '
+                             b'"temperature": Infinity}')  # Python's JSON reader takes it; the schema must not
+    assert raw.status_code == 400 and raw.json()["error"]["param"] == "temperature"
+    text += [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(text) == alone
+    # The edges are served: 64-bit seeds, an integral float where an integer is expected, top_k = the vocabulary.
+    assert len(chat(client, max_tokens=2, n=2.0, seed=2**64 - 1).choices) == 2
+    assert chat(client, max_tokens=2, seed=-(2**63), extra_body={"top_k": vocab}).choices
+
+
+def test_logit_bias_steers_the_choice(backend: Backend, tiny_model_dir: Path) -> None:
+    from unsloth_core.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    client = backend.client()
+    greedy = dict(model=TINY, prompt="ab", temperature=0, extra_body={"ignore_eos": True})
+    forced = client.completions.create(max_tokens=4, logit_bias={str(tok.encode("b")[0]): 100}, **greedy)
+    assert forced.choices[0].text == "bbbb"
+    c = {str(tok.encode("c")[0]): 100}
+    sampled = client.completions.create(max_tokens=4, temperature=1.0, seed=3, logit_bias=c,
+                                        **{k: v for k, v in greedy.items() if k != "temperature"})
+    assert sampled.choices[0].text == "cccc"  # sampled rows take the bias too
+
+
+def test_an_oversized_prompt_is_refused_before_tokenizing(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unsloth_core.tokenizer import Tokenizer
+
+    client = backend.client()
+    chat(client, max_tokens=1)  # loaded
+    calls: list[int] = []
+    encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, *a, **k: calls.append(len(text)) or
+                        encode(self, text, *a, **k))
+    big = "y" * (4 * 2**20)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=TINY, prompt=big, max_tokens=1)
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "prompt")
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, messages=[{"role": "user", "content": big}], max_tokens=1)
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "messages")
+    assert calls == []  # refused on the character count alone
+
+
+def test_tokenizing_runs_off_the_event_loop(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one prompt is being tokenized (held here until the others are answered), /health and another key's
+    completion are answered: the order shows the event loop was free, with no timing involved."""
+    from unsloth_core.tokenizer import Tokenizer
+
+    client = backend.client()
+    chat(client, max_tokens=1)  # loaded
+    entered, release = threading.Event(), threading.Event()
+    encode = Tokenizer.encode
+
+    def held_encode(self: Tokenizer, text: str, *args: Any, **kwargs: Any) -> list[int]:
+        if text.startswith("HOLD"):
+            entered.set()
+            assert release.wait(timeout=60), "never released"
+        return encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", held_encode)
+    order: list[str] = []
+
+    def slow() -> None:
+        client.completions.create(model=TINY, prompt="HOLD " + "z" * 200, max_tokens=1)
+        order.append("held prompt")
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    try:
+        assert entered.wait(timeout=30)
+        assert httpx.get(f"{backend.base_url}/health", timeout=30).status_code == 200
+        order.append("health")
+        chat(backend.client(backend.other_key), max_tokens=1)
+        order.append("other key")
+    finally:
+        release.set()
+        thread.join(timeout=60)
+    assert order == ["health", "other key", "held prompt"]
+
+
+@pytest.mark.parametrize("stage", ["_prefill", "_step", "_emit"])
+def test_a_fault_in_one_request_ends_it_alone_on_the_app(backend: Backend, monkeypatch: pytest.MonkeyPatch,
+                                                         stage: str) -> None:
+    """A fault injected into one request (at prefill, the batched decode step, or its output) answers it with a
+    500 envelope; the stream running beside it finishes with the text it has alone, and the server serves on."""
+    marked = [77, 77, 77]
+    client = backend.client()
+    long = dict(max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    alone = chat(client, **long).choices[0].message.content
+    original = getattr(BatchEngine, stage)
+
+    def faulty(self: BatchEngine, first: Any, *args: Any) -> Any:
+        requests = first if isinstance(first, list) else [first]
+        if any(r.prompt == marked for r in requests):
+            raise RuntimeError(f"injected at {stage}")
+        return original(self, first, *args)
+
+    monkeypatch.setattr(BatchEngine, stage, faulty)
+    chunks = iter(chat(client, stream=True, **long))
+    text = [c.choices[0].delta.content or "" for c in [next(chunks)] if c.choices]
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model=TINY, prompt=marked, max_tokens=20, temperature=0)
+    assert e.value.status_code == 500 and "Traceback" not in e.value.message
+    text += [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(text) == alone
+    assert backend.ctx.inference.in_flight == 0 or wait_until(lambda: backend.ctx.inference.in_flight == 0) is None
+    assert chat(client, max_tokens=2).choices

@@ -170,6 +170,23 @@ def test_penalties() -> None:
     assert torch.allclose(out, torch.tensor([[1.0 - 1.0 - 0.25, -2.0 - 0.5 - 0.25, 0.5, 0.5]]))
 
 
+def test_logit_bias_shifts_each_rows_logits() -> None:
+    """OpenAI's logit_bias: added to the named tokens' logits of that row only; -100 bans a token, 100 forces it;
+    a row with a bias is not plain greedy (the engine's shared argmax would skip it); bad maps are refused."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0], [2.0, -1.0, 0.5, 1.0]])
+    s = Sampler([SamplingParams(temperature=0, logit_bias={0: -100, 2: 1.0}), SamplingParams(temperature=0)], 4,
+                torch.device("cpu"))
+    assert not s.plain_greedy
+    assert torch.equal(s.penalize(logits), torch.tensor([[-98.0, -1.0, 1.5, 1.0], [2.0, -1.0, 0.5, 1.0]]))
+    assert s.sample(logits).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        Sampler([SamplingParams(logit_bias={4: 1.0})], 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101.0})
+    with pytest.raises(ValueError, match="64 bits"):
+        SamplingParams(seed=2**64)
+
+
 def test_sampling_follows_the_distribution() -> None:
     logits = torch.tensor([[1.0, 0.0, -1.0, 2.0]])
     probs = logits.softmax(-1)[0]
