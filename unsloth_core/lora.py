@@ -316,18 +316,22 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> LoRAConfig:
         raise ModelFormatError(f"{path} is not a valid adapter config: {e}") from None
 
 
-def load_adapter_weights(model: Llama, directory: str | os.PathLike[str]) -> None:
-    """Copy a saved adapter's tensors into a model that already has matching LoRA layers."""
-    directory = Path(directory)
-    if not (directory / ADAPTER_WEIGHTS).is_file():
+def read_adapter_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """A saved adapter's tensors, by our parameter names (`model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.is_file():
         raise ModelFormatError(f"no {ADAPTER_WEIGHTS} in {directory}")
-    path = directory / ADAPTER_WEIGHTS
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ModelFormatError(f"cannot read {path}: truncated or not safetensors: {e}") from None
+    return {our_key(k): v for k, v in state.items()}
+
+
+def load_adapter_weights(model: Llama, directory: str | os.PathLike[str]) -> None:
+    """Copy a saved adapter's tensors into a model that already has matching LoRA layers."""
     ours = adapter_state_dict(model)
-    loaded = {our_key(k): v for k, v in state.items()}
+    loaded = read_adapter_tensors(directory)
     missing, unexpected = ours.keys() - loaded.keys(), loaded.keys() - ours.keys()
     tied_names = {"lm_head.weight", "model.embed_tokens.weight"}
     if model.config.tie_word_embeddings and tied_names & loaded.keys():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import queue
 import threading
 import weakref
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from unsloth_core.adapters import BASE, AdapterPool
 from unsloth_core.errors import CapacityError, EngineClosedError
 from unsloth_core.generate import Delta, Prompt, RowState, check_context, step_logprobs, token_logprob
 from unsloth_core.memory import release_memory
@@ -99,6 +101,7 @@ class _Request:
     # Made on the engine's thread at admission: its tensors go to the model's device, and a host-to-device copy
     # from the caller's thread (the event loop) would wait there for the engine's queued GPU work.
     sampler: Sampler | None = None
+    slot: int = BASE  # the adapter pool's slot this request's rows use (held from submit until it ends)
 
     @property
     def next_slot(self) -> int:
@@ -119,8 +122,10 @@ class BatchEngine:
     """Serves one model to many callers at once. Thread-safe `submit`; the decode loop runs in its own thread."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None, max_batch_size: int = 32,
-                 max_seq_length: int | None = None, idle_free_s: float = 60.0) -> None:
+                 max_seq_length: int | None = None, idle_free_s: float = 60.0,
+                 adapters: AdapterPool | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.adapters = adapters  # LoRA adapters rows may name (installed in `model`); None: the base alone
         self.max_batch_size = max_batch_size
         self.max_seq_length = min(max_seq_length or model.config.max_position_embeddings,
                                   model.config.max_position_embeddings)
@@ -136,16 +141,24 @@ class BatchEngine:
 
     # ---- callers ----
 
-    def submit(self, prompt: list[int], params: SamplingParams, index: int = 0,
-               stream: Stream | None = None) -> Stream:
-        """Queue a request; returns its Stream at once. Raises ValueError / ContextLengthError for a bad request."""
+    def submit(self, prompt: list[int], params: SamplingParams, index: int = 0, stream: Stream | None = None,
+               adapter: str | None = None, tokenizer: Tokenizer | None = None) -> Stream:
+        """Queue a request; returns its Stream at once. Raises ValueError / ContextLengthError for a bad request.
+
+        `adapter`: a name loaded in the engine's `AdapterPool` (None: the base model); `tokenizer`: the one this
+        request's text is decoded with and whose EOS ends it (an adapter's own; default the engine's)."""
+        tokenizer = tokenizer or self.tokenizer
         check_context(len(prompt), params.max_new_tokens, self.max_seq_length)
-        if params.stop and self.tokenizer is None:
+        if params.stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if adapter is not None and self.adapters is None:
+            raise ValueError(f"adapter {adapter!r} asked of an engine without an adapter pool")
         stream = stream or Stream()
-        stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else self.eos
-        request = _Request(list(prompt), params, stream, RowState(index, self.tokenizer, params, stop_ids),
-                           list(prompt))
+        eos = self.eos | set(tokenizer.eos_token_ids if tokenizer else ())
+        stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else eos
+        request = _Request(list(prompt), params, stream, RowState(index, tokenizer, params, stop_ids), list(prompt))
+        if adapter is not None and self.adapters is not None:
+            request.slot = self.adapters.acquire(adapter)
         self._ensure_running()
         _ENGINES.add(self)
         self._waiting.put(request)
@@ -163,9 +176,11 @@ class BatchEngine:
             out.cancel()
 
     def submit_all(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                   on_item: Callable[[Delta | BaseException | None], None] | None = None) -> Stream:
+                   on_item: Callable[[Delta | BaseException | None], None] | None = None,
+                   adapter: str | None = None, tokenizer: Tokenizer | None = None) -> Stream:
         """Queue every prompt (row i of the result is prompt i) on one Stream, or none of them: a bad one raises
-        before any runs. With `on_item`, the Stream pushes its items to that callback (see `Stream`)."""
+        before any runs. With `on_item`, the Stream pushes its items to that callback (see `Stream`); `adapter`
+        and `tokenizer` as `submit` takes them, for every row."""
         ids = [self.encode(p) for p in prompts]
         params = params or SamplingParams()
         per_row = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
@@ -175,7 +190,7 @@ class BatchEngine:
                 raise ValueError("stop strings need a tokenizer")
         out = Stream(len(ids), on_item)
         for i, (row_ids, p) in enumerate(zip(ids, per_row)):
-            self.submit(row_ids, p, index=i, stream=out)
+            self.submit(row_ids, p, index=i, stream=out, adapter=adapter, tokenizer=tokenizer)
         return out
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -205,7 +220,7 @@ class BatchEngine:
     def _end_all(self, error: BaseException) -> None:
         for r in self._live + self._drain_waiting():
             r.stream._put(error)
-            r.stream._put(None)
+            self._done(r)
         self._live = []
 
     def _ensure_running(self) -> None:
@@ -283,13 +298,13 @@ class BatchEngine:
         while len(self._live) < self.max_batch_size and not self._waiting.empty():
             request = self._waiting.get_nowait()
             if request.stream.cancelled.is_set():
-                request.stream._put(None)
+                self._done(request)
                 continue
             try:
                 logits = self._prefill(request)
             except Exception as e:  # this request alone: it never took a live row
                 request.stream._put(self._request_error(request, e))
-                request.stream._put(None)
+                self._done(request)
                 continue
             self._live.append(request)
             self._advance([request], logits)
@@ -319,7 +334,8 @@ class BatchEngine:
         request.sampler.observe_prompt(0, request.prompt)
         ids = torch.tensor([request.prompt], device=self.model.device)
         pos = torch.arange(len(request.prompt), device=self.model.device)[None]
-        hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
+        with self._adapters_of([request], len(request.prompt)):
+            hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
         return self.model.lm_head(hidden[:, -1]).float()
 
     def _decode(self) -> None:
@@ -336,8 +352,21 @@ class BatchEngine:
         dev = self.model.device
         tokens = torch.tensor([[r.tokens[-1]] for r in requests], device=dev)
         pos = torch.tensor([[r.next_slot] for r in requests], device=dev)
-        hidden = self.model.hidden_states(tokens, pos, None, pos, cache_row=first_row)
+        with self._adapters_of(requests, 1):
+            hidden = self.model.hidden_states(tokens, pos, None, pos, cache_row=first_row)
         return self.model.lm_head(hidden[:, -1]).float()
+
+    @contextlib.contextmanager
+    def _adapters_of(self, requests: list[_Request], tokens_per_row: int) -> Iterator[None]:
+        """Each row's adapter for the forward inside (nothing to do without a pool or with only base rows)."""
+        if self.adapters is None:
+            yield
+            return
+        self.adapters.use([r.slot for r in requests], tokens_per_row)
+        try:
+            yield
+        finally:
+            self.adapters.clear()
 
     def _decode_rows_alone(self, live: list[_Request]) -> None:
         """A batched step failed: run each row by itself (a row's cache slot is rewritten with the same values)."""
@@ -415,4 +444,11 @@ class BatchEngine:
                 cache.move_row(last, row, len(moved.tokens))
             self._live[row] = moved
         self._live.pop()
+        self._done(request)
+
+    def _done(self, request: _Request) -> None:
+        """The request has ended: its adapter slot may be reused, and its stream hears the end."""
+        if self.adapters is not None:
+            self.adapters.release(request.slot)
+            request.slot = BASE
         request.stream._put(None)

@@ -6,8 +6,9 @@ same from code.
 
 One file per op: `norm.py` (RMSNorm), `rotary.py` (RoPE), `glu.py` (SwiGLU), `cross_entropy.py` (LM head + loss,
 chunked), `lora.py` (LoRA projections with a hand-written backward), `offload.py` (checkpointing with the layer
-input offloaded), `nf4.py` (4-bit weight dequantization, dispatched from unsloth_core/quant.py). The Triton files
-are imported on first use only, so importing this package never needs triton. Their names differ from the functions
+input offloaded), `nf4.py` (4-bit weight dequantization, dispatched from unsloth_core/quant.py), `bgmv.py` (each
+row of a serving batch on its own LoRA adapter). The Triton files are imported on first use only, so importing this
+package never needs triton. Their names differ from the functions
 here on purpose: importing a submodule binds its name on the package, and a `kernels/rms_norm.py` would replace
 `kernels.rms_norm` the function with the module.
 """
@@ -29,6 +30,7 @@ __all__ = [
     "fused_lora_enabled",
     "get_backend",
     "linear_cross_entropy",
+    "lora_bgmv_",
     "lora_linear",
     "lora_mlp",
     "lora_qkv",
@@ -90,3 +92,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
 
     return chunked(hidden, weight, labels, ignore_index, use_triton=use_triton("cross_entropy", hidden),
                    correct=correct)
+
+
+def lora_bgmv_(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scales: Tensor, index: Tensor) -> Tensor:
+    """y (N, O) += each row's own adapter's update: scales[s] * b[s] @ a[s] @ x[n] for s = index[n] >= 0 (rows with
+    -1 unchanged). a (S, R, I) and b (S, O, R) are the pool's stacked adapters, ranks zero-padded to R."""
+    if use_triton("lora_bgmv", x):
+        from unsloth_core.kernels.bgmv import lora_bgmv_ as triton_lora_bgmv_
+
+        return triton_lora_bgmv_(y, x, a, b, scales, index)
+    return reference.lora_bgmv_(y, x, a, b, scales, index)

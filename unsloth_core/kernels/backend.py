@@ -20,6 +20,7 @@ BACKENDS: tuple[Backend, ...] = ("auto", "triton", "reference")
 # On an H200 (2026-12-04, bench/RESULTS.md; `python -m bench --gpu --check --only kernels`, Llama-8B shapes, fwd+bwd
 # where there is one) each kernel beat its twin: rms_norm 1.95x, rope 1.48x, swiglu 1.19x, cross_entropy 1.57x,
 # nf4_dequantize 6.5x (14336x4096 to bf16).
+# "lora_bgmv" (kernels/bgmv.py, serving several adapters in one batch) has not been timed on a GPU yet: not in the set.
 AUTO_TRITON_OPS: frozenset[str] = frozenset({"rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize"})
 
 

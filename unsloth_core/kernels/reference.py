@@ -114,3 +114,17 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, code: Tensor, numel: int, blo
     pairs = code.float()[torch.stack((byte >> 4, byte & 15), dim=-1)]  # (256, 2)
     values = pairs.index_select(0, packed.int()).view(-1, blocksize).mul_(absmax.float().unsqueeze(1))
     return values.view(-1)[:numel].to(dtype)
+
+
+def lora_bgmv_(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scales: Tensor, index: Tensor) -> Tensor:
+    """y (N, O) += scales[s] * (x (N, I) @ a[s]^T) @ b[s]^T for each row with adapter s = index[n] (>= 0); rows
+    with index -1 are left as they are. a (S, R, I), b (S, O, R) and the products in fp32, added in y's dtype.
+
+    Grouped by adapter: one pair of matmuls per adapter present (the segmented form of Punica's BGMV)."""
+    for s in index.unique().tolist():
+        if s < 0:
+            continue
+        rows = (index == s).nonzero().squeeze(1)
+        delta = (x.index_select(0, rows).float() @ a[s].t()) @ b[s].t() * scales[s]
+        y.index_add_(0, rows, delta.to(y.dtype))
+    return y
