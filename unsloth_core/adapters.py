@@ -176,8 +176,8 @@ class AdapterPool:
         """The slot of a loaded adapter, held (never reused) until `release`."""
         with self._lock:
             slot = self._slots.get(name)
-            if slot is None:
-                raise KeyError(f"adapter {name!r} is not loaded")
+            if slot is None:  # never loaded, or its slot went to another adapter since: the server is full
+                raise CapacityError(f"adapter {name!r} is not loaded (its slot went to another adapter); retry")
             self._slots.move_to_end(name)
             self._refs[slot] = self._refs.get(slot, 0) + 1
             return slot

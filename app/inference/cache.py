@@ -1,6 +1,8 @@
-"""Loaded models for serving: each base model once (LRU), each fine-tune or checkpoint as its adapter applied on a
-shared base (LRU), each with its tokenizer and a `Generator`. torch and the engine are imported on first use only,
-so an API process that never serves a completion never loads them."""
+"""Loaded models for serving: each base model once (LRU) with one `BatchEngine` and one `AdapterPool`; each
+fine-tune or checkpoint an adapter in its base's pool (LRU), so requests for the base and for every fine-tune of it
+decode in one batch. An adapter that also trains the embeddings or the head (`modules_to_save`) cannot share the
+base's weights in a batch: it gets a model (sharing the base's frozen weights) and an engine of its own. torch and
+the engine are imported on first use only, so an API process that never serves a completion never loads them."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from app.core.config import Settings
 from app.services.models import Servable
 
 if TYPE_CHECKING:
+    from unsloth_core.adapters import AdapterPool
     from unsloth_core.model import Llama
     from unsloth_core.serving import BatchEngine
     from unsloth_core.tokenizer import Tokenizer
@@ -29,8 +32,13 @@ class Served:
     id: str
     kind: str
     base_id: str
-    engine: BatchEngine
+    engine: BatchEngine  # the base's, shared, for a pooled adapter
     tokenizer: Tokenizer
+    adapter: str | None = None  # its name in the engine's AdapterPool; None: the engine's own model
+
+    @property
+    def shares_engine(self) -> bool:
+        return self.adapter is not None
 
     @property
     def max_len(self) -> int:
@@ -57,7 +65,7 @@ class ModelCache:
         self._device: str | None = None
         self._lock = threading.Lock()  # guards the dicts
         self._load_lock = threading.Lock()  # one load at a time (loads are rare, memory is not)
-        self._bases: OrderedDict[str, tuple[Llama, Tokenizer]] = OrderedDict()
+        self._bases: OrderedDict[str, _Base] = OrderedDict()
         self._served: OrderedDict[tuple[str, str], Served] = OrderedDict()
 
     @property
@@ -88,7 +96,7 @@ class ModelCache:
     def evict(self, model_ids: list[str]) -> None:
         with self._lock:
             for key in [k for k in self._served if k[0] in model_ids]:
-                self._served.pop(key).engine.retire()
+                self._unload(self._served.pop(key))
 
     def peek(self, model_id: str) -> Served | None:
         """The loaded model with this id, if any (no loading, no LRU update)."""
@@ -102,26 +110,30 @@ class ModelCache:
     # ---- loading ----
 
     def _load(self, servable: Servable) -> Served:
+        base = self._base(servable.base_id, servable.base_path)
+        if servable.adapter_path is None:
+            return Served(servable.id, servable.kind, servable.base_id, base.engine, base.tokenizer)
+        from unsloth_core.lora import load_adapter, read_adapter_config
         from unsloth_core.serving import BatchEngine
 
-        base, base_tokenizer = self._base(servable.base_id, servable.base_path)
-        model, tokenizer = base, base_tokenizer
-        if servable.adapter_path is not None:
-            from unsloth_core.lora import load_adapter
-
-            log.info("loading adapter %s", servable.id)
-            # A new model object sharing the base's weights: its own adapter and its own KV cache.
-            model = load_adapter(base, servable.adapter_path)
-            tokenizer = self._adapter_tokenizer(servable.adapter_path, base_tokenizer)
+        tokenizer = self._adapter_tokenizer(servable.adapter_path, base.tokenizer)
+        if not read_adapter_config(servable.adapter_path).modules_to_save:
+            log.info("loading adapter %s into the pool of %s", servable.id, servable.base_id)
+            base.pool.load(servable.id, servable.adapter_path)
+            return Served(servable.id, servable.kind, servable.base_id, base.engine, tokenizer, adapter=servable.id)
+        log.info("loading adapter %s with its own embeddings or head", servable.id)
+        model = load_adapter(base.model, servable.adapter_path)  # shares the base's frozen weights
         engine = BatchEngine(model, tokenizer, max_batch_size=self.settings.max_batch_size)
         return Served(servable.id, servable.kind, servable.base_id, engine, tokenizer)
 
-    def _base(self, base_id: str, path: Path) -> tuple[Llama, Tokenizer]:
+    def _base(self, base_id: str, path: Path) -> _Base:
         with self._lock:
             if base_id in self._bases:
                 self._bases.move_to_end(base_id)
                 return self._bases[base_id]
+        from unsloth_core.adapters import AdapterPool
         from unsloth_core.checkpoint import load_model
+        from unsloth_core.serving import BatchEngine
         from unsloth_core.tokenizer import Tokenizer
 
         with self._lock:  # make room first: at the limit, loading before evicting would hold one base too many
@@ -129,7 +141,10 @@ class ModelCache:
                 self._drop_base(next(iter(self._bases)))
         log.info("loading base model %s on %s", base_id, self.device)
         model = load_model(path, self.device, resolve_dtype(self.settings.dtype, self.device))
-        loaded = (model, Tokenizer.from_dir(path))
+        tokenizer = Tokenizer.from_dir(path)
+        pool = AdapterPool(model, capacity=self.settings.max_loaded_adapters)
+        engine = BatchEngine(model, tokenizer, max_batch_size=self.settings.max_batch_size, adapters=pool)
+        loaded = _Base(model, tokenizer, pool, engine)
         with self._lock:
             self._bases[base_id] = loaded
         return loaded
@@ -151,14 +166,34 @@ class ModelCache:
         """Drop least-recently-used adapters, then bases (with everything served on them), beyond the limits."""
         adapters = [k for k, s in self._served.items() if s.kind != "base"]
         for key in adapters[: max(0, len(adapters) - self.settings.max_loaded_adapters)]:
-            self._served.pop(key).engine.retire()  # its running streams finish first
+            self._unload(self._served.pop(key))
         while len(self._bases) > self.settings.max_loaded_base_models:
             self._drop_base(next(iter(self._bases)))
 
     def _drop_base(self, base_id: str) -> None:
         """Unload a base and everything served on it (their running streams finish first). Caller holds the lock."""
-        del self._bases[base_id]
+        base = self._bases.pop(base_id)
         for key in [k for k, s in self._served.items() if s.base_id == base_id]:
-            self._served.pop(key).engine.retire()
+            self._unload(self._served.pop(key))
+        base.engine.retire()  # its running streams (adapters' too) finish first
         log.info("unloaded base model %s", base_id)
+
+    def _unload(self, served: Served) -> None:
+        """Let a served model go. A pooled adapter leaves its base's pool (or, while requests use it, stays until
+        its slot is reused); a base's engine retires with the base; an adapter with its own engine retires it."""
+        if served.shares_engine:
+            if served.engine.adapters is not None and served.adapter is not None:
+                served.engine.adapters.remove(served.adapter)
+        elif served.kind != "base":
+            served.engine.retire()  # its running streams finish first
+
+
+@dataclass
+class _Base:
+    """A loaded base model: its one engine decodes its own requests and its pooled adapters' together."""
+
+    model: Llama
+    tokenizer: Tokenizer
+    pool: AdapterPool
+    engine: BatchEngine
 

@@ -52,7 +52,8 @@ class GenerationRun:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._stream: Stream | None = None
         try:
-            self._stream = served.engine.submit_all(prompts, params, self._from_engine)
+            self._stream = served.engine.submit_all(prompts, params, self._from_engine, adapter=served.adapter,
+                                                    tokenizer=served.tokenizer)
         except BaseException as e:  # refused before anything ran
             self._stream = None
             self._deliver(e)

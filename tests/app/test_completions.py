@@ -221,6 +221,30 @@ def test_stream_from_a_checkpoint(backend: Backend, fine_tune: FineTune) -> None
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_the_base_and_its_fine_tunes_decode_in_one_engine(backend: Backend, fine_tune: FineTune) -> None:
+    """Requests for the base, a fine-tune and its checkpoints at once share the base's engine (one batch) and each
+    answers what it answers alone."""
+    client = backend.client(fine_tune.key)
+    models = [TINY, fine_tune.model, *fine_tune.checkpoints]
+    alone = {m: greedy_text(client, model=m, n_tokens=16) for m in models}
+    cache = backend.ctx.inference.cache
+    engines = {id(served.engine) for m in models if (served := cache.peek(m)) is not None}
+    assert len(engines) == 1
+    served = cache.peek(fine_tune.model)
+    assert served is not None and served.adapter == fine_tune.model
+    results: dict[str, list[str]] = {m: [] for m in models}
+
+    def ask(model: str) -> None:
+        results[model].append(greedy_text(backend.client(fine_tune.key, max_retries=3), model=model, n_tokens=16))
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in models for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {m: [alone[m]] * 2 for m in models}
+
+
 def test_concurrent_requests_share_the_model_safely(backend: Backend) -> None:
     client = backend.client(max_retries=3)
     expected = greedy_text(client, n_tokens=8)

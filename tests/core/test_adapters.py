@@ -123,7 +123,7 @@ def test_slots_are_reused_least_recently_used_and_never_while_held(adapters: dic
     wait_until(lambda: not engine._live)
     engine.close()
     assert out == alone(adapters["qv-r4"], [1, 2, 3])
-    with pytest.raises(KeyError, match="not loaded"):
+    with pytest.raises(CapacityError, match="not loaded"):
         pool.acquire("a")
 
 
