@@ -34,7 +34,9 @@
 # too short for a smoke call and a full call (each start costs a minute or two) splits them, e.g.
 #     GPU_CHECK_STEPS="smoke tests kernels" bash bench/gpu_check.sh     # first call: run, timeout_s=290
 #     GPU_CHECK_STEPS="train decode longest" bash bench/gpu_check.sh    # after the fixes: run, timeout_s=330
-# GPU_CHECK_TESTS (pytest arguments) narrows the tests step to a rerun of what failed.
+# GPU_CHECK_TESTS (pytest arguments) narrows the tests step to a rerun of what failed. One more step is there
+# to be named, not in the default list: serving (120 s; Llama-1B, 16 streams on 16 adapters in one batch against
+# the base and against one engine per adapter, then 32 streams against one; bench/serving.py).
 # Files: env.txt, steps.log (every step's output), and kernels/train/decode/longest.jsonl, or smoke.jsonl.
 # Copy the tables into bench/RESULTS.md with the card, date and commit.
 set -uo pipefail
@@ -110,7 +112,8 @@ for s in ${GPU_CHECK_STEPS:-$default}; do
         train) bench train 110 train,loss ;;
         decode) bench decode 120 decode ;;
         longest) bench longest 75 longest ;;
-        *) echo "unknown step $s (smoke tests kernels train decode longest)"; exit 2 ;;
+        serving) bench serving 120 adapters,streams ;;
+        *) echo "unknown step $s (smoke tests kernels train decode longest serving)"; exit 2 ;;
     esac
 done
 echo "== summary ($mode, $((SECONDS - start)) s in all; files in $OUT)"

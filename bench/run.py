@@ -21,9 +21,10 @@ import torch
 
 from bench.kernels import kernel_rows
 from bench.report import Row, print_table
+from bench.serving import adapters_rows, streams_row
 from bench.workloads import Job, Progress, ceilings, decode, longest, loss_agreement, short, train
 
-WORKS = ("train", "loss", "longest", "decode", "ceilings", "kernels")
+WORKS = ("train", "loss", "longest", "decode", "ceilings", "kernels", "adapters", "streams")
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT_FILE = ROOT / "bench" / "COMMIT"  # written by `bash bench/gpu_check.sh stamp`: the device gets no .git
 
@@ -39,6 +40,9 @@ CPU_PLAN = [
     # The same step compiled by inductor on the CPU (about a minute of compiling per batch size, not timed).
     Job("decode", "smollm2-135m", bsz=1, seq=32, new=64, compiled=True),
     Job("decode", "smollm2-135m", bsz=8, seq=32, new=64, compiled=True),
+    # Serving (bench/serving.py): 16 streams on 16 adapters in one batch, and 32 streams against one.
+    Job("adapters", "smollm2-135m", bsz=16, seq=32, new=64),
+    Job("streams", "smollm2-135m", bsz=32, seq=32, new=64),
 ]
 # Within each work the rows PERFORMANCE.md sets a target on come first (Llama-1B training with GC, the loss curve,
 # Llama-1B decode), so a run cut short by a time limit keeps them; rows are written out as each one finishes.
@@ -56,6 +60,8 @@ GPU_PLAN = [
     Job("decode", "llama-1b", bsz=1, seq=128, new=256),
     Job("decode", "llama-1b", bsz=32, seq=128, new=256),
     Job("decode", "smollm2-135m", bsz=1, seq=128, new=256),
+    Job("adapters", "llama-1b", bsz=16, seq=128, new=64),
+    Job("streams", "llama-1b", bsz=32, seq=128, new=64),
     # A probe's attention work grows with the square of its length: the caps keep a probe under about a minute and a
     # half (an 8B step at 131,072 tokens takes about 70 s).
     Job("longest", "llama-8b", seq=8192, cap=131072),
@@ -77,6 +83,8 @@ QUICK_PLAN = [
     Job("loss", "tiny", bsz=2, seq=32, steps=5),
     Job("decode", "tiny", bsz=1, seq=8, new=8),
     Job("decode", "tiny", bsz=2, seq=8, new=8),
+    Job("adapters", "tiny", bsz=4, seq=8, new=8),
+    Job("streams", "tiny", bsz=4, seq=8, new=8),
 ]
 QUICK_GPU_PLAN = [Job("ceilings"), Job("kernels", "tiny", bsz=2, seq=64), *QUICK_PLAN,
                   Job("longest", "tiny", seq=1024, cap=8192, granularity=1024, deadline=30)]
@@ -188,6 +196,10 @@ def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str,
     `progress` as they come."""
     if job.work == "kernels":
         return kernel_rows(job, device, dtype)
+    if job.work == "adapters":
+        return adapters_rows(job, device, dtype)
+    if job.work == "streams":
+        return [streams_row(job, device, dtype)]
     return [one_row(job, device, dtype, state, progress)]
 
 

@@ -1,8 +1,9 @@
 """Many LoRA adapters served on one base model in one batch (the S-LoRA / Punica idea).
 
 An `AdapterPool` installs a `PooledLinear` in place of each of the seven projections of every block (same weight
-and bias, so nothing is copied) and keeps every loaded adapter stacked per projection: A as (slots, R, in) and B as
-(slots, out, R), fp32 as PEFT keeps them, ranks zero-padded to the largest loaded R (padding adds nothing).
+and bias, so nothing is copied) and keeps every loaded adapter stacked per projection: A as (slots, R, in) and B
+transposed as (slots, R, out), fp32 as PEFT keeps them, ranks zero-padded to the largest loaded R (padding adds
+nothing).
 Adapters of different ranks and target modules share the stacks: a projection an adapter does not target holds
 zeros and scale 0 in its slot.
 
@@ -45,7 +46,7 @@ class PooledLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.pool = pool
         self.a: Tensor | None = None  # (slots, R, in)
-        self.b: Tensor | None = None  # (slots, out, R)
+        self.b: Tensor | None = None  # (slots, R, out): B transposed
         self.scales: Tensor | None = None  # (slots,)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,11 +128,11 @@ class AdapterPool:
         device = self.model.device
         for layer in self.layers.values():
             a = torch.zeros(new_size, new_rank, layer.in_features, device=device)
-            b = torch.zeros(new_size, layer.out_features, new_rank, device=device)
+            b = torch.zeros(new_size, new_rank, layer.out_features, device=device)
             scales = torch.zeros(new_size, device=device)
             if layer.a is not None and layer.b is not None and layer.scales is not None:
                 a[: self._size, : self._rank] = layer.a
-                b[: self._size, :, : self._rank] = layer.b
+                b[: self._size, : self._rank] = layer.b
                 scales[: self._size] = layer.scales
             layer.a, layer.b, layer.scales = a, b, scales
         self._size, self._rank = new_size, new_rank
@@ -156,7 +157,7 @@ class AdapterPool:
                 raise ModelFormatError(f"adapter {name}: {key} has shapes {tuple(a.shape)} and {tuple(b.shape)}, "
                                        f"this model needs ({r}, {layer.in_features}) and ({layer.out_features}, {r})")
             layer.a[slot, :r] = a
-            layer.b[slot, :, :r] = b
+            layer.b[slot, :r] = b.t()
             layer.scales[slot] = scaling
 
     def remove(self, name: str) -> bool:

@@ -43,7 +43,8 @@ def test_quick_plan_prints_one_table_and_json_rows(tmp_path: Path, capsys: pytes
     assert env["kind"] == "env" and env["device"] == "cpu" and env["torch_threads"] == 1
     for key in ("torch", "transformers", "peft", "triton", "commit", "date", "loadavg"):
         assert key in env
-    assert [r["kind"] for r in rows] == ["train", "train", "train", "loss", "decode", "decode"]
+    assert [r["kind"] for r in rows] == ["train", "train", "train", "loss", "decode", "decode", "adapters",
+                                         "adapters", "streams"]
     assert rows[2]["work"] == "QLoRA train" and "NF4" in rows[2]["setting"]
     # A 4-bit base is not the 16-bit one, but the loss curves stay close (a broken build gives NaN or nonsense).
     assert rows[2]["extra"]["max_rel_loss_diff"] <= 0.01
@@ -58,7 +59,7 @@ def test_quick_plan_prints_one_table_and_json_rows(tmp_path: Path, capsys: pytes
     assert loss["extra"]["within_tolerance"]
     assert loss["extra"]["max_rel_diff"] <= 0.01
     assert len(loss["extra"]["losses"]["ours"]) == len(loss["extra"]["losses"]["hf"]) == 5
-    for r in rows[4:]:
+    for r in rows[4:6]:
         assert r["extra"]["same_tokens_as_hf"] == 1.0  # fp32 greedy on the same weights
 
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
@@ -286,3 +287,16 @@ def test_profile_agreement_and_profiles_run_on_the_tiny_shape() -> None:
     assert "every position: 100.0%" in text
     decode = bench.profile.decode_profile("tiny", CPU, torch.float32, 1, 8, 4)
     assert "ms a step unprofiled" in decode and "Self CPU time total" in decode
+
+
+def test_serving_rows_on_the_tiny_shape() -> None:
+    """bench/serving.py: the mixed-adapter rows (against one engine per adapter, and against the base) and the
+    concurrent-streams row come back with figures; the random adapters load as the server loads them."""
+    from bench.serving import adapters_rows, streams_row
+
+    rows = adapters_rows(Job("adapters", "tiny", bsz=3, seq=4, new=4), CPU, torch.float32)
+    assert [r.work for r in rows] == ["mixed adapters"] * 2
+    assert all(r.ours and r.hf and not r.errors for r in rows)
+    assert rows[0].ours == rows[1].ours  # the same mixed run against two peers
+    row = streams_row(Job("streams", "tiny", bsz=3, seq=4, new=4), CPU, torch.float32)
+    assert row.ours and row.hf and len(row.extra["ttft_s"]) == 3 and "time to first token" in row.note

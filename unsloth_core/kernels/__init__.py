@@ -95,8 +95,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
 
 
 def lora_bgmv_(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scales: Tensor, index: Tensor) -> Tensor:
-    """y (N, O) += each row's own adapter's update: scales[s] * b[s] @ a[s] @ x[n] for s = index[n] >= 0 (rows with
-    -1 unchanged). a (S, R, I) and b (S, O, R) are the pool's stacked adapters, ranks zero-padded to R."""
+    """y (N, O) += each row's own adapter's update: scales[s] * (x[n] @ a[s]^T) @ b[s] for s = index[n] >= 0 (rows
+    with -1 unchanged). a (S, R, I) and b (S, R, O) (B transposed) are the pool's stacked adapters, ranks
+    zero-padded to R."""
     if use_triton("lora_bgmv", x):
         from unsloth_core.kernels.bgmv import lora_bgmv_ as triton_lora_bgmv_
 

@@ -46,7 +46,7 @@ def _expand(T, B, INDEX, Y, n_out, rank,  # type: ignore[no-untyped-def]
         outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         r = tl.arange(0, BLOCK_R)
         t = tl.load(T + row * BLOCK_R + r)
-        b = tl.load(B + (s * n_out + outs[:, None]) * rank + r[None, :],
+        b = tl.load(B + (s * rank + r[None, :]) * n_out + outs[:, None],
                     mask=(outs[:, None] < n_out) & (r[None, :] < rank), other=0.0).to(tl.float32)
         delta = tl.sum(b * t[None, :], axis=1)
         y = tl.load(Y + row * n_out + outs, mask=outs < n_out, other=0.0)
@@ -56,7 +56,7 @@ def _expand(T, B, INDEX, Y, n_out, rank,  # type: ignore[no-untyped-def]
 def lora_bgmv_(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scales: Tensor, index: Tensor) -> Tensor:
     """Same contract as `reference.lora_bgmv_`: y (N, O) updated in place and returned."""
     n, n_in = x.shape
-    rank, n_out = a.size(1), b.size(1)
+    rank, n_out = a.size(1), b.size(2)
     x, y_work = x.contiguous(), y if y.is_contiguous() else y.contiguous()
     block_r = max(16, next_power_of_2(rank))
     t = torch.empty(n, block_r, dtype=torch.float32, device=x.device)

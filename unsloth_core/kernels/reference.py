@@ -116,15 +116,53 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, code: Tensor, numel: int, blo
     return values.view(-1)[:numel].to(dtype)
 
 
-def lora_bgmv_(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scales: Tensor, index: Tensor) -> Tensor:
-    """y (N, O) += scales[s] * (x (N, I) @ a[s]^T) @ b[s]^T for each row with adapter s = index[n] (>= 0); rows
-    with index -1 are left as they are. a (S, R, I), b (S, O, R) and the products in fp32, added in y's dtype.
+BUCKETED_BGMV_ROWS = 256  # up to this many rows, rows go into per-adapter buckets; beyond, grouped matmuls
+_last_buckets: tuple[Tensor, tuple[Tensor, Tensor, Tensor, int]] | None = None
 
-    Grouped by adapter: one pair of matmuls per adapter present (the segmented form of Punica's BGMV)."""
+
+def _buckets(index: Tensor, n_slots: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(rows on an adapter, their slots, their places in their slot's bucket, the fullest bucket's size). Every
+    projection of a forward gets the same `index` tensor: the last one's answer is kept."""
+    global _last_buckets
+    last = _last_buckets  # read once: another engine's thread may replace it meanwhile
+    if last is not None and last[0] is index:
+        return last[1]
+    live = (index >= 0).nonzero().squeeze(1)
+    slots = index[live].long()
+    counts = torch.bincount(slots, minlength=n_slots)
+    order = torch.argsort(slots, stable=True)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(len(slots), device=index.device) - (counts.cumsum(0) - counts)[slots[order]]
+    found = (live, slots, place, int(counts.max()) if len(slots) else 0)
+    _last_buckets = (index, found)
+    return found
+
+
+def lora_bgmv_(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scales: Tensor, index: Tensor) -> Tensor:
+    """y (N, O) += scales[s] * (x (N, I) @ a[s]^T) @ b[s] for each row with adapter s = index[n] (>= 0); rows
+    with index -1 are left as they are. a (S, R, I), b (S, R, O) and the products in fp32, added in y's dtype.
+
+    A few rows (decode: one token per stream) go into one bucket per pool slot, and two batched products over the
+    slots read each adapter once and compute only its rows. Grouping by adapter instead cost a gather, two products
+    and a scatter per adapter present: 16 streams on 16 adapters ran at 0.16x the base's speed that way on a CPU.
+    Many rows (a prompt's prefill) group by adapter, whose products then read only that adapter."""
+    n_slots = a.size(0)
+    if x.size(0) <= BUCKETED_BGMV_ROWS:
+        live, slots, place, fullest = _buckets(index, n_slots)
+        if not fullest:
+            return y
+        xs = x.new_zeros(n_slots, fullest, x.size(1), dtype=torch.float32)
+        xs[slots, place] = x.index_select(0, live).float()
+        out = torch.bmm(torch.bmm(xs, a.transpose(1, 2)) * scales[:, None, None], b)  # (S, fullest, O)
+        y.index_add_(0, live, out[slots, place].to(y.dtype))
+        return y
     for s in index.unique().tolist():
         if s < 0:
             continue
+        if bool((index == s).all()):  # one adapter for every row: no gather
+            y += ((x.float() @ a[s].t()) @ b[s] * scales[s]).to(y.dtype)
+            continue
         rows = (index == s).nonzero().squeeze(1)
-        delta = (x.index_select(0, rows).float() @ a[s].t()) @ b[s].t() * scales[s]
+        delta = (x.index_select(0, rows).float() @ a[s].t()) @ b[s] * scales[s]
         y.index_add_(0, rows, delta.to(y.dtype))
     return y

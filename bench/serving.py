@@ -1,0 +1,158 @@
+"""Serving rows: many streams in one engine, and many adapters in one batch, against the designs they replace.
+
+- `adapters`: B streams at once, each on its own rank-16 adapter (all seven projections), in one engine with an
+  `AdapterPool`. Two rows: against B streams on the bare base in the same engine (target >= 0.75x), and against the
+  previous design, one engine per adapter, each with its own model sharing the base's weights (target >= 4x on
+  the CPU).
+- `streams`: B streams on the base in one engine against one stream alone (aggregate tok/s; target >= 4x on the
+  CPU, >= 15x on a GPU), with the time to first token (p50 / p99) of the B streams.
+
+Greedy, no EOS, every stream `new` tokens after a `seq`-token prompt; each side warmed up once at its shapes first.
+The adapters are random (A ~ N(0, 1/in), B ~ N(0, 0.02)), written in PEFT's format and loaded as the server loads
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bench.models import build_ours, free_memory
+from bench.report import Row
+from bench.workloads import Job, prompts
+from unsloth_core.adapters import AdapterPool
+from unsloth_core.config import PROJECTIONS
+from unsloth_core.generate import Delta
+from unsloth_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, load_adapter, peft_key
+from unsloth_core.model import Llama
+from unsloth_core.sampling import SamplingParams
+from unsloth_core.serving import BatchEngine, Stream
+
+RANK = 16
+
+
+def random_adapter(model: Llama, directory: Path, seed: int, r: int = RANK) -> Path:
+    """A rank-`r` adapter on all seven projections of `model`, in PEFT's files."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            tensors[peft_key(f"{name}.lora_A.weight")] = torch.randn(r, module.in_features, generator=g) \
+                / module.in_features**0.5
+            tensors[peft_key(f"{name}.lora_B.weight")] = torch.randn(module.out_features, r, generator=g) * 0.02
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(LoRAConfig(r=r, lora_alpha=r).to_peft()))
+    return directory
+
+
+class _Clock:
+    """Times B requests: when each first token came, when the last request ended."""
+
+    def __init__(self, n: int) -> None:
+        self.start = time.perf_counter()
+        self.first: list[float | None] = [None] * n
+        self.open = n
+        self.tokens = 0
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def stream(self, i: int) -> Stream:
+        def on_item(item: Delta | BaseException | None) -> None:  # on an engine's thread
+            with self.lock:
+                if isinstance(item, BaseException):  # kept for `wait`: raising here would be the engine's error
+                    self.error = item
+                    return
+                if item is None:
+                    self.open -= 1
+                    if not self.open:
+                        self.end = time.perf_counter()
+                        self.done.set()
+                    return
+                if self.first[i] is None:
+                    self.first[i] = time.perf_counter() - self.start
+                self.tokens += len(item.token_ids)
+
+        return Stream(1, on_item)
+
+    def wait(self) -> float:
+        if not self.done.wait(timeout=3600):
+            raise TimeoutError("the streams did not finish")
+        if self.error is not None:
+            raise self.error
+        return self.tokens / (self.end - self.start)
+
+
+def _run(engines: list[BatchEngine], rows: list[list[int]], adapters: list[str | None], new: int) -> _Clock:
+    """One request per row, row i on engines[i % len(engines)] with adapters[i]; returns when all have ended."""
+    params = SamplingParams(temperature=0, max_new_tokens=new, stop_token_ids=[])
+    clock = _Clock(len(rows))
+    for i, (prompt, adapter) in enumerate(zip(rows, adapters)):
+        engines[i % len(engines)].submit(prompt, params, stream=clock.stream(i), adapter=adapter)
+    clock.wait()
+    return clock
+
+
+def _measure(engines: list[BatchEngine], rows: list[list[int]], adapters: list[str | None], new: int) -> _Clock:
+    _run(engines, rows, adapters, new)  # warm-up: caches grown, threads started
+    return _run(engines, rows, adapters, new)
+
+
+def adapters_rows(job: Job, device: torch.device, dtype: torch.dtype) -> list[Row]:
+    model = build_ours(job.shape, device, dtype, lora=False).eval()
+    rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
+    names = [f"adapter-{i}" for i in range(job.bsz)]
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [random_adapter(model, Path(tmp) / name, seed=i) for i, name in enumerate(names)]
+        # The previous design first, on the plain model: one engine per adapter, each its own model on the shared
+        # base weights (load_adapter), one stream each.
+        own = [BatchEngine(load_adapter(model, d), None, max_batch_size=1, max_seq_length=job.seq + job.new)
+               for d in dirs]
+        per_adapter = _measure(own, rows, [None] * job.bsz, job.new)
+        for engine in own:
+            engine.close()
+        del own
+        free_memory(device)
+        pool = AdapterPool(model, capacity=job.bsz)
+        for name, d in zip(names, dirs):
+            pool.load(name, d)
+    engine = BatchEngine(model, None, max_batch_size=job.bsz, max_seq_length=job.seq + job.new, adapters=pool)
+    base = _measure([engine], rows, [None] * job.bsz, job.new)
+    mixed = _measure([engine], rows, list(names), job.new)
+    engine.close()
+    del engine, pool, model
+    free_memory(device)
+    setting = f"{job.bsz} streams, {job.seq}+{job.new}, rank {RANK}"
+    return [
+        Row("mixed adapters", job.shape, f"{setting}, vs one engine per adapter", "tok/s", ours=mixed.wait(),
+            hf=per_adapter.wait(), note=f"peer: the previous design ({job.bsz} engines); target >= 4x on the CPU"),
+        Row("mixed adapters", job.shape, f"{setting}, vs all on the base", "tok/s", ours=mixed.wait(),
+            hf=base.wait(), note="peer: the same engine with every stream on the base; target >= 0.75x"),
+    ]
+
+
+def streams_row(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
+    model = build_ours(job.shape, device, dtype, lora=False).eval()
+    rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
+    engine = BatchEngine(model, None, max_batch_size=job.bsz, max_seq_length=job.seq + job.new)
+    one = _measure([engine], rows[:1], [None], job.new)
+    many = _measure([engine], rows, [None] * job.bsz, job.new)
+    engine.close()
+    del engine, model
+    free_memory(device)
+    firsts = sorted(t for t in many.first if t is not None)
+    p99 = firsts[min(len(firsts) - 1, round(0.99 * (len(firsts) - 1)))]
+    row = Row("concurrent streams", job.shape, f"{job.bsz} streams vs 1, {job.seq}+{job.new}", "tok/s",
+              ours=many.wait(), hf=one.wait(),
+              note=f"peer: one stream alone; time to first token p50 {1e3 * statistics.median(firsts):.0f} ms, "
+                   f"p99 {1e3 * p99:.0f} ms")
+    row.extra = {"ttft_s": firsts}
+    return row
