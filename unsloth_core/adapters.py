@@ -45,17 +45,17 @@ class PooledLinear(nn.Linear):
             super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
         self.weight, self.bias = linear.weight, linear.bias
         self.pool = pool
-        self.a: Tensor | None = None  # (slots, R, in)
-        self.b: Tensor | None = None  # (slots, R, out): B transposed
-        self.scales: Tensor | None = None  # (slots,)
+        # (A (slots, R, in), B transposed (slots, R, out), scales (slots,)): one attribute, so a forward reads one
+        # version of the three while a load swaps in larger ones.
+        self.stacks: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         y = base_linear(x, self.weight, self.bias)
-        index = self.pool.index
-        if index is None or self.a is None or self.b is None or self.scales is None:
+        index, stacks = self.pool.index, self.stacks
+        if index is None or stacks is None:
             return y
         flat = y.view(-1, y.size(-1))  # F.linear's output is contiguous: updated in place through the view
-        kernels.lora_bgmv_(flat, x.reshape(-1, x.size(-1)), self.a, self.b, self.scales, index)
+        kernels.lora_bgmv_(flat, x.reshape(-1, x.size(-1)), *stacks, index)
         return y
 
 
@@ -130,11 +130,12 @@ class AdapterPool:
             a = torch.zeros(new_size, new_rank, layer.in_features, device=device)
             b = torch.zeros(new_size, new_rank, layer.out_features, device=device)
             scales = torch.zeros(new_size, device=device)
-            if layer.a is not None and layer.b is not None and layer.scales is not None:
-                a[: self._size, : self._rank] = layer.a
-                b[: self._size, : self._rank] = layer.b
-                scales[: self._size] = layer.scales
-            layer.a, layer.b, layer.scales = a, b, scales
+            if layer.stacks is not None:
+                old_a, old_b, old_scales = layer.stacks
+                a[: self._size, : self._rank] = old_a
+                b[: self._size, : self._rank] = old_b
+                scales[: self._size] = old_scales
+            layer.stacks = (a, b, scales)
         self._size, self._rank = new_size, new_rank
 
     @torch.no_grad()
@@ -145,20 +146,21 @@ class AdapterPool:
             raise ModelFormatError(f"adapter {name} in {directory} does not fit this model: it has weights for "
                                    f"{sorted(unknown)[:3]}")
         for key, layer in self.layers.items():
-            assert layer.a is not None and layer.b is not None and layer.scales is not None
-            layer.a[slot].zero_()
-            layer.b[slot].zero_()
+            assert layer.stacks is not None
+            stack_a, stack_b, scales = layer.stacks
+            stack_a[slot].zero_()
+            stack_b[slot].zero_()
             a, b = tensors.get(f"{key}.lora_A.weight"), tensors.get(f"{key}.lora_B.weight")
             if a is None or b is None:
-                layer.scales[slot] = 0.0  # not a target of this adapter
+                scales[slot] = 0.0  # not a target of this adapter
                 continue
             r = a.size(0)
             if a.shape != (r, layer.in_features) or b.shape != (layer.out_features, r):
                 raise ModelFormatError(f"adapter {name}: {key} has shapes {tuple(a.shape)} and {tuple(b.shape)}, "
                                        f"this model needs ({r}, {layer.in_features}) and ({layer.out_features}, {r})")
-            layer.a[slot, :r] = a
-            layer.b[slot, :r] = b.t()
-            layer.scales[slot] = scaling
+            stack_a[slot, :r] = a
+            stack_b[slot, :r] = b.t()
+            scales[slot] = scaling
 
     def remove(self, name: str) -> bool:
         """Forget an adapter (its slot is reused by the next load); False while a request still uses it."""

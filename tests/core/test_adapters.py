@@ -132,3 +132,29 @@ def test_an_adapter_that_trains_the_head_is_refused(tmp_path: Path) -> None:
     save_adapter(model, tmp_path / "head")
     with pytest.raises(ModelFormatError, match="cannot share a batch"):
         AdapterPool(base()).load("head", tmp_path / "head")
+
+
+def test_loading_while_streams_run_changes_nothing_they_get(adapters: dict[str, Path]) -> None:
+    """Loads that grow the stacks (a larger rank, more slots) happen beside running streams, which keep decoding
+    and get what they get alone, whatever step the swap lands in."""
+    model = base()
+    pool = AdapterPool(model, capacity=4)
+    pool.load("qv-r4", adapters["qv-r4"])
+    engine = BatchEngine(model, None, max_batch_size=4, max_seq_length=128, adapters=pool)
+    long = SamplingParams(temperature=0, max_new_tokens=60, stop_token_ids=[])
+    started = threading.Event()
+    items: list[object] = []
+
+    def on_item(item: object) -> None:
+        items.append(item)
+        started.set()
+
+    engine.submit([1, 2, 3], long, stream=Stream(1, on_item), adapter="qv-r4")
+    assert started.wait(timeout=30)
+    pool.load("mlp-r16", adapters["mlp-r16"])  # rank 4 -> 16: every layer's stacks replaced
+    pool.load("all-r8", adapters["all-r8"])
+    wait_until(lambda: items and items[-1] is None)
+    engine.close()
+    got = [t for d in items if d is not None for t in d.token_ids]  # type: ignore[attr-defined]
+    want = Generator(load_adapter(base(), adapters["qv-r4"]), None, compile=False).generate([[1, 2, 3]], long)
+    assert got == want[0].token_ids

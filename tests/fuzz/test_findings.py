@@ -104,11 +104,14 @@ def test_request_fields_are_not_coerced(live: Live) -> None:
             for path in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/validate"):
                 response = http.post(path, json=body)
                 assert response.status_code == 400, (hp, path, response.text)
-        for extra in ({"max_tokens": "2"}, {"stream": "true"}, {"n": 1.0}, {"temperature": "1"}):
+        for extra in ({"max_tokens": "2"}, {"stream": "true"}, {"n": 1.5}, {"n": True}, {"temperature": "1"}):
             response = http.post("/v1/completions", json={"model": TINY, "prompt": "hi", **extra})
             assert response.status_code == 400, (extra, response.text)
         assert http.post("/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 1,
                                                   "temperature": 1}).status_code == 200  # an int is a number
+        # and an integral number is an integer, as JSON Schema counts it (a sampling field's "n": 1.0)
+        assert http.post("/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 1.0,
+                                                  "n": 1.0}).status_code == 200
 
 
 def test_openapi_documents_streams_files_and_headers(live: Live) -> None:
