@@ -6,6 +6,8 @@
   the CPU).
 - `streams`: B streams on the base in one engine against one stream alone (aggregate tok/s; target >= 4x on the
   CPU, >= 15x on a GPU), with the time to first token (p50 / p99) of the B streams.
+- `adapter-load`: the p99 inter-token latency of B running streams while adapters load into their engine's pool,
+  against their steady p99 before (target: at most 2x).
 
 Greedy, no EOS, every stream `new` tokens after a `seq`-token prompt; each side warmed up once at its shapes first.
 The adapters are random (A ~ N(0, 1/in), B ~ N(0, 0.02)), written in PEFT's format and loaded as the server loads
@@ -14,6 +16,7 @@ them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import tempfile
@@ -155,4 +158,59 @@ def streams_row(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
               note=f"peer: one stream alone; time to first token p50 {1e3 * statistics.median(firsts):.0f} ms, "
                    f"p99 {1e3 * p99:.0f} ms")
     row.extra = {"ttft_s": firsts}
+    return row
+
+
+def adapter_load_row(job: Job, device: torch.device, dtype: torch.dtype, loads: int = 4) -> Row:
+    """Inter-token latency of B running streams (on the base) while `loads` adapters load into their engine's pool
+    from disk: the gaps that overlap the loads against the same streams' steady gaps before them (target: p99 at
+    most 2x)."""
+    model = build_ours(job.shape, device, dtype, lora=False).eval()
+    rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
+    pool = AdapterPool(model, capacity=loads)
+    engine = BatchEngine(model, None, max_batch_size=job.bsz, max_seq_length=job.seq + job.new, adapters=pool)
+    _run([engine], rows, [None] * job.bsz, 4)  # warm-up
+    params = SamplingParams(temperature=0, max_new_tokens=job.new, stop_token_ids=[])
+    arrivals: list[list[float]] = [[] for _ in rows]
+    ended = threading.Semaphore(0)
+
+    def recorder(i: int) -> Stream:
+        def on_item(item: Delta | BaseException | None) -> None:
+            if isinstance(item, Delta) and item.token_ids:
+                arrivals[i].append(time.perf_counter())
+            elif item is None or isinstance(item, BaseException):
+                ended.release()
+
+        return Stream(1, on_item)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [random_adapter(model, Path(tmp) / f"adapter-{i}", seed=i) for i in range(loads)]
+        for i, prompt in enumerate(rows):
+            engine.submit(prompt, params, stream=recorder(i))
+        while min(len(a) for a in arrivals) < job.new // 4:  # steady decoding first
+            time.sleep(0.001)
+        began = time.perf_counter()
+        for i, d in enumerate(dirs):
+            pool.load(f"adapter-{i}", d)
+        loaded = time.perf_counter()
+        for _ in rows:
+            ended.acquire(timeout=3600)
+    engine.close()
+    del engine, pool, model
+    free_memory(device)
+    decoding = max(times[0] for times in arrivals)  # every stream past its prefill: the gaps are decode steps
+    steady = [b - a for times in arrivals for a, b in itertools.pairwise(times) if decoding <= a and b < began]
+    during = [b - a for times in arrivals for a, b in itertools.pairwise(times) if a < loaded and b > began]
+
+    def p99(gaps: list[float]) -> float:
+        return sorted(gaps)[min(len(gaps) - 1, round(0.99 * (len(gaps) - 1)))] * 1e3
+
+    row = Row("adapter load", job.shape, f"{job.bsz} streams, {job.seq}+{job.new}, {loads} adapters load", "ms")
+    if steady and during:
+        row.ours, row.hf = p99(during), p99(steady)
+        row.note = (f"p99 inter-token latency while loading (ours) against steady (peer); lower is better, "
+                    f"ratio target <= 2x; loads took {1e3 * (loaded - began):.0f} ms, {len(during)} gaps overlap them")
+    else:
+        row.errors["row"] = f"no gaps to compare ({len(steady)} steady, {len(during)} while loading)"
+    row.extra = {"load_s": loaded - began, "gaps_steady": len(steady), "gaps_during": len(during)}
     return row

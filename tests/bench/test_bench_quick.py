@@ -300,3 +300,13 @@ def test_serving_rows_on_the_tiny_shape() -> None:
     assert rows[0].ours == rows[1].ours  # the same mixed run against two peers
     row = streams_row(Job("streams", "tiny", bsz=3, seq=4, new=4), CPU, torch.float32)
     assert row.ours and row.hf and len(row.extra["ttft_s"]) == 3 and "time to first token" in row.note
+
+
+def test_the_adapter_load_row_compares_gaps_around_the_loads() -> None:
+    """bench/serving.py's adapter-load row: the gaps of running streams that overlap the loads against their steady
+    gaps; 400 new tokens keep the streams running well past the loads on the tiny shape."""
+    from bench.serving import adapter_load_row
+
+    row = adapter_load_row(Job("adapter-load", "tiny", bsz=2, seq=4, new=400), CPU, torch.float32, loads=2)
+    assert not row.errors and row.ours and row.hf, row.errors
+    assert row.extra["gaps_during"] >= 2 and row.extra["gaps_steady"] > 0  # each stream spans the loads
