@@ -41,6 +41,12 @@ from unsloth_core.serving import BatchEngine, Stream
 RANK = 16
 
 
+def p99(values: list[float]) -> float:
+    """The 99th percentile (nearest rank) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
 def random_adapter(model: Llama, directory: Path, seed: int, r: int = RANK) -> Path:
     """A rank-`r` adapter on all seven projections of `model`, in PEFT's files."""
     g = torch.Generator().manual_seed(seed)
@@ -152,11 +158,10 @@ def streams_row(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
     del engine, model
     free_memory(device)
     firsts = sorted(t for t in many.first if t is not None)
-    p99 = firsts[min(len(firsts) - 1, round(0.99 * (len(firsts) - 1)))]
     row = Row("concurrent streams", job.shape, f"{job.bsz} streams vs 1, {job.seq}+{job.new}", "tok/s",
               ours=many.wait(), hf=one.wait(),
               note=f"peer: one stream alone; time to first token p50 {1e3 * statistics.median(firsts):.0f} ms, "
-                   f"p99 {1e3 * p99:.0f} ms")
+                   f"p99 {1e3 * p99(firsts):.0f} ms")
     row.extra = {"ttft_s": firsts}
     return row
 
@@ -202,12 +207,9 @@ def adapter_load_row(job: Job, device: torch.device, dtype: torch.dtype, loads: 
     steady = [b - a for times in arrivals for a, b in itertools.pairwise(times) if decoding <= a and b < began]
     during = [b - a for times in arrivals for a, b in itertools.pairwise(times) if a < loaded and b > began]
 
-    def p99(gaps: list[float]) -> float:
-        return sorted(gaps)[min(len(gaps) - 1, round(0.99 * (len(gaps) - 1)))] * 1e3
-
     row = Row("adapter load", job.shape, f"{job.bsz} streams, {job.seq}+{job.new}, {loads} adapters load", "ms")
     if steady and during:
-        row.ours, row.hf = p99(during), p99(steady)
+        row.ours, row.hf = 1e3 * p99(during), 1e3 * p99(steady)
         row.note = (f"p99 inter-token latency while loading (ours) against steady (peer); lower is better, "
                     f"ratio target <= 2x; loads took {1e3 * (loaded - began):.0f} ms, {len(during)} gaps overlap them")
     else:

@@ -37,10 +37,6 @@ class Served:
     adapter: str | None = None  # its name in the engine's AdapterPool; None: the engine's own model
 
     @property
-    def shares_engine(self) -> bool:
-        return self.adapter is not None
-
-    @property
     def max_len(self) -> int:
         return int(self.engine.max_seq_length)
 
@@ -181,9 +177,9 @@ class ModelCache:
     def _unload(self, served: Served) -> None:
         """Let a served model go. A pooled adapter leaves its base's pool (or, while requests use it, stays until
         its slot is reused); a base's engine retires with the base; an adapter with its own engine retires it."""
-        if served.shares_engine:
-            if served.engine.adapters is not None and served.adapter is not None:
-                served.engine.adapters.remove(served.adapter)
+        if served.adapter is not None:
+            assert served.engine.adapters is not None  # a pooled adapter is served by its base's pooled engine
+            served.engine.adapters.remove(served.adapter)
         elif served.kind != "base":
             served.engine.retire()  # its running streams finish first
 

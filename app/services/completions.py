@@ -74,10 +74,8 @@ class _Choice:
 
 
 def _check_common(body: SamplingFields, settings: Settings) -> None:
-    if body.n > settings.max_n:
+    if body.n > settings.max_n:  # empty or overlong stop strings are the schema's to refuse
         raise bad_request(f"n must be at most {settings.max_n}.", param="n")
-    if (isinstance(body.stop, list) and any(not s for s in body.stop)) or body.stop == "":
-        raise bad_request("stop sequences must not be empty.", param="stop")
 
 
 def _check_completion(body: CompletionRequest, settings: Settings) -> None:
@@ -131,7 +129,7 @@ def _check_prompt_size(body: CompletionRequest | ChatCompletionRequest, served: 
         sizes, param = [sum(map(len, texts))], "messages"
     else:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        sizes, param = [len(p) for p in prompts if isinstance(p, str | list)], "prompt"
+        sizes, param = [len(p) for p in prompts if isinstance(p, str)], "prompt"  # token ids: counted later
     if sizes and max(sizes) > limit:
         raise APIError(400, f"This model's maximum context length is {served.max_len} tokens, and a prompt of "
                             f"{max(sizes):,} characters cannot fit in it. Please reduce the length of the {param}.",
