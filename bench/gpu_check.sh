@@ -36,7 +36,8 @@
 #     GPU_CHECK_STEPS="train decode longest" bash bench/gpu_check.sh    # after the fixes: run, timeout_s=330
 # GPU_CHECK_TESTS (pytest arguments) narrows the tests step to a rerun of what failed. One more step is there
 # to be named, not in the default list: serving (120 s; Llama-1B, 16 streams on 16 adapters in one batch against
-# the base and against one engine per adapter, then 32 streams against one; bench/serving.py).
+# the base and against one engine per adapter, then 32 streams against one; bench/serving.py), and ab (150 s;
+# bench/profile.py's decode_ab: the decode step's designs side by side, Llama-1B batch 1, decode_ab.txt).
 # Files: env.txt, steps.log (every step's output), and kernels/train/decode/longest.jsonl, or smoke.jsonl.
 # Copy the tables into bench/RESULTS.md with the card, date and commit.
 set -uo pipefail
@@ -113,7 +114,8 @@ for s in ${GPU_CHECK_STEPS:-$default}; do
         decode) bench decode 120 decode ;;
         longest) bench longest 75 longest ;;
         serving) bench serving 120 adapters,streams ;;
-        *) echo "unknown step $s (smoke tests kernels train decode longest serving)"; exit 2 ;;
+        ab) step ab 150 "$PY" -m bench.profile --only decode_ab --out "$OUT" ;;
+        *) echo "unknown step $s (smoke tests kernels train decode longest serving ab)"; exit 2 ;;
     esac
 done
 echo "== summary ($mode, $((SECONDS - start)) s in all; files in $OUT)"

@@ -74,12 +74,22 @@ def cases(job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, tuple
         q = NF4Tensor.from_dense(_randn(inter, c, **kw), dtype=dtype)
         return lambda: q.dense()
 
+    def lora_bgmv(_: bool) -> Call:
+        # A serving decode step's batched LoRA: 32 rows, each on one of 16 rank-16 adapters, one q-sized projection.
+        rows, slots, rank = 32, 16, 16
+        x, y = _randn(rows, c, **kw), _randn(rows, c, seed=1, **kw)
+        a, b = _randn(slots, rank, c, seed=2, **kw).mul_(0.02), _randn(slots, rank, c, seed=3, **kw).mul_(0.02)
+        scales = torch.ones(slots, device=device, dtype=torch.float32)
+        index = torch.arange(rows, device=device) % slots
+        return lambda: kernels.lora_bgmv_(y, x, a, b, scales, index)
+
     return {
         "rms_norm": (f"{n}x{c}, fwd+bwd", rms_norm),
         "rope": (f"q {job.bsz}x{cfg.num_attention_heads}x{job.seq}x{d}, fwd+bwd", rope),
         "swiglu": (f"{n}x{inter}, fwd+bwd", swiglu),
         "cross_entropy": (f"{n}x{c} @ {cfg.vocab_size}, fwd+bwd, chunked", cross_entropy),
         "nf4_dequantize": (f"{inter}x{c} -> {str(dtype).removeprefix('torch.')}", nf4_dequantize),
+        "lora_bgmv": (f"32 rows on 16 adapters, r16, {c}->{c}, y += (x A^T) B", lora_bgmv),
     }
 
 

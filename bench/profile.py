@@ -7,12 +7,16 @@ Three parts, each written to `--out` as it finishes (so a run cut short keeps wh
   percent after the first near-tie on random weights, which says nothing about a bug; this does.
 - decode.txt: one compiled greedy decode of ours under torch.profiler: wall time per token against the GPU time
   per token (host-bound or device-bound), and the ops that take the time.
+- decode_ab.txt: the decode step's designs side by side in one process, wall ms a token at batch 1: torch.compile's
+  CUDA graph trees with q/k/v and gate/up run one by one (the earlier design), the trees with merged projections,
+  and graphs captured by unsloth_core/cuda_graphs.py with merged projections (the current one).
 - train.txt: one LoRA training step of each side under torch.profiler, the ops that take the time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import unsloth_core.generate as generate_module
 from bench.models import build_hf, build_ours, free_memory
 from bench.workloads import hf_train_step, ours_train_step, prompts
 from unsloth_core.generate import Generator
@@ -104,6 +109,43 @@ def decode_profile(shape: str, device: torch.device, dtype: torch.dtype, bsz: in
     return head + "\n" + _table(prof, device)
 
 
+def decode_ab(shape: str, device: torch.device, dtype: torch.dtype, bsz: int, seq: int, new: int) -> str:
+    model = build_ours(shape, device, dtype, lora=False).eval()
+    rows = prompts(model.config.vocab_size, bsz, seq).tolist()
+    params = SamplingParams(temperature=0.0, max_new_tokens=new, stop_token_ids=[])
+    merged = generate_module.merged_projections
+    lines, tokens = [], {}
+    for graphs, merge in (("tree", False), ("tree", True), ("manual", True)):
+        gen = Generator(model, None, compile=device.type == "cuda", max_seq_length=seq + new)
+        gen.cuda_graphs = graphs  # type: ignore[assignment]
+        generate_module.merged_projections = merged if merge else (lambda _: contextlib.nullcontext(0))  # type: ignore[assignment,return-value]
+        try:
+            t0 = time.perf_counter()
+            gen.generate(rows, params)  # compile and capture at the timed shapes
+            cold = time.perf_counter() - t0
+            times = []
+            for _ in range(3):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = gen.generate(rows, params)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        finally:
+            generate_module.merged_projections = merged
+        name = f"graphs={graphs}, merged={merge}"
+        tokens[name] = [c.token_ids for c in out]
+        best = min(times) / new * 1e3
+        lines.append(f"{name}: {best:.3f} ms a token (best of 3; {1e3 / best:.0f} tok/s), first call {cold:.1f} s")
+        del gen
+        model.clear_caches()
+        free_memory(device)
+    first = next(iter(tokens.values()))
+    n = sum(len(x) for x in first)
+    same = [sum(a == b for x, y in zip(first, t) for a, b in zip(x, y)) / n for t in tokens.values()]
+    lines.append("same tokens as the first design: " + ", ".join(f"{100 * f:.1f}%" for f in same))
+    return f"{shape} {dtype} bsz {bsz}, {seq}+{new}, greedy\n" + "\n".join(lines)
+
+
 def train_profile(shape: str, device: torch.device, dtype: torch.dtype, bsz: int, seq: int, gc: bool) -> str:
     parts = []
     x = prompts(32000 if shape != "tiny" else 320, bsz, seq).to(device)
@@ -143,6 +185,7 @@ def main() -> None:
     parts: dict[str, Callable[[], str]] = {
         "agree": lambda: agreement(shape, device, dtype, 4, seq, new),
         "decode": lambda: decode_profile(shape, device, dtype, 1, seq, new),
+        "decode_ab": lambda: decode_ab(shape, device, dtype, 1, seq, 4 * new),
         "train": lambda: train_profile(shape, device, dtype, train_bsz, train_seq, gc=True),
     }
     for name in args.only.split(","):

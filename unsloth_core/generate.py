@@ -16,7 +16,9 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
+from unsloth_core.cuda_graphs import GraphedStep, addresses
 from unsloth_core.errors import ContextLengthError
+from unsloth_core.merged import merged_projections
 from unsloth_core.model import Llama, cache_slots
 from unsloth_core.sampling import Sampler, SamplingParams
 from unsloth_core.tokenizer import StreamDecoder, Tokenizer
@@ -123,7 +125,12 @@ class Generator:
                                   model.config.max_position_embeddings)
         self.compile = model.device.type == "cuda" if compile is None else compile
         self.sync_every = sync_every if self.compile else 1
+        # On a GPU, compiled: "manual" replays graphs cuda_graphs.py captures; "tree" is torch.compile's
+        # reduce-overhead mode (the earlier design, kept for the bench's side-by-side).
+        self.cuda_graphs: Literal["manual", "tree"] = "manual"
         self._decode: Callable[..., Tensor] | None = None
+        self._graphs: GraphedStep | None = None
+        self._addresses: tuple[int, ...] = ()
 
     # ---- the model steps ----
 
@@ -139,13 +146,25 @@ class Generator:
 
     def _decoder(self) -> Callable[..., Tensor]:
         if self._decode is None:
-            fn = self._decode_step
+            fn: Callable[..., Tensor] = self._decode_step
             if self.compile:
                 config = torch._dynamo.config
                 config.recompile_limit = max(config.recompile_limit, COMPILED_SHAPES)
-                fn = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+                if self.model.device.type == "cuda" and self.cuda_graphs == "manual":
+                    self._graphs = GraphedStep(torch.compile(fn, fullgraph=True, dynamic=False), COMPILED_SHAPES)
+                    fn = self._graphs
+                else:
+                    fn = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
             self._decode = fn
         return self._decode
+
+    def _check_graphs(self) -> None:
+        """Drop captured graphs whose weights or cache have moved (a new cache, converted or re-merged weights)."""
+        if self.compile and self.model.device.type == "cuda" and self.cuda_graphs == "manual":
+            where = addresses(self.model)
+            if where != self._addresses and self._graphs is not None:
+                self._graphs.reset()
+            self._addresses = where
 
     def _decode_next(self, *args: Tensor) -> Tensor:
         """One decode step; compiled, the logits are copied out of the CUDA graph's output buffer, which the next
@@ -211,7 +230,7 @@ class Generator:
         was_training = self.model.training
         self.model.eval()  # no dropout in generation, even from a model straight out of training
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), merged_projections(self.model):
                 yield from self._run(ids, per_row)
         finally:
             self.model.train(was_training)
@@ -250,6 +269,7 @@ class Generator:
         t = max(len(x) for x in ids)
         max_new = max(p.max_new_tokens for p in params)
         n_slots = self._setup(b, t + max_new)
+        self._check_graphs()
         # Left-pad so every row's next token lands in the same cache slot.
         pad = [t - len(x) for x in ids]
         tokens = torch.tensor([[0] * p + x for p, x in zip(pad, ids)], device=dev)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from unsloth_core import kernels
 from unsloth_core.config import LlamaConfig
+from unsloth_core.merged import MergedProjections
 
 
 @dataclass
@@ -172,6 +173,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=bias)
+        self.merged = MergedProjections()  # q, k, v as one GEMM while the engine generates (merged.py)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
@@ -194,6 +196,9 @@ class Attention(nn.Module):
         if fused is not None:  # one autograd node that keeps only x for backward
             (q, k, v), (scale, dropout) = fused, lora_hparams(self.q_proj)
             return kernels.lora_qkv(x, q, k, v, scale, dropout, self.training)
+        if self.merged.active():
+            q, k, v = self.merged(x)
+            return q, k, v
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
@@ -204,12 +209,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c, i, bias=bias)
         self.up_proj = nn.Linear(c, i, bias=bias)
         self.down_proj = nn.Linear(i, c, bias=bias)
+        self.merged = MergedProjections()  # gate and up as one GEMM while the engine generates (merged.py)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = fused_lora(self.gate_proj, self.up_proj, self.down_proj)
         if fused is not None:  # keeps x and the two pre-activations; recomputes the rest in backward
             (gate, up, down), (scale, dropout) = fused, lora_hparams(self.gate_proj)
             return kernels.lora_mlp(x, gate, up, down, scale, dropout, self.training)
+        if self.merged.active():
+            gate, up = self.merged(x)
+            return self.down_proj(kernels.swiglu(gate, up))
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 

@@ -26,6 +26,7 @@ from unsloth_core.adapters import BASE, AdapterPool
 from unsloth_core.errors import CapacityError, EngineClosedError
 from unsloth_core.generate import Delta, Prompt, RowState, check_context, step_logprobs, token_logprob
 from unsloth_core.memory import release_memory
+from unsloth_core.merged import merged_projections
 from unsloth_core.model import KVCache, Llama
 from unsloth_core.sampling import Sampler, SamplingParams
 from unsloth_core.tokenizer import Tokenizer
@@ -358,15 +359,17 @@ class BatchEngine:
 
     @contextlib.contextmanager
     def _adapters_of(self, requests: list[_Request], tokens_per_row: int) -> Iterator[None]:
-        """Each row's adapter for the forward inside (nothing to do without a pool or with only base rows)."""
-        if self.adapters is None:
-            yield
-            return
-        self.adapters.use([r.slot for r in requests], tokens_per_row)
-        try:
-            yield
-        finally:
-            self.adapters.clear()
+        """Each row's adapter for the forward inside (nothing to do without a pool or with only base rows), and
+        merged projections where the layers are plain ones (merged.py)."""
+        with merged_projections(self.model):
+            if self.adapters is None:
+                yield
+                return
+            self.adapters.use([r.slot for r in requests], tokens_per_row)
+            try:
+                yield
+            finally:
+                self.adapters.clear()
 
     def _decode_rows_alone(self, live: list[_Request]) -> None:
         """A batched step failed: run each row by itself (a row's cache slot is rewritten with the same values)."""

@@ -261,7 +261,7 @@ def test_kernel_rows_time_each_kernel_and_its_twin() -> None:
     before = get_backend()
     rows = kernel_rows(Job("kernels", "tiny", bsz=2, seq=16), CPU, torch.float32, warmup=1, reps=1)
     assert get_backend() == before
-    assert [r.shape for r in rows] == ["rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize"]
+    assert [r.shape for r in rows] == ["rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize", "lora_bgmv"]
     for r in rows:
         assert r.errors == {} and r.ours and r.hf and r.unit == "calls/s"
         assert r.timing == "median of 1 calls after 1 warm-up"

@@ -154,6 +154,31 @@ def test_the_compiled_decode_step_gives_the_same_tokens(device: torch.device, ba
 
 
 @pytest.mark.gpu
+def test_captured_decode_graphs_follow_the_cache_and_the_weights() -> None:
+    """unsloth_core/cuda_graphs.py: a graph per batch shape; a cache reallocated for another batch, weights changed
+    in place, and weights moved to new storage all give the tokens an eager decode gives."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_model(seed=11, std=0.3).to("cuda")
+    gen = Generator(model, None, compile=True, max_seq_length=64)
+
+    def check(prompts: list[list[int]]) -> None:
+        eager = Generator(model, None, compile=False).generate(prompts, GREEDY)
+        assert [c.token_ids for c in gen.generate(prompts, GREEDY)] == [c.token_ids for c in eager]
+
+    for prompts in ([[1, 2, 3], [4, 5]], [[7, 8, 9], [1, 2], [3]], [[1, 2, 3], [4, 5]]):
+        check(prompts)  # the cache is reallocated at each change of batch size
+    assert gen._graphs is not None and len(gen._graphs.graphs) >= 1
+    with torch.no_grad():
+        model.blocks()[0].mlp.down_proj.weight.mul_(-1)  # in place: the captured graph reads the new values
+        check([[1, 2, 3], [4, 5]])
+        for p in model.parameters():
+            p.data = p.data.clone()  # new storage: the graphs read the old addresses, so they must be dropped
+        model.blocks()[0].self_attn.o_proj.weight.mul_(-1)
+        check([[1, 2, 3], [4, 5]])
+
+
+@pytest.mark.gpu
 def test_the_compiled_decode_loop_does_not_sync_per_token() -> None:
     """The host runs ahead of the GPU: it waits only when it reads tokens back, once per `sync_every` steps. Every
     synchronizing call (a blocking copy, a read-back) warns under CUDA's sync debug mode; 32 more tokens may add
