@@ -77,8 +77,11 @@ def compatible(layers: Sequence[nn.Linear]) -> bool:
 
 
 def merge(layers: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
-    """Concatenate the layers' weights (and biases) and make each layer's parameter a view of its rows."""
-    with torch.no_grad():
+    """Concatenate the layers' weights (and biases) and make each layer's parameter a view of its rows.
+
+    Not an inference tensor even when merged inside `torch.inference_mode()` (generation is): the parameters become
+    views of it, and a later training step could not save them for backward."""
+    with torch.inference_mode(False), torch.no_grad():
         weight = torch.cat([layer.weight for layer in layers])
         for layer, rows in zip(layers, weight.split([layer.out_features for layer in layers])):
             layer.weight.data = rows

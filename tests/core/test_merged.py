@@ -67,6 +67,18 @@ def test_training_forwards_never_read_merged_weights() -> None:
     assert attn.q_proj.weight.grad is not None and attn.v_proj.weight.grad is not None
 
 
+def test_a_model_trains_after_generating() -> None:
+    """Generation merges inside `torch.inference_mode()`; the parameters, views of the merged weights from then
+    on, must still be usable by autograd (an inference tensor cannot be saved for backward)."""
+    model = tiny_model(seed=8)
+    Generator(model, None).generate([[5, 9, 17]], SamplingParams(max_new_tokens=2, stop_token_ids=[]))
+    assert not model.blocks()[0].self_attn.q_proj.weight.is_inference()
+    loss = model(IDS, labels=IDS).loss
+    assert loss is not None
+    loss.backward()
+    assert model.blocks()[0].mlp.gate_proj.weight.grad is not None
+
+
 def test_lora_and_quantized_layers_are_left_alone() -> None:
     model = apply_lora(tiny_model(seed=6), r=4)
     with merged_projections(model) as groups:
