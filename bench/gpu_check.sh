@@ -6,8 +6,8 @@
 #                                                  #   at most (device tool: run, timeout_s=150)
 #     bash bench/gpu_check.sh                      # on the GPU: the check, 8 min at most (run, timeout_s=500)
 #     GPU_CHECK_QUICK=1 bash bench/gpu_check.sh    # here, on the CPU: the same steps on --quick shapes
-# The commit: the device machine receives the working tree without .git, so the commit is taken from
-# $BENCH_COMMIT, else git, else bench/COMMIT. `stamp` writes that file here (the short commit, "-dirty" when
+# The commit: the device machine receives the working tree without .git (once it kept a stale one), so the commit
+# is taken from $BENCH_COMMIT, else bench/COMMIT, else git. `stamp` writes that file here (the short commit, "-dirty" when
 # tracked files have changes, which travel too); being untracked and not ignored, it travels with the tree.
 # Delete it after the calls (git status shows it) so that it is never committed.
 #
@@ -73,10 +73,10 @@ step() {  # step NAME SECONDS COMMAND...: output appended to $OUT/steps.log (as 
     summary+=("$name: $what, $((SECONDS - start)) s of $limit")
 }
 
-commit() {  # the order bench/run.py's commit_id() follows
+commit() {  # the order bench/run.py's commit_id() follows (the stamp before git: see commit_id)
     if [ -n "${BENCH_COMMIT:-}" ]; then echo "commit $BENCH_COMMIT (from BENCH_COMMIT)"
-    elif [ "$(git rev-parse --show-toplevel 2>/dev/null)" = "$(pwd -P)" ]; then git log -1 --format='commit %h %s'
     elif [ -s bench/COMMIT ]; then echo "commit $(cat bench/COMMIT) (from bench/COMMIT)"
+    elif [ "$(git rev-parse --show-toplevel 2>/dev/null)" = "$(pwd -P)" ]; then git log -1 --format='commit %h %s'
     else echo "commit: unknown (no git checkout, no BENCH_COMMIT, no bench/COMMIT: see gpu_check.sh's header)"; fi
 }
 

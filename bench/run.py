@@ -151,16 +151,16 @@ def _cmd(*cmd: str) -> str | None:
 
 
 def commit_id() -> tuple[str | None, bool | None]:
-    """(commit, uncommitted changes?): $BENCH_COMMIT, else git's, else bench/COMMIT. The device machine receives the
-    working tree without .git, so `bash bench/gpu_check.sh stamp` writes the commit there before the call; a
-    "-dirty" suffix on either says the tree had changes."""
+    """(commit, uncommitted changes?): $BENCH_COMMIT, else bench/COMMIT, else git's. `bash bench/gpu_check.sh stamp`
+    writes bench/COMMIT before the device calls (deleted after them), and it wins over git: the device machine's copy
+    of the tree once held a stale .git that named a commit two behind. A "-dirty" suffix says the tree had changes."""
     stamp = os.environ.get("BENCH_COMMIT", "").strip()
-    if not stamp and _cmd("git", "rev-parse", "--show-toplevel") == str(ROOT):  # not some enclosing repository
-        return (_cmd("git", "rev-parse", "--short", "HEAD"),
-                bool(_cmd("git", "status", "--porcelain", "--untracked-files=no")))
     if not stamp:
         with contextlib.suppress(OSError):
             stamp = COMMIT_FILE.read_text().strip()
+    if not stamp and _cmd("git", "rev-parse", "--show-toplevel") == str(ROOT):  # not some enclosing repository
+        return (_cmd("git", "rev-parse", "--short", "HEAD"),
+                bool(_cmd("git", "status", "--porcelain", "--untracked-files=no")))
     if not stamp:
         return None, None
     return stamp.removesuffix("-dirty"), stamp.endswith("-dirty")

@@ -196,6 +196,18 @@ def test_the_commit_comes_from_the_environment_or_the_stamp_without_git(tmp_path
     assert bench.run.commit_id() == ("def5678", False)
 
 
+def test_the_stamp_wins_over_a_git_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device machine's tree once held a stale .git: a stamp written for the calls names the commit."""
+    answers = {("git", "rev-parse", "--show-toplevel"): str(bench.run.ROOT),
+               ("git", "rev-parse", "--short", "HEAD"): "0ld0001"}
+    monkeypatch.setattr(bench.run, "_cmd", lambda *args: answers.get(args))
+    monkeypatch.setattr(bench.run, "COMMIT_FILE", tmp_path / "COMMIT")
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+    assert bench.run.commit_id() == ("0ld0001", False)
+    (tmp_path / "COMMIT").write_text("cc017ab\n")
+    assert bench.run.commit_id() == ("cc017ab", False)
+
+
 def test_the_check_plan_is_a_gpu_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--check", "--cpu"])
