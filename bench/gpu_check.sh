@@ -35,8 +35,10 @@
 #     GPU_CHECK_STEPS="smoke tests kernels" bash bench/gpu_check.sh     # first call: run, timeout_s=290
 #     GPU_CHECK_STEPS="train decode longest" bash bench/gpu_check.sh    # after the fixes: run, timeout_s=330
 # GPU_CHECK_TESTS (pytest arguments) narrows the tests step to a rerun of what failed. One more step is there
-# to be named, not in the default list: serving (120 s; Llama-1B, 16 streams on 16 adapters in one batch against
-# the base and against one engine per adapter, then 32 streams against one; bench/serving.py), and ab (150 s;
+# to be named, not in the default list: serving (150 s; Llama-1B: the engine's compiled step against its eager one
+# at 1 and 32 streams, 32 streams against one, then 16 streams on 16 adapters in one batch against the base and
+# against one engine per adapter, the row that may be cut: its 16 eager engines took over 80 s on the H200;
+# bench/serving.py), and ab (150 s;
 # bench/profile.py's decode_ab: the decode step's designs side by side, Llama-1B batch 1, decode_ab.txt).
 # Files: env.txt, steps.log (every step's output), and kernels/train/decode/longest.jsonl, or smoke.jsonl.
 # Copy the tables into bench/RESULTS.md with the card, date and commit.
@@ -113,7 +115,7 @@ for s in ${GPU_CHECK_STEPS:-$default}; do
         train) bench train 110 train,loss ;;
         decode) bench decode 120 decode ;;
         longest) bench longest 75 longest ;;
-        serving) bench serving 120 adapters,streams ;;
+        serving) bench serving 150 served-step,streams,adapters ;;
         ab) step ab 150 "$PY" -m bench.profile --only decode_ab --out "$OUT" ;;
         *) echo "unknown step $s (smoke tests kernels train decode longest serving ab)"; exit 2 ;;
     esac

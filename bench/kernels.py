@@ -79,7 +79,7 @@ def cases(job: Job, device: torch.device, dtype: torch.dtype) -> dict[str, tuple
         rows, slots, rank = 32, 16, 16
         x, y = _randn(rows, c, **kw), _randn(rows, c, seed=1, **kw)
         # The pool keeps adapters in fp32 (adapters.py), whatever the base's dtype.
-        fp32 = {"device": device, "dtype": torch.float32}
+        fp32: dict[str, Any] = {"device": device, "dtype": torch.float32}
         a, b = _randn(slots, rank, c, seed=2, **fp32).mul_(0.02), _randn(slots, rank, c, seed=3, **fp32).mul_(0.02)
         scales = torch.ones(slots, device=device, dtype=torch.float32)
         index = torch.arange(rows, device=device) % slots

@@ -21,10 +21,11 @@ import torch
 
 from bench.kernels import kernel_rows
 from bench.report import Row, print_table
-from bench.serving import adapter_load_row, adapters_rows, streams_row
+from bench.serving import adapter_load_row, adapters_rows, served_step_row, streams_row
 from bench.workloads import Job, Progress, ceilings, decode, longest, loss_agreement, short, train
 
-WORKS = ("train", "loss", "longest", "decode", "ceilings", "kernels", "adapters", "streams", "adapter-load")
+WORKS = ("train", "loss", "longest", "decode", "ceilings", "kernels", "adapters", "streams", "served-step",
+         "adapter-load")
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT_FILE = ROOT / "bench" / "COMMIT"  # written by `bash bench/gpu_check.sh stamp`: the device gets no .git
 
@@ -43,6 +44,8 @@ CPU_PLAN = [
     # Serving (bench/serving.py): 16 streams on 16 adapters in one batch, and 32 streams against one.
     Job("adapters", "smollm2-135m", bsz=16, seq=32, new=64),
     Job("streams", "smollm2-135m", bsz=32, seq=32, new=64),
+    Job("served-step", "smollm2-135m", bsz=1, seq=32, new=64),
+    Job("served-step", "smollm2-135m", bsz=8, seq=32, new=64),
     Job("adapter-load", "smollm2-135m", bsz=8, seq=32, new=128),
 ]
 # Within each work the rows PERFORMANCE.md sets a target on come first (Llama-1B training with GC, the loss curve,
@@ -63,6 +66,8 @@ GPU_PLAN = [
     Job("decode", "smollm2-135m", bsz=1, seq=128, new=256),
     Job("adapters", "llama-1b", bsz=16, seq=128, new=64),
     Job("streams", "llama-1b", bsz=32, seq=128, new=64),
+    Job("served-step", "llama-1b", bsz=1, seq=128, new=64),
+    Job("served-step", "llama-1b", bsz=32, seq=128, new=64),
     Job("adapter-load", "llama-1b", bsz=8, seq=128, new=256),
     # A probe's attention work grows with the square of its length: the caps keep a probe under about a minute and a
     # half (an 8B step at 131,072 tokens takes about 70 s).
@@ -202,6 +207,8 @@ def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str,
         return adapters_rows(job, device, dtype)
     if job.work == "streams":
         return [streams_row(job, device, dtype)]
+    if job.work == "served-step":
+        return [served_step_row(job, device, dtype)]
     if job.work == "adapter-load":
         return [adapter_load_row(job, device, dtype)]
     return [one_row(job, device, dtype, state, progress)]

@@ -6,6 +6,9 @@
   the CPU).
 - `streams`: B streams on the base in one engine against one stream alone (aggregate tok/s; target >= 4x on the
   CPU, >= 15x on a GPU), with the time to first token (p50 / p99) of the B streams.
+- `served-step`: B streams in one engine on the base, its compiled static step (unsloth_core/static_step.py: CUDA
+  graphs on a GPU, inductor's C++ on the CPU) against its eager step, the previous design (aggregate tok/s). On the
+  CPU the engine keeps whichever this row shows faster.
 - `adapter-load`: the p99 inter-token latency of B running streams while adapters load into their engine's pool,
   against their steady p99 before (target: at most 2x).
 
@@ -164,6 +167,22 @@ def streams_row(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
                    f"p99 {1e3 * p99(firsts):.0f} ms")
     row.extra = {"ttft_s": firsts}
     return row
+
+
+def served_step_row(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
+    model = build_ours(job.shape, device, dtype, lora=False).eval()
+    rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
+    clocks, compiled = {}, True
+    for side in (True, False):
+        engine = BatchEngine(model, None, max_batch_size=job.bsz, max_seq_length=job.seq + job.new, compile=side)
+        clocks[side] = _measure([engine], rows, [None] * job.bsz, job.new)
+        compiled = compiled and (engine.compile or not side)  # False when the compiled step fell back to eager
+        engine.close()
+        free_memory(device)
+    note = "peer: the same engine's eager step (the previous design)"
+    return Row("served step", job.shape, f"{job.bsz} streams, {job.seq}+{job.new}, compiled vs eager", "tok/s",
+               ours=clocks[True].wait(), hf=clocks[False].wait(),
+               note=note if compiled else note + "; the compiled step failed and fell back to eager (see warnings)")
 
 
 def adapter_load_row(job: Job, device: torch.device, dtype: torch.dtype, loads: int = 4) -> Row:

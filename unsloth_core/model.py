@@ -276,11 +276,15 @@ def cache_mask(input_pos: Tensor, slot_mask: Tensor | None) -> Tensor:
 
     Shared slots (`input_pos` (T,)): causal over slots, restricted to the slots `slot_mask` (B, S') marks as real,
     and each query also sees its own slot, so a padding query never has every key hidden (softmax over nothing is
-    NaN). Per-row slots (`input_pos` (B, T)): each row sees its own slots up to each query's.
+    NaN). Per-row slots (`input_pos` (B, T)): each row sees its own slots up to each query's, over the slots in use
+    (a host read of the highest), or over the S' slots of `slot_mask` when given (a static width: a compiled step).
     """
     if input_pos.dim() == 2:
-        slots = torch.arange(int(input_pos.max()) + 1, device=input_pos.device)
-        return (slots <= input_pos[..., None])[:, None]
+        if slot_mask is None:
+            slots = torch.arange(int(input_pos.max()) + 1, device=input_pos.device)
+            return (slots <= input_pos[..., None])[:, None]
+        slots = torch.arange(slot_mask.size(-1), device=input_pos.device)
+        return ((slots <= input_pos[..., None]) & slot_mask.bool()[:, None, :])[:, None]
     n_slots = slot_mask.size(-1) if slot_mask is not None else int(input_pos.max()) + 1
     slots = torch.arange(n_slots, device=input_pos.device)
     causal = slots[None, :] <= input_pos[:, None]  # (T, S')

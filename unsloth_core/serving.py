@@ -15,6 +15,7 @@ import collections
 import contextlib
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from unsloth_core.memory import release_memory
 from unsloth_core.merged import merged_projections
 from unsloth_core.model import KVCache, Llama
 from unsloth_core.sampling import Sampler, SamplingParams
+from unsloth_core.static_step import StaticStep
 from unsloth_core.tokenizer import Tokenizer
 
 
@@ -124,8 +126,12 @@ class BatchEngine:
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None, max_batch_size: int = 32,
                  max_seq_length: int | None = None, idle_free_s: float = 60.0,
-                 adapters: AdapterPool | None = None) -> None:
+                 adapters: AdapterPool | None = None, compile: bool | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        # Decode base-only batches with the compiled static step (static_step.py); default on a GPU only. A failure
+        # in it (other than memory) turns it off for this engine, with a warning: the eager step serves on.
+        self.compile = model.device.type == "cuda" if compile is None else compile
+        self._static: StaticStep | None = None
         self.adapters = adapters  # LoRA adapters rows may name (installed in `model`); None: the base alone
         self.max_batch_size = max_batch_size
         self.max_seq_length = min(max_seq_length or model.config.max_position_embeddings,
@@ -279,7 +285,9 @@ class BatchEngine:
             return
         old_rows, old_slots = shape or (0, 0)
         new_rows = min(self.max_batch_size, max(old_rows, 1 << max(0, rows - 1).bit_length()))
-        new_slots = min(self.max_seq_length, max(old_slots, -(-slots // 256) * 256))
+        # Compiled, slots double (from 256): each size is a captured shape of its own.
+        grown = max(256, 1 << (slots - 1).bit_length()) if self.compile else -(-slots // 256) * 256
+        new_slots = min(self.max_seq_length, max(old_slots, grown))
         # Every layer's new cache is allocated before any replaces the old one: running out of memory half way
         # leaves the old caches whole, and only the request that asked for more fails.
         new = self.model.new_caches(new_rows, new_slots)
@@ -296,6 +304,7 @@ class BatchEngine:
         return [c for c in caches if c is not None]
 
     def _admit(self) -> None:
+        admitted = False
         while len(self._live) < self.max_batch_size and not self._waiting.empty():
             request = self._waiting.get_nowait()
             if request.stream.cancelled.is_set():
@@ -308,7 +317,10 @@ class BatchEngine:
                 self._done(request)
                 continue
             self._live.append(request)
+            admitted = True
             self._advance([request], logits)
+        if admitted and self._static is not None:
+            self._static.check()  # a prefill may have grown the cache: graphs captured on the old one are stale
 
     def _request_error(self, request: _Request, e: Exception) -> Exception:
         """What the request's caller is told: running out of memory is capacity (retry later), anything else the
@@ -350,12 +362,29 @@ class BatchEngine:
 
     def _step(self, requests: list[_Request], first_row: int) -> Tensor:
         """Next-token logits of consecutive live rows from `first_row` on (their cache rows)."""
+        if self.compile and first_row == 0 and all(r.slot == BASE for r in requests):
+            try:
+                static = self._static_step()  # outside the context: its address check sees no merged buffers
+                with self._adapters_of(requests, 1):
+                    return static([r.tokens[-1] for r in requests], [r.next_slot for r in requests])
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:
+                warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); this engine decodes "
+                              "eagerly from now on", RuntimeWarning, stacklevel=2)
+                self.compile = False
         dev = self.model.device
         tokens = torch.tensor([[r.tokens[-1]] for r in requests], device=dev)
         pos = torch.tensor([[r.next_slot] for r in requests], device=dev)
         with self._adapters_of(requests, 1):
             hidden = self.model.hidden_states(tokens, pos, None, pos, cache_row=first_row)
         return self.model.lm_head(hidden[:, -1]).float()
+
+    def _static_step(self) -> StaticStep:
+        if self._static is None:
+            self._static = StaticStep(self.model)
+            self._static.check()
+        return self._static
 
     @contextlib.contextmanager
     def _adapters_of(self, requests: list[_Request], tokens_per_row: int) -> Iterator[None]:

@@ -314,6 +314,14 @@ def test_serving_rows_on_the_tiny_shape() -> None:
     assert row.ours and row.hf and len(row.extra["ttft_s"]) == 3 and "time to first token" in row.note
 
 
+def test_the_served_step_row_compares_the_compiled_step_with_the_eager_one() -> None:
+    from bench.serving import served_step_row
+
+    row = served_step_row(Job("served-step", "tiny", bsz=2, seq=4, new=4), CPU, torch.float32)
+    assert row.ours and row.hf and not row.errors
+    assert row.note == "peer: the same engine's eager step (the previous design)"  # compiled, no fallback
+
+
 def test_the_adapter_load_row_compares_gaps_around_the_loads() -> None:
     """bench/serving.py's adapter-load row: the gaps of running streams that overlap the loads against their steady
     gaps; 400 new tokens keep the streams running well past the loads on the tiny shape."""

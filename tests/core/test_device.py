@@ -179,6 +179,32 @@ def test_captured_decode_graphs_follow_the_cache_and_the_weights() -> None:
 
 
 @pytest.mark.gpu
+def test_the_served_step_replays_cuda_graphs_with_the_eager_tokens() -> None:
+    """static_step.py on a GPU (BatchEngine's default there): batches of 1, 2 and 4 rows (three captured shapes),
+    rows arriving while others run, and a cache grown past its first 256 slots give the eager engine's tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_model(seed=11, std=0.3).to("cuda")
+    cases = [([1, 2, 3], 30), ([9, 8, 7], 12), ([4, 4], 9), ([(7 * i) % 250 for i in range(300)], 6), ([42], 20)]
+
+    def serve(compile: bool) -> list[list[int]]:
+        engine = BatchEngine(model, None, max_batch_size=4, max_seq_length=512, compile=compile)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback to the eager step fails the test
+            first = engine.submit(cases[0][0], SamplingParams(temperature=0, max_new_tokens=cases[0][1],
+                                                              stop_token_ids=[]))
+            head = next(iter(first))
+            streams = [first] + [engine.submit(p, SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=[]))
+                                 for p, n in cases[1:]]
+            out = [[t for d in ([head] if s is first else []) + list(s) for t in d.token_ids] for s in streams]
+        assert engine.compile == compile
+        engine.close()
+        return out
+
+    assert serve(True) == serve(False)
+
+
+@pytest.mark.gpu
 def test_the_compiled_decode_loop_does_not_sync_per_token() -> None:
     """The host runs ahead of the GPU: it waits only when it reads tokens back, once per `sync_every` steps. Every
     synchronizing call (a blocking copy, a read-back) warns under CUDA's sync debug mode; 32 more tokens may add

@@ -324,3 +324,43 @@ def test_a_failure_in_one_request_ends_that_request_alone(stage: str, tok: Token
     assert collect(list(engine.submit([7, 8], later)))[1] == reference.generate([[7, 8]], later)[0].token_ids
     wait_until(lambda: not engine._live)
     engine.close()
+
+
+def test_the_compiled_static_step_serves_as_the_eager_one_does(tok: Tokenizer) -> None:
+    """static_step.py (inductor's C++ here; CUDA graphs on a GPU: tests/core/test_device.py): greedy, seeded and
+    logprob rows that arrive while others run, finish at different steps, and grow the cache past its first 256
+    slots give what the eager Generator gives each alone."""
+    model = tiny_model(seed=12, std=0.3)
+    engine = BatchEngine(model, tok, max_batch_size=4, max_seq_length=512, compile=True)
+    reference = Generator(tiny_model(seed=12, std=0.3), tok)
+    cases = [([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=30, **NO_EOS)),
+             ([9, 8, 7], SamplingParams(temperature=0.8, seed=5, max_new_tokens=12, **NO_EOS)),
+             ([4, 4], SamplingParams(temperature=0, max_new_tokens=9, logprobs=1, **NO_EOS)),
+             ([(7 * i) % 250 for i in range(300)], SamplingParams(temperature=0, max_new_tokens=6, **NO_EOS)),
+             ([42], SamplingParams(temperature=0, max_new_tokens=20, **NO_EOS))]
+    first = engine.submit(*cases[0])
+    head = next(iter(first))  # running before the others arrive
+    streams = [first] + [engine.submit(p, sp) for p, sp in cases[1:]]
+    results = [collect(([head] if s is first else []) + list(s)) for s in streams]
+    assert engine.compile  # no fallback to the eager step happened
+    assert engine._static is not None
+    engine.close()
+    for (prompt, sp), (_, ids, finish) in zip(cases, results):
+        assert ids == reference.generate([prompt], sp)[0].token_ids and finish == "length"
+
+
+def test_a_failing_compiled_step_falls_back_to_the_eager_one(model: Llama, tok: Tokenizer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from unsloth_core.static_step import StaticStep
+
+    def broken(*_: Any) -> torch.Tensor:
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(StaticStep, "__call__", broken)
+    engine = BatchEngine(model, tok, max_batch_size=2, max_seq_length=64, compile=True)
+    params = SamplingParams(temperature=0, max_new_tokens=6, **NO_EOS)
+    with pytest.warns(RuntimeWarning, match="compiled decode step failed .*no kernel image"):
+        _, ids, _ = collect(list(engine.submit([1, 2, 3], params)))
+    assert not engine.compile
+    engine.close()
+    assert ids == Generator(tiny_model(seed=12, std=0.3), tok).generate([[1, 2, 3]], params)[0].token_ids
