@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # ---- inference ----
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    # The served decode step compiled at static shapes (CUDA graphs on a GPU): auto = on a GPU only, where it made
+    # one Llama-1B stream ~10x faster; on the CPU it did not pay (bench/RESULTS.md). The first decode compiles.
+    compile_decode: Literal["auto", "on", "off"] = "auto"
 
     # ---- jobs ----
     idempotency_window_s: float = Field(600.0, ge=0)

@@ -119,7 +119,8 @@ class ModelCache:
             return Served(servable.id, servable.kind, servable.base_id, base.engine, tokenizer, adapter=servable.id)
         log.info("loading adapter %s with its own embeddings or head", servable.id)
         model = load_adapter(base.model, servable.adapter_path)  # shares the base's frozen weights
-        engine = BatchEngine(model, tokenizer, max_batch_size=self.settings.max_batch_size)
+        engine = BatchEngine(model, tokenizer, max_batch_size=self.settings.max_batch_size,
+                             compile=self._compile_decode)
         return Served(servable.id, servable.kind, servable.base_id, engine, tokenizer)
 
     def _base(self, base_id: str, path: Path) -> _Base:
@@ -139,11 +140,16 @@ class ModelCache:
         model = load_model(path, self.device, resolve_dtype(self.settings.dtype, self.device))
         tokenizer = Tokenizer.from_dir(path)
         pool = AdapterPool(model, capacity=self.settings.max_loaded_adapters)
-        engine = BatchEngine(model, tokenizer, max_batch_size=self.settings.max_batch_size, adapters=pool)
+        engine = BatchEngine(model, tokenizer, max_batch_size=self.settings.max_batch_size, adapters=pool,
+                             compile=self._compile_decode)
         loaded = _Base(model, tokenizer, pool, engine)
         with self._lock:
             self._bases[base_id] = loaded
         return loaded
+
+    @property
+    def _compile_decode(self) -> bool | None:
+        return {"auto": None, "on": True, "off": False}[self.settings.compile_decode]
 
     @staticmethod
     def _adapter_tokenizer(adapter: Path, base: Tokenizer) -> Tokenizer:

@@ -302,6 +302,20 @@ def test_a_new_base_is_loaded_after_the_oldest_one_is_unloaded(tmp_path: Path,
     assert loaded_when_loading == [[], []] and cache.loaded() == ["b"]
 
 
+@pytest.mark.parametrize(("setting", "compiled"), [("auto", False), ("on", True), ("off", False)])
+def test_the_compile_decode_setting_reaches_the_engine(tmp_path: Path, setting: str, compiled: bool) -> None:
+    """UNSLOTH_COMPILE_DECODE: auto compiles on a GPU only (this is a CPU), on and off force it."""
+    from app.core.config import Settings
+    from app.inference.cache import ModelCache
+    from app.services.models import Servable
+    from tests.helpers import tiny_model_dir
+
+    cache = ModelCache(Settings(data_dir=tmp_path, device="cpu", compile_decode=setting))  # type: ignore[arg-type]
+    served = cache.get(Servable("m", "base", "m", tiny_model_dir(tmp_path / "m"), None))
+    assert served.engine.compile is compiled
+    cache.evict(["m"])
+
+
 def test_a_model_that_does_not_fit_in_memory_answers_503(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.inference.cache import ModelCache
 
