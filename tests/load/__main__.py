@@ -5,7 +5,12 @@ temporary data dir, no worker) and stops it at the end. Phases, each `--duration
 1. job polling, `GET /v1/fine_tuning/jobs/{id}` from 1, 8 and 32 clients (and wrk -t2 -c32 when installed);
 2. streaming completions (`ignore_eos`, `max_tokens` each) from 1, 8 and 32 clients: aggregate completion tokens/s
    (continuous batching: PERFORMANCE.md wants 32 streams >= 4x the tokens/s of 1 on CPU);
-3. overload: more streaming clients than `max_concurrent_generations`: the excess gets 429 with Retry-After.
+3. overload: more streaming clients than `max_concurrent_generations`: the excess gets 429 with Retry-After;
+4. mixed fine-tunes: N clients (`--fine-tunes`, 8 by default), each streaming from its own fine-tune of the model,
+   against N clients on the base model: one engine batches them all (adapters pooled), so the aggregate tokens/s
+   should stay near the base's. The fine-tunes are made as a worker leaves them (a job created over the API, then
+   claimed and completed on the server's database with a random rank-16 adapter), so this phase needs the server's
+   data dir: it runs when this tool starts the server, or with `--url` plus `--data-dir` (and `--database-url`).
 Prints a Markdown table and writes every number (with the load average and the command) as JSON to `--out`.
 Exit status 1 if any phase saw a 5xx, a transport error, a broken stream or a 429 without Retry-After."""
 
@@ -79,6 +84,34 @@ def make_job(url: str, key: str, model: str) -> str:
                    .raise_for_status().json()["id"])
 
 
+def make_fine_tunes(settings: Settings, url: str, key: str, model: str, n: int) -> list[str]:
+    """`n` fine-tunes of `model`, each with its own random rank-16 adapter on all seven projections, as a worker
+    would leave them: a job created over the API, claimed and completed on the server's database."""
+    from app.db.session import make_engine, make_session_factory
+    from app.services import lifecycle
+    from bench.serving import random_adapter
+    from unsloth_core.checkpoint import load_model
+
+    base = load_model(settings.models_dir / model)
+    engine = make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    models = []
+    try:
+        for i in range(n):
+            job_id = make_job(url, key, model)
+            with sessions() as session:
+                owner = "load-worker"
+                assert lifecycle.claim_job(session=session, job_id=job_id, attempt=0, owner=owner) is not None
+                adapter = random_adapter(base, lifecycle.attempt_dir(settings, job_id, 0) / "adapter", seed=i)
+                ft = lifecycle.complete_job(session=session, settings=settings, job_id=job_id, attempt=0,
+                                            owner=owner, adapter_dir=adapter, trained_tokens=0)
+                assert ft is not None
+                models.append(ft)
+    finally:
+        engine.dispose()
+    return models
+
+
 def run_wrk(url: str, key: str, job_id: str, duration: int, connections: int = 32) -> dict[str, Any] | None:
     """wrk's own numbers for the polling phase, or None when wrk is not installed."""
     wrk = shutil.which("wrk")
@@ -115,7 +148,7 @@ def table(results: list[PhaseResult]) -> str:
 
 
 async def phases(url: str, key: str, model: str, job_id: str, duration: float, max_tokens: int,
-                 max_generations: int, clients: list[int]) -> list[PhaseResult]:
+                 max_generations: int, clients: list[int], fine_tunes: list[str]) -> list[PhaseResult]:
     results = []
     await stream_completions(url, key, model, clients=1, duration=1, max_tokens=4)  # load the model first
     for n in clients:
@@ -127,6 +160,16 @@ async def phases(url: str, key: str, model: str, job_id: str, duration: float, m
     results.append(await stream_completions(url, key, model, clients=max_generations + 16, duration=duration,
                                             max_tokens=max_tokens, name=f"overload x{max_generations + 16}"))
     print(table(results[-1:]).splitlines()[-1], flush=True)
+    if fine_tunes:
+        n = len(fine_tunes)
+        await stream_completions(url, key, fine_tunes, clients=n, duration=1, max_tokens=4)  # load the adapters
+        if n not in clients:  # the base at the same concurrency, to compare with
+            results.append(await stream_completions(url, key, model, clients=n, duration=duration,
+                                                    max_tokens=max_tokens))
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+        results.append(await stream_completions(url, key, fine_tunes, clients=n, duration=duration,
+                                                max_tokens=max_tokens, name=f"mixed fine-tunes x{n}"))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
     return results
 
 
@@ -144,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                              "service's)")
     parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"].default,
                         help="the started server's decode batch (UNSLOTH_MAX_BATCH_SIZE; default: the service's)")
+    parser.add_argument("--fine-tunes", type=int, default=8,
+                        help="fine-tunes for the mixed phase, each with its own client (0: no such phase)")
+    parser.add_argument("--data-dir", type=Path, help="with --url: the server's data dir (for --fine-tunes)")
+    parser.add_argument("--database-url", help="with --data-dir: the server's database (default: its SQLite file)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -155,12 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         key = "sk-load-" + secrets.token_hex(12)
         proc, url = start_server(tmp / "data", key, args.max_generations, args.max_batch_size)
     assert key is not None, "--key is needed with --url"
+    data_dir = tmp / "data" if tmp is not None else args.data_dir
     try:
+        fine_tunes: list[str] = []
+        if args.fine_tunes and data_dir is not None:
+            settings = Settings(data_dir=data_dir, database_url=args.database_url or "")  # "": its SQLite file
+            fine_tunes = make_fine_tunes(settings, url, key, args.model, args.fine_tunes)
         job_id = make_job(url, key, args.model)
         started = {"load_average": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%FT%T%z")}
         clients = [int(c) for c in args.clients.split(",")]
         results = asyncio.run(phases(url, key, args.model, job_id, args.duration, args.max_tokens,
-                                     args.max_generations, clients))
+                                     args.max_generations, clients, fine_tunes))
         wrk = run_wrk(url, key, job_id, int(args.duration))
     finally:
         if proc is not None:
@@ -170,12 +222,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     streams = {r.clients: r.summary()["tokens_per_s"] for r in results if r.name.startswith("stream")}
+    mixed = {r.clients: r.summary()["tokens_per_s"] for r in results if r.name.startswith("mixed")}
     report = {
         "command": "python -m tests.load " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "started": started, "phases": [r.summary() for r in results], "wrk": wrk,
         "speedup_tokens_per_s": {f"{n}_vs_1": round(streams[n] / streams[1], 2) for n in streams
                                  if n != 1 and streams.get(1) and streams[n]},
+        "mixed_vs_base_tokens_per_s": {f"x{n}": round(mixed[n] / streams[n], 2) for n in mixed
+                                       if streams.get(n) and mixed[n]},
     }
     print()
     print(table(results))
@@ -183,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrk -c{wrk['connections']}: {wrk['requests_per_s']} req/s, p50 {wrk['p50_ms']} ms, "
               f"p99 {wrk['p99_ms']} ms, non-2xx {wrk['non_2xx']}, load avg {wrk['load_average'][0]}")
     print(f"\nstreaming speedup (aggregate tokens/s vs 1 client): {report['speedup_tokens_per_s']}")
+    if mixed:
+        print(f"each client on its own fine-tune (aggregate tokens/s vs the base, same clients): "
+              f"{report['mixed_vs_base_tokens_per_s']}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     bad = [r.name for r in results if r.server_errors or r.errors or r.missing_retry_after]

@@ -13,6 +13,7 @@ error or a broken stream is counted as an error."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import math
 import os
@@ -96,11 +97,13 @@ async def _run(result: PhaseResult, clients: int, duration: float, one: Any) -> 
     deadline = time.monotonic() + duration
     start = time.perf_counter()
 
-    async def loop() -> None:
-        while time.monotonic() < deadline:
-            await one()
+    takes_client = "client" in inspect.signature(one).parameters
 
-    await asyncio.gather(*(loop() for _ in range(clients)))
+    async def loop(client: int) -> None:
+        while time.monotonic() < deadline:
+            await (one(client=client) if takes_client else one())
+
+    await asyncio.gather(*(loop(i) for i in range(clients)))
     result.duration_s = time.perf_counter() - start
     result.load_average = os.getloadavg()
     return result
@@ -125,15 +128,17 @@ async def poll_job(base_url: str, key: str, job_id: str, *, clients: int, durati
         return await _run(result, clients, duration, one)
 
 
-async def stream_completions(base_url: str, key: str, model: str, *, clients: int, duration: float,
+async def stream_completions(base_url: str, key: str, model: str | list[str], *, clients: int, duration: float,
                              max_tokens: int, prompt: str = "Once upon a time", ignore_eos: bool = True,
                              chat: bool = False, timeout: float = 300, name: str | None = None,
                              backoff_on_429: bool = True) -> PhaseResult:
     """Streaming completions (`stream_options.include_usage`) in a loop from `clients` concurrent clients; tokens
-    are counted from each stream's usage chunk. A 429 waits its Retry-After (when `backoff_on_429`)."""
+    are counted from each stream's usage chunk. A 429 waits its Retry-After (when `backoff_on_429`). Given a list of
+    models, client i asks for model i (mod the list's length): each client on its own fine-tune."""
+    models = [model] if isinstance(model, str) else model
     result = PhaseResult(name or f"stream {'chat' if chat else 'completions'} x{clients}", clients)
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0.8,
+    body: dict[str, Any] = {"max_tokens": max_tokens, "stream": True, "temperature": 0.8,
                             "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -141,13 +146,14 @@ async def stream_completions(base_url: str, key: str, model: str, *, clients: in
         body["prompt"] = prompt
 
     async with _client(base_url, key, clients, timeout) as http:
-        async def one() -> None:
+        async def one(client: int) -> None:
             began = time.perf_counter()
             first: float | None = None
             usage: dict[str, Any] | None = None
             done = False
             try:
-                async with http.stream("POST", path, json=body) as response:
+                async with http.stream("POST", path, json={**body, "model": models[client % len(models)]}
+                                       ) as response:
                     _record_status(result, response)
                     if response.status_code != 200:
                         await response.aread()

@@ -1,6 +1,7 @@
 """The load generator (`python -m tests.load`) in CI, bounded to a few seconds against the live server: correctness
 only, never speed. Job polling and streaming completions from concurrent clients see no 5xx, no transport error,
-no broken stream; past the generation limit the excess is refused with 429, and every 429 carries Retry-After.
+no broken stream; past the generation limit the excess is refused with 429, and every 429 carries Retry-After;
+clients each on their own fine-tune are all served.
 The numbers it prints are not checked here (CI boxes vary); `python -m tests.load` records them."""
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ def test_load_is_served_or_shed_cleanly(live: Live, tmp_path: Path) -> None:
     out = tmp_path / "load.json"
     limit = live.settings.max_concurrent_generations
     status = main(["--url", live.base_url, "--key", live.key, "--duration", "1.5", "--clients", "1,4",
-                   "--max-tokens", "16", "--max-generations", str(limit), "--out", str(out)])
+                   "--max-tokens", "16", "--max-generations", str(limit), "--out", str(out),
+                   "--fine-tunes", "3", "--data-dir", str(live.settings.data_dir),
+                   "--database-url", live.settings.database_url])
     report = json.loads(out.read_text())
     phases = {p["phase"]: p for p in report["phases"]}
     assert status == 0, json.dumps(report["phases"], indent=1)
@@ -32,3 +35,7 @@ def test_load_is_served_or_shed_cleanly(live: Live, tmp_path: Path) -> None:
     overload = phases[f"overload x{limit + 16}"]
     assert overload["statuses"].get("429", 0) > 0, overload  # shed, not queued without bound
     assert overload["statuses"].get("200", 0) > 0, overload  # while the admitted ones are served
+    # Three clients, each on its own fine-tune (pooled adapters in the base's engine), all served.
+    mixed = phases["mixed fine-tunes x3"]
+    assert mixed["statuses"] == {"200": mixed["requests"]} and mixed["completion_tokens"] > 0, mixed
+    assert "stream completions x3" in phases and "x3" in report["mixed_vs_base_tokens_per_s"]
