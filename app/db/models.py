@@ -56,7 +56,10 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))
     status_details: Mapped[str | None] = mapped_column(Text)
-    validation: Mapped[dict[str, Any] | None]  # unsloth_core ValidationReport.to_dict()
+    validation: Mapped[dict[str, Any] | None]  # unsloth_core ValidationReport.to_dict(), its errors capped
+    # The report without its errors (counts, format, error counts): what a file list returns, so a list never
+    # reads every file's whole report (issue 15: 10k files of bad lines made a 1.4 GB list)
+    validation_summary: Mapped[dict[str, Any] | None]
     path: Mapped[str] = mapped_column(String(255))  # relative to the data dir
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -18,7 +18,8 @@ class FileObject(BaseModel):
     status: Literal["uploaded", "processed", "error"]
     status_details: str | None = None
     expires_at: int | None = None
-    # extension: the engine's validation report (format, counts, every bad line with its number and code)
+    # extension: the engine's validation report (format, counts, and the first 100 bad lines with their numbers and
+    # codes; every one is counted); in lists, the report without its list of bad lines
     validation: dict[str, Any] | None = None
 
 

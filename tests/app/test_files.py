@@ -62,6 +62,26 @@ def test_broken_lines_are_each_reported_and_refused_for_training(backend: Backen
     assert "line 3" in e.value.message
 
 
+def test_a_list_returns_summaries_and_a_report_keeps_its_first_bad_lines(backend: Backend) -> None:
+    """Issue 15: a 4,000-byte upload of bad lines stored and returned a 140 KB report, in every list too, so 10k
+    cheap uploads and one list built ~1.4 GB. Now a stored report lists the first 100 bad lines (all are counted),
+    and a list returns each file's report without its bad lines."""
+    client = backend.client(backend.new_key())
+    bad = b"".join(b'{"messages": [{"role": "nobody", "content": "%d"}]}\n' % i for i in range(300))
+    f = upload(client, bad)
+    report = f.model_extra["validation"]
+    assert f.status == "error" and report["n_errors"] == 300 and report["errors_truncated"]
+    assert len(report["errors"]) == 100 and report["errors"][0]["line"] == 1
+    assert all(len(e["message"]) <= 300 for e in report["errors"])
+    assert client.files.retrieve(f.id).model_extra["validation"] == report
+    listed = client.files.list().data
+    assert [x.id for x in listed] == [f.id]
+    summary = listed[0].model_extra["validation"]
+    assert "errors" not in summary and summary["n_errors"] == 300 and summary["error_counts"]
+    raw = httpx.get(backend.base_url + "/v1/files", headers={"Authorization": f"Bearer {client.api_key}"})
+    assert len(raw.content) < 2_000  # one file's entry, not its report
+
+
 def test_upload_over_the_size_cap_is_413(backend: Backend) -> None:
     client = backend.client()
     line = jsonl(chat_rows(1))

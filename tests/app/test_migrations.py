@@ -52,3 +52,32 @@ def test_upgrade_matches_models_then_downgrade_and_upgrade(database_url: str) ->
         assert set(inspect(engine).get_table_names()) >= TABLES
     finally:
         engine.dispose()
+
+
+def test_files_stored_before_0002_get_their_summaries(database_url: str) -> None:
+    """0002 adds `validation_summary` and fills it from each stored report (its errors left out), so lists of files
+    uploaded before it still show counts."""
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    try:
+        migrate.upgrade(database_url, "0001")
+        value = ":v" if database_url.startswith("sqlite") else "CAST(:v AS JSONB)"
+        report = ('{"ok": false, "n_errors": 2, "error_counts": {"invalid_json": 2}, '
+                  '"errors": [{"line": 1, "code": "invalid_json", "message": "x"}]}')
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (id, name, prefix, key_hash, is_admin, source, created_at) "
+                              "VALUES ('k1', 'k', 'sk-', 'h', false, 'cli', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO files (id, owner_id, filename, purpose, bytes, status, validation, path, "
+                              "sha256, created_at) VALUES ('file-1', 'k1', 'a.jsonl', 'fine-tune', 3, 'error', "
+                              f"{value}, 'files/file-1.jsonl', 'x', CURRENT_TIMESTAMP)"), {"v": report})
+        migrate.upgrade(database_url)
+        with engine.connect() as conn:
+            summary = conn.execute(text("SELECT validation_summary FROM files")).scalar_one()
+        if isinstance(summary, str):  # SQLite hands JSON back as text
+            import json
+
+            summary = json.loads(summary)
+        assert summary == {"ok": False, "n_errors": 2, "error_counts": {"invalid_json": 2}}
+    finally:
+        engine.dispose()
