@@ -17,8 +17,9 @@ from app.api.router import root, route_template, v1
 from app.core.config import Settings, SettingsError, load_settings
 from app.core.context import AppContext
 from app.core.errors import install_error_handlers
-from app.core.middleware import BodyLimitMiddleware, MetricsMiddleware, PathGuardMiddleware
+from app.core.middleware import AuthGateMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathGuardMiddleware
 from app.core.threads import apply_torch_threads
+from app.services.key_gate import KeyGate
 
 log = logging.getLogger("app")
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return settings.max_request_bytes
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(AuthGateMiddleware, allows=KeyGate(ctx.sessions).allows)  # runs before the body limit
     app.add_middleware(PathGuardMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics, route_template=route_template)
     return app

@@ -3,6 +3,7 @@ every non-2xx: unknown routes, wrong methods, validation, oversized bodies, unex
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import httpx
@@ -19,6 +20,27 @@ def get(backend: Backend, path: str, key: str | None = None, method: str = "GET"
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     headers.update(kwargs.pop("headers", {}))
     return httpx.request(method, backend.base_url + path, headers=headers, timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize("key", [None, "sk-unsloth-wrong"])
+def test_an_unauthenticated_body_is_never_read(backend: Backend, key: str | None) -> None:
+    """Issue 15: FastAPI parses a JSON body before the route's key check, so anyone could make the API parse
+    16 MiB on its event loop. The 401 now comes back while the body is still unsent: the request below declares
+    16 MB and sends 2 bytes, so an answer at all shows the server never waited for the body."""
+    host, port = backend.base_url.removeprefix("http://").split(":")
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: 16000000\r\n\r\n{{\"").encode()
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)  # a server waiting for the body times this out: the test fails
+            assert chunk, "the server closed the connection without an answer"
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"401"
+    assert b"connection: close" in rest.lower() and b"www-authenticate: bearer" in rest.lower()
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/files", "/v1/fine_tuning/jobs", "/v1/models/tiny-chat"])
@@ -97,3 +119,21 @@ def test_unexpected_errors_are_500_without_details(backend: Backend, monkeypatch
     assert r.status_code == 500
     assert r.json() == {"error": {"message": "The server had an error while processing your request.",
                                   "type": "server_error", "param": None, "code": "internal_error"}}
+
+
+def test_the_key_gate_remembers_live_keys_briefly_and_never_unknown_ones(backend: Backend) -> None:
+    from app.services import keys
+    from app.services.key_gate import KeyGate
+
+    gate, lookups = KeyGate(backend.ctx.sessions, ttl_s=3600), []
+    real_sessions = gate.sessions
+    gate.sessions = lambda: (lookups.append(1), real_sessions())[1]  # type: ignore[assignment,method-assign]
+    key = backend.new_key("gate")
+    assert gate.allows(key) and gate.allows(key) and len(lookups) == 1  # the second answer came from memory
+    assert not gate.allows("sk-unsloth-nope") and not gate.allows("sk-unsloth-nope") and len(lookups) == 3
+    with backend.ctx.sessions() as session:
+        row = keys.authenticate(session=session, token=key)
+        assert row is not None
+        keys.revoke_key(session=session, key_id=row.id)
+    gate.ttl_s = 0  # past its time: the revocation is seen
+    assert not gate.allows(key)

@@ -1,0 +1,46 @@
+"""Whether a bearer token is a live API key, answered before a request's body is read (app/core/middleware.py).
+
+The route's own dependency still authenticates every request against the database; this only decides whether the
+body may be read at all, so an unauthenticated client cannot make the API parse 16 MiB of JSON. Known-good tokens are
+remembered for a few seconds (a revoked key may still send a body for that long; the route refuses it); unknown ones
+are never remembered, so each costs one indexed lookup, far less than the body it would have sent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.security import hash_key
+from app.db.models import ApiKey
+
+
+class KeyGate:
+    def __init__(self, sessions: sessionmaker[Session], ttl_s: float = 5.0, size: int = 4096) -> None:
+        self.sessions, self.ttl_s, self.size = sessions, ttl_s, size
+        self._known: OrderedDict[str, float] = OrderedDict()  # key hash -> when it was last found live
+        self._lock = threading.Lock()
+
+    def allows(self, token: str) -> bool:
+        digest = hash_key(token)
+        now = time.monotonic()
+        with self._lock:
+            seen = self._known.get(digest)
+            if seen is not None and now - seen < self.ttl_s:
+                return True
+        with self.sessions() as session:
+            live = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+                                  .limit(1)) is not None
+        with self._lock:
+            if live:
+                self._known[digest] = now
+                self._known.move_to_end(digest)
+                while len(self._known) > self.size:
+                    self._known.popitem(last=False)
+            else:
+                self._known.pop(digest, None)
+        return live
