@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(256, ge=1)
     max_job_restarts: int = Field(3, ge=0)  # crash recoveries before a job fails
 
+    # ---- probes ----
+    probe_cache_s: float = Field(2.0, ge=0)  # /ready and /metrics' database and broker reads reused this long
+    # When set, /metrics answers only `Authorization: Bearer <this>` (Prometheus' `authorization` scrape setting);
+    # a static token, not an API key, so metrics still answer while the database is down
+    metrics_token: SecretStr | None = None
+
     # ---- inference ----
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.broker import Broker
 from app.core.config import Settings, SettingsError
 from app.core.metrics import Metrics
+from app.core.probes import CachedProbe
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory
 from app.inference.engine import InferenceEngine
@@ -30,6 +31,7 @@ class AppContext:
     metrics: Metrics
     inference: InferenceEngine
     embedded_key: str | None = None
+    readiness: CachedProbe[list[str]] | None = None  # what is not ready (empty: ready), reused `probe_cache_s`
 
     @classmethod
     def build(cls, settings: Settings) -> AppContext:
@@ -37,8 +39,25 @@ class AppContext:
         metrics = Metrics()
         ctx = cls(settings=settings, engine=engine, sessions=make_session_factory(engine), broker=Broker(settings),
                   metrics=metrics, inference=InferenceEngine(settings, metrics))
-        metrics.add_scrape_sources(ctx.jobs_by_status, ctx.broker.queue_depth)
+        ttl = settings.probe_cache_s
+        ctx.readiness = CachedProbe(ctx.unready, ttl)
+        metrics.add_scrape_sources(CachedProbe(ctx.jobs_by_status, ttl),
+                                   CachedProbe(lambda: ctx.broker.queue_depth(), ttl))
         return ctx
+
+    def unready(self) -> list[str]:
+        """What does not answer now: the database, the broker (each named with its error's type)."""
+        problems = []
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as e:
+            problems.append(f"database: {type(e).__name__}")
+        try:
+            self.broker.ping()
+        except Exception as e:
+            problems.append(f"broker: {type(e).__name__}")
+        return problems
 
     def prepare_database(self) -> None:
         """Migrate (SQLite by default) or check the schema is current; then the admin keys and the base models.

@@ -157,10 +157,15 @@ async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return json_error(exc.status_code, body, headers)
 
 
+def database_unavailable() -> APIError:
+    return APIError(503, "The database is unavailable; try again shortly.", type="service_unavailable",
+                    code="database_unavailable", headers={"Retry-After": "5"})
+
+
 async def _database_error_handler(_: Request, exc: Exception) -> JSONResponse:
     log.error("database unavailable: %s", exc)
-    return json_error(503, error_body("The database is unavailable; try again shortly.", type="service_unavailable",
-                                      code="database_unavailable"), {"Retry-After": "5"})
+    error = database_unavailable()
+    return json_error(error.status, error.body(), error.headers)
 
 
 async def _unexpected_handler(_: Request, exc: Exception) -> JSONResponse:

@@ -4,15 +4,19 @@ body is read, a request body cap enforced while the body streams in, and request
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 
 import anyio.to_thread
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import APIError, unauthorized
+from app.core.errors import APIError, database_unavailable, unauthorized
 from app.core.metrics import Metrics
 from app.schemas.common import CONTROL_CHARACTERS
+
+log = logging.getLogger("app")
 
 
 def too_large(limit: int) -> APIError:
@@ -52,7 +56,13 @@ class AuthGateMiddleware:
             await _send_error(send, unauthorized("You didn't provide an API key. Send it as a Bearer token: "
                                                  "'Authorization: Bearer YOUR_KEY'."))
             return
-        if not await anyio.to_thread.run_sync(self.allows, token):
+        try:
+            allowed = await anyio.to_thread.run_sync(self.allows, token)
+        except SQLAlchemyError as e:  # as a route answers then: 503, retry shortly (the body still unread)
+            log.error("database unavailable: %s", e)
+            await _send_error(send, database_unavailable())
+            return
+        if not allowed:
             await _send_error(send, unauthorized("Incorrect API key provided."))
             return
         await self.app(scope, receive, send)
