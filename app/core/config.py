@@ -37,6 +37,7 @@ class Settings(BaseSettings):
 
     # ---- limits ----
     max_upload_bytes: int = Field(512 * 2**20, ge=1)
+    upload_idle_timeout_s: float = Field(60.0, gt=0)  # an upload that sends nothing for this long is cut off: 408
     max_file_lines: int = Field(1_000_000, ge=1)
     max_request_bytes: int = Field(16 * 2**20, ge=1024)
     max_tokens: int = Field(4096, ge=1)  # per completion choice

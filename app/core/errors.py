@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -168,6 +169,18 @@ async def _database_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return json_error(error.status, error.body(), error.headers)
 
 
+def database_busy() -> APIError:
+    """Every pooled connection stayed in use for the pool's timeout: the service is saturated, not broken."""
+    return APIError(503, "The service is busy (every database connection is in use); try again shortly.",
+                    type="service_unavailable", code="database_busy", headers={"Retry-After": "2"})
+
+
+async def _pool_timeout_handler(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("database connection pool exhausted: %s", exc)
+    error = database_busy()
+    return json_error(error.status, error.body(), error.headers)
+
+
 async def _unexpected_handler(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return json_error(500, error_body("The server had an error while processing your request.", type="server_error",
@@ -179,4 +192,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(OperationalError, _database_error_handler)
+    app.add_exception_handler(PoolTimeoutError, _pool_timeout_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

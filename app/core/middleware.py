@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import APIError, database_unavailable, unauthorized
+from app.core.errors import APIError, database_busy, database_unavailable, unauthorized
 from app.core.metrics import Metrics
 from app.schemas.common import CONTROL_CHARACTERS
 
@@ -60,7 +61,7 @@ class AuthGateMiddleware:
             allowed = await anyio.to_thread.run_sync(self.allows, token)
         except SQLAlchemyError as e:  # as a route answers then: 503, retry shortly (the body still unread)
             log.error("database unavailable: %s", e)
-            await _send_error(send, database_unavailable())
+            await _send_error(send, database_busy() if isinstance(e, PoolTimeoutError) else database_unavailable())
             return
         if not allowed:
             await _send_error(send, unauthorized("Incorrect API key provided."))

@@ -4,6 +4,7 @@ and line caps stop the upload as soon as they are crossed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
@@ -139,8 +140,11 @@ class _Reader:
             self.out.close()
 
 
-async def receive_upload(request: Request, *, dest: Path, max_bytes: int, max_lines: int) -> Upload:
-    """Stream the request's multipart body; the `file` part lands in `dest`. On any error `dest` is removed."""
+async def receive_upload(request: Request, *, dest: Path, max_bytes: int, max_lines: int,
+                         idle_timeout_s: float = 60.0) -> Upload:
+    """Stream the request's multipart body; the `file` part lands in `dest`. On any error `dest` is removed.
+    A body that sends nothing for `idle_timeout_s` is cut off (408): a slow client holds a connection of its own,
+    never the service's."""
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise bad_request("Uploads must be multipart/form-data with a 'file' part and a 'purpose' field.",
@@ -148,7 +152,15 @@ async def receive_upload(request: Request, *, dest: Path, max_bytes: int, max_li
     reader = _Reader(dest, max_bytes, max_lines)
     try:
         parser = MultipartParser(params[b"boundary"], reader.callbacks())
-        async for chunk in request.stream():
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise APIError(408, f"The upload sent nothing for {idle_timeout_s:g} s; it was cut off.",
+                               code="upload_timeout", headers={"Connection": "close"}) from None
             parser.write(chunk)
         parser.finalize()
         return reader.finish()

@@ -3,11 +3,14 @@ content, delete, and ownership."""
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import openai
 import pytest
 
 from tests.app.conftest import Backend, chat_rows, jsonl, upload
+from tests.helpers import wait_until
 
 BROKEN = (
     jsonl(chat_rows(2))
@@ -119,3 +122,69 @@ def test_other_keys_files_are_invisible(backend: Backend) -> None:
     assert mine.id not in [f.id for f in other.files.list()]
     admin = backend.client(backend.admin_key)
     assert admin.files.retrieve(mine.id).id == mine.id  # UNSLOTH_API_KEY sees everything
+
+
+def _partial_upload(backend: Backend, key: str) -> tuple[socket.socket, bytes]:
+    """A multipart upload over a raw socket, its body sent only in part: (the socket, the rest of the body)."""
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.jsonl\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + jsonl(chat_rows(2))
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    host, port = backend.base_url.removeprefix("http://").split(":")
+    head = (f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body) + len(tail)}\r\n"
+            "\r\n").encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head + body)
+    return sock, tail
+
+
+def _answer(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split()[1]), data
+
+
+def test_an_upload_holds_no_database_connection_while_its_body_arrives(backend: Backend) -> None:
+    """Issue 15: the route's session stayed open (idle in transaction) for the whole body, so 30 slow uploads took
+    the PostgreSQL pool. Once the server writes the upload's staging file it is reading the body; no pooled
+    connection is checked out then."""
+    files_dir = backend.settings.files_dir
+    before = set(files_dir.glob(".upload-*.part"))
+    key = backend.new_key()
+    backend.client(key).files.list()  # used just now: authenticating it again writes nothing (and commits nothing)
+    sock, tail = _partial_upload(backend, key)
+    with sock:
+        wait_until(lambda: set(files_dir.glob(".upload-*.part")) - before)
+        assert backend.ctx.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        sock.sendall(tail)
+        status, data = _answer(sock)
+    assert status == 200 and b'"status":"processed"' in data.replace(b" ", b"")
+
+
+def test_a_stalled_upload_is_cut_off(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend.ctx, "settings", backend.settings.model_copy(update={"upload_idle_timeout_s": 0.5}))
+    sock, _ = _partial_upload(backend, backend.user_key)
+    with sock:
+        status, data = _answer(sock)  # the rest of the body never comes
+    assert status == 408 and b"upload_timeout" in data and b"connection: close" in data.lower()
+
+
+def test_an_exhausted_connection_pool_is_503_with_retry_after(backend: Backend,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+    from app.services import files
+
+    def busy(**_: object) -> None:
+        raise PoolTimeoutError("QueuePool limit of size 10 overflow 20 reached, connection timed out, timeout 30")
+
+    monkeypatch.setattr(files, "list_files", busy)
+    r = httpx.get(backend.base_url + "/v1/files", headers={"Authorization": f"Bearer {backend.user_key}"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "2"
+    assert r.json()["error"]["code"] == "database_busy"
