@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -81,7 +82,7 @@ def sync_base_models(*, session: Session, settings: Settings) -> None:
         relative = str(path.relative_to(settings.data_dir))
         row = rows.get(model_id)
         if row is None:
-            session.add(Model(id=model_id, kind="base", owner_id=None, parent=None, root=model_id, path=relative))
+            add_base_row(session, model_id, relative)
             changed = True
         elif row.deleted_at is not None or row.path != relative:
             row.deleted_at, row.path, changed = None, relative, True
@@ -90,6 +91,16 @@ def sync_base_models(*, session: Session, settings: Settings) -> None:
             row.deleted_at, changed = utcnow(), True
     if changed:
         session.commit()
+
+
+def add_base_row(session: Session, model_id: str, relative: str) -> None:
+    """Insert a base model's row unless one exists: two requests that both find a new directory (two concurrent
+    `GET /v1/models`) both insert it, and a plain INSERT made the second one a 500."""
+    values = {"id": model_id, "kind": "base", "owner_id": None, "parent": None, "root": model_id, "path": relative,
+              "created_at": utcnow()}
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(Model).values(**values).on_conflict_do_nothing(index_elements=["id"]))
 
 
 def base_model_dir(settings: Settings, model_id: str) -> Path | None:

@@ -63,3 +63,17 @@ def test_delete_a_fine_tune_and_its_checkpoints(backend: Backend, trained_run: T
     with pytest.raises(openai.PermissionDeniedError) as e:
         client.models.delete(TINY)
     assert e.value.code == "model_not_deletable"
+
+
+def test_two_requests_that_both_find_a_new_model_directory_both_succeed(backend: Backend) -> None:
+    """Issue 15: two concurrent `GET /v1/models` each found a directory with no row and both inserted it; the second
+    INSERT was a 500. Here request A read the rows before B committed its insert (A's read sees none)."""
+    from app.services import models
+
+    settings = backend.settings
+    with backend.ctx.sessions() as a, backend.ctx.sessions() as b:
+        models.sync_base_models(session=b, settings=settings)  # B: every base model has its row, committed
+        a.scalars = lambda *_, **__: iter([])  # type: ignore[method-assign,assignment,return-value]
+        models.sync_base_models(session=a, settings=settings)  # A inserts them all again: nothing breaks
+    ids = [m.id for m in backend.client().models.list()]
+    assert ids.count(TINY) == 1
