@@ -69,9 +69,13 @@ def ensure_admin_key(*, session: Session, key: str, source: str) -> ApiKey:
     if row is None:
         row, _ = create_key(session=session, name=f"admin ({source})", is_admin=True, source=source, key=key)
         return row
-    if row.key_hash != digest or row.revoked_at is not None:
-        row.key_hash, row.prefix, row.revoked_at = digest, shown_prefix(key), None
-        session.commit()
+    if row.key_hash == digest:
+        if row.revoked_at is not None:  # revoked on purpose: a restart with the same key must not undo that
+            log.warning("the %s admin key (%s...) was revoked and stays revoked; set a new key to replace it",
+                        source, row.prefix)
+        return row
+    row.key_hash, row.prefix, row.revoked_at = digest, shown_prefix(key), None  # a new key: rotated
+    session.commit()
     return row
 
 
@@ -99,6 +103,6 @@ def bootstrap_keys(*, session: Session, settings: Settings) -> str | None:
         return None
     key, created = embedded_key(settings)
     ensure_admin_key(session=session, key=key, source="embedded")
-    if created:
-        log.warning("generated an API key (kept in %s): %s", settings.api_key_file, key)
+    if created:  # the key itself goes to the operator's terminal only (app/main.py), never to a log
+        log.warning("generated an API key, kept in %s (readable by this user only)", settings.api_key_file)
     return key

@@ -137,3 +137,23 @@ def test_the_key_gate_remembers_live_keys_briefly_and_never_unknown_ones(backend
         keys.revoke_key(session=session, key_id=row.id)
     gate.ttl_s = 0  # past its time: the revocation is seen
     assert not gate.allows(key)
+
+
+def test_a_revoked_environment_admin_key_stays_revoked_across_restarts(backend: Backend) -> None:
+    """Issue 15: a restart re-activated a revoked `UNSLOTH_API_KEY`. Now the same key stays revoked; a new key
+    in the variable replaces it (rotation), and the old one stays dead."""
+    import secrets
+
+    from app.services import keys
+
+    old, new = (f"sk-unsloth-env-{secrets.token_hex(8)}" for _ in range(2))
+    source = f"env-{secrets.token_hex(2)}"
+    with backend.ctx.sessions() as session:
+        row = keys.ensure_admin_key(session=session, key=old, source=source)
+        assert keys.revoke_key(session=session, key_id=row.id) is not None
+        keys.ensure_admin_key(session=session, key=old, source=source)  # a restart with the same variable
+        assert keys.authenticate(session=session, token=old) is None
+        keys.ensure_admin_key(session=session, key=new, source=source)  # the operator set a new key
+        assert keys.authenticate(session=session, token=new) is not None
+        assert keys.authenticate(session=session, token=old) is None
+

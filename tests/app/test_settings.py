@@ -72,3 +72,13 @@ def test_embedded_mode_generates_and_keeps_a_key(tmp_path: Path) -> None:
     again: AppContext = create_app(load_settings(data_dir=tmp_path)).state.ctx
     assert again.embedded_key == key  # kept across restarts
     again.close()
+
+
+def test_the_generated_embedded_key_never_reaches_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15: the generated key was logged. It is printed on the operator's terminal by `unsloth serve`'s banner
+    only; the log names the file that keeps it."""
+    with caplog.at_level("DEBUG"):
+        ctx: AppContext = create_app(load_settings(data_dir=tmp_path, api_key=None)).state.ctx
+    key = ctx.embedded_key
+    ctx.close()
+    assert key and key not in caplog.text and str(tmp_path / "api_key") in caplog.text
