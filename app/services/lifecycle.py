@@ -49,6 +49,18 @@ def _fenced_update(session: Session, job_id: str, attempt: int, owner: str, valu
     return True
 
 
+def _hold(session: Session, job_id: str, attempt: int, owner: str) -> Job | None:
+    """The job, held for this transaction when this worker still owns it (else None, rolled back).
+
+    The hold is a fenced write (the lease owner set to itself): a `SELECT ... FOR UPDATE` locks the row on
+    PostgreSQL but is a plain read on SQLite, where the reaper could then requeue the job between this worker's
+    read and its commit, and the commit would overwrite the reaped job's outcome. A write takes SQLite's write lock
+    (and PostgreSQL's row lock) at once, atomically with the fence."""
+    if not _fenced_update(session, job_id, attempt, owner, {"lease_owner": owner}):
+        return None
+    return session.scalar(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
+
+
 # ---- claim and lease ----
 
 
@@ -160,9 +172,8 @@ def record_checkpoint(*, session: Session, settings: Settings, job_id: str, atte
                       metrics: dict[str, Any], adapter_dir: Path) -> Checkpoint | None:
     """A saved (complete) adapter checkpoint becomes a row, a servable model id and an event, in one fenced
     transaction. None when the fence fails (this worker no longer owns the job)."""
-    job = session.scalar(select(Job).where(_fence(job_id, attempt, owner)).with_for_update())
+    job = _hold(session, job_id, attempt, owner)
     if job is None:
-        session.rollback()
         return None
     ft_id = fine_tuned_model_id(job.model, job.suffix, job.id)
     model_id = checkpoint_model_id(ft_id, step)
@@ -213,9 +224,8 @@ def complete_job(*, session: Session, settings: Settings, job_id: str, attempt: 
                  trained_tokens: int | None = None) -> str | None:
     """Final adapter saved: the fine-tune's model row, `fine_tuned_model`, status `succeeded`. Returns the model id,
     None when the fence fails."""
-    job = session.scalar(select(Job).where(_fence(job_id, attempt, owner)).with_for_update())
+    job = _hold(session, job_id, attempt, owner)
     if job is None:
-        session.rollback()
         return None
     ft_id = fine_tuned_model_id(job.model, job.suffix, job.id)
     session.add(Model(id=ft_id, kind="fine_tune", owner_id=job.owner_id, parent=job.model, root=job.model,
@@ -246,8 +256,10 @@ def fail_job(*, session: Session, job_id: str, attempt: int, owner: str, code: s
 def stop_job(*, session: Session, job_id: str, attempt: int, owner: str, status: str, step: int) -> str | None:
     """Training stopped on request: `cancelled`, or `paused` (its checkpoint already recorded). A cancel that
     arrived meanwhile wins over a pause. Returns the status written, None when the fence fails."""
-    stop = session.scalar(select(Job.stop_requested).where(_fence(job_id, attempt, owner)).with_for_update())
-    if status == "paused" and stop == "cancel":
+    job = _hold(session, job_id, attempt, owner)  # read stop_requested under the lock: a cancel cannot slip by
+    if job is None:
+        return None
+    if status == "paused" and job.stop_requested == "cancel":
         status = "cancelled"
     ended = _ended(utcnow()) if status == "cancelled" else {"lease_owner": None, "lease_expires_at": None,
                                                              "stop_requested": None}

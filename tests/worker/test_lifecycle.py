@@ -76,6 +76,35 @@ def test_a_worker_that_lost_its_lease_writes_nothing(env: WorkerEnv) -> None:
     assert len(env.events(job_id)) == before and env.checkpoints(job_id) == []
 
 
+def test_a_reap_inside_a_workers_final_write_never_leaves_two_outcomes(env: WorkerEnv,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: on SQLite `SELECT ... FOR UPDATE` is a plain read, so the reaper could requeue a job between a
+    worker's read in `complete_job` and its commit, and the commit then marked the requeued job succeeded. Here the
+    reaper runs in another connection right inside the worker's transaction: either the worker holds the job and the
+    reaper finds nothing to reap, or the reaper wins and the worker writes nothing; never both."""
+    job_id = env.create_job(env.upload(fact_rows(4)))
+    assert claim(env, job_id, owner="w/1/1/a") is not None  # its lease: 1 s; the reaper looks 5 s ahead
+    adapter = lifecycle.attempt_dir(env.settings, job_id, 0) / "adapter"
+    adapter.mkdir(parents=True)
+    reaped: dict[str, int] = {}
+    reaper = threading.Thread(target=lambda: reaped.update(reap(env)))
+    real = lifecycle.fine_tuned_model_id
+
+    def racing(*args: str | None) -> str:  # called inside complete_job's transaction, after its read
+        reaper.start()
+        reaper.join(timeout=2)  # done at once unless the worker's transaction holds the job
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lifecycle, "fine_tuned_model_id", racing)
+    with env.ctx.sessions() as s:
+        model = lifecycle.complete_job(session=s, settings=env.settings, job_id=job_id, attempt=0,
+                                       owner="w/1/1/a", adapter_dir=adapter)
+    reaper.join(timeout=60)
+    job = env.job(job_id)
+    assert (model is not None) == (job.status == "succeeded") and (job_id in reaped) == (job.status == "queued")
+    assert model is not None and job_id not in reaped  # the worker held the job: the reaper waited or skipped it
+
+
 def test_reaper_requeues_up_to_the_cap_then_fails(env: WorkerEnv) -> None:
     job_id = env.create_job(env.upload(fact_rows(4)))
     live = env.create_job(env.upload(fact_rows(4)))
