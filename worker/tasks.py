@@ -105,4 +105,4 @@ def resend_unclaimed() -> int:
     """Send the message again for queued jobs nobody claimed in time (the first one was lost)."""
     ctx = context.current()
     with ctx.sessions() as session:
-        return len(dispatch.resend_unclaimed(session=session, broker=ctx.broker, settings=ctx.settings))
+        return len(dispatch.resend_unclaimed(session=session, broker=ctx.broker))

@@ -51,6 +51,7 @@ class Broker:
     """Sends train messages; checks the broker is reachable; counts the messages waiting in a queue."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings  # the re-send back-off is read from here when a message goes out
         self.celery = make_celery(settings)
 
     def send_train(self, job_id: str, attempt: int) -> None:

@@ -79,6 +79,7 @@ class Job(Base):
         Index(None, "owner_id", "id"),
         Index(None, "owner_id", "request_hash"),
         Index(None, "status", "enqueued_at"),
+        Index(None, "status", "resend_at"),
         Index(None, "status", "lease_expires_at"),
     )
 
@@ -101,6 +102,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]  # last time a train message was sent
     send_count: Mapped[int] = mapped_column(Integer, default=0)  # messages sent for this attempt
+    # When the re-send loop may send it again (None: now). Kept as a column so the loop asks the database for the
+    # jobs that are due, oldest due first: filtering a page of 100 by back-off in Python starved newer jobs.
+    resend_at: Mapped[datetime | None]
     progress: Mapped[dict[str, Any] | None]  # worker-written: step, total_steps, epoch, ...
     last_checkpoint_id: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[dict[str, Any] | None]  # {"code", "message", "param"}

@@ -29,32 +29,31 @@ def send_train(*, session: Session, broker: Broker, job_id: str, attempt: int) -
     except Exception as e:
         log.warning("could not send job %s (attempt %d) to the broker: %s", job_id, attempt, e)
         return False
+    now = utcnow()
+    sends = session.scalar(select(Job.send_count).where(Job.id == job_id)) or 0
     session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued")
-                    .values(enqueued_at=utcnow(), send_count=Job.send_count + 1))
+                    .values(enqueued_at=now, send_count=Job.send_count + 1,
+                            resend_at=now + resend_wait(broker.settings, sends + 1)))
     session.commit()
     return True
 
 
-def resend_due(job: Job, settings: Settings, now: datetime) -> bool:
-    if job.enqueued_at is None:
-        return True
-    wait = min(settings.resend_after_s * 2 ** max(job.send_count - 1, 0), settings.resend_max_interval_s)
-    return now - job.enqueued_at >= timedelta(seconds=wait)
+def resend_wait(settings: Settings, sends: int) -> timedelta:
+    """How long after its `sends`-th message a job is sent again: `resend_after_s`, doubling, capped."""
+    return timedelta(seconds=min(settings.resend_after_s * 2 ** max(sends - 1, 0), settings.resend_max_interval_s))
 
 
-def resend_unclaimed(*, session: Session, broker: Broker, settings: Settings, now: datetime | None = None,
-                     limit: int = 100) -> list[str]:
-    """Re-send the message of every queued job not claimed in time (the worker's beat calls this periodically).
-    Returns the ids sent."""
+def resend_unclaimed(*, session: Session, broker: Broker, now: datetime | None = None, limit: int = 100) -> list[str]:
+    """Re-send the message of every queued job not claimed in time (the worker's beat calls this periodically),
+    the longest overdue first, at most `limit`. Returns the ids sent."""
     now = now or utcnow()
-    cutoff = now - timedelta(seconds=settings.resend_after_s)
-    query = (select(Job).where(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at <= cutoff))
-             .order_by(Job.id).limit(limit))
+    query = (select(Job.id, Job.attempt).where(Job.status == "queued",
+                                               or_(Job.resend_at.is_(None), Job.resend_at <= now))
+             .order_by(Job.resend_at.is_not(None), Job.resend_at, Job.id).limit(limit))
     sent = []
-    for job in list(session.scalars(query)):
-        if resend_due(job, settings, now) and send_train(session=session, broker=broker, job_id=job.id,
-                                                         attempt=job.attempt):
-            sent.append(job.id)
+    for job_id, attempt in list(session.execute(query)):
+        if send_train(session=session, broker=broker, job_id=job_id, attempt=attempt):
+            sent.append(job_id)
     if sent:
         log.info("re-sent %d unclaimed job(s): %s", len(sent), ", ".join(sent))
     return sent

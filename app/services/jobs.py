@@ -396,7 +396,7 @@ def resume_job(*, session: Session, broker: Broker, key: ApiKey, job_id: str) ->
     # A new attempt: a message still in the queue for the old one can no longer claim the job.
     attempt = job.attempt + 1
     if not _transition(session, job, "queued", attempt=attempt, stop_requested=None, enqueued_at=None,
-                       send_count=0, lease_owner=None, lease_expires_at=None):
+                       resend_at=None, send_count=0, lease_owner=None, lease_expires_at=None):
         session.rollback()
         raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
                        headers={"x-should-retry": "true"})

@@ -276,7 +276,7 @@ def requeue_job(*, session: Session, job_id: str, attempt: int, owner: str, reas
     """Give the job back (the worker is shutting down): queued again as attempt + 1, to continue from its last
     checkpoint on the next worker. Returns the new attempt, None when the fence fails."""
     values = {"status": "queued", "attempt": attempt + 1, "lease_owner": None, "lease_expires_at": None,
-              "stop_requested": None, "enqueued_at": None, "send_count": 0, "estimated_finish": None}
+              "stop_requested": None, "enqueued_at": None, "resend_at": None, "send_count": 0, "estimated_finish": None}
     if not _fenced_update(session, job_id, attempt, owner, values):
         return None
     session.add(status_event(job_id, "queued", f"{reason}; requeued as attempt {attempt + 1}", attempt=attempt + 1))
@@ -312,8 +312,8 @@ def reap_expired(*, session: Session, settings: Settings, now: datetime | None =
         result = session.execute(update(Job).where(Job.id == row.id, Job.attempt == row.attempt,
                                                    Job.status == "running")
                                  .values(status=status, attempt=row.attempt + 1, lease_owner=None,
-                                         lease_expires_at=None, stop_requested=None, enqueued_at=None, send_count=0,
-                                         estimated_finish=None, **extra))
+                                         lease_expires_at=None, stop_requested=None, enqueued_at=None,
+                                         resend_at=None, send_count=0, estimated_finish=None, **extra))
         if result.rowcount != 1:  # type: ignore[attr-defined]
             continue
         session.add(status_event(row.id, status, event, attempt=row.attempt + 1,

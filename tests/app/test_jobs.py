@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -264,11 +265,53 @@ def test_lost_messages_are_sent_again(backend: Backend, training_file: str) -> N
     backend.queued_messages()  # the message is lost
     settings, broker = backend.settings, backend.ctx.broker
     with backend.ctx.sessions() as session:
-        assert job.id not in dispatch.resend_unclaimed(session=session, broker=broker, settings=settings)  # too soon
+        assert job.id not in dispatch.resend_unclaimed(session=session, broker=broker)  # too soon
         later = utcnow() + timedelta(seconds=settings.resend_after_s + 1)
-        assert job.id in dispatch.resend_unclaimed(session=session, broker=broker, settings=settings, now=later)
-        assert job.id not in dispatch.resend_unclaimed(session=session, broker=broker, settings=settings, now=later)
+        assert job.id in dispatch.resend_unclaimed(session=session, broker=broker, now=later)
+        assert job.id not in dispatch.resend_unclaimed(session=session, broker=broker, now=later)
     assert (TRAIN, [job.id, 0]) in backend.queued_messages()
+
+
+def test_the_resender_never_starves_a_due_job_behind_ones_backing_off(backend: Backend, tmp_path: Path) -> None:
+    """Issue 15: the re-send loop read the first 100 queued jobs by id and filtered their back-off in Python, so 100
+    older jobs backing off hid every newer one. It now asks the database for due jobs, the longest overdue first
+    (here with a page of 2 behind 5 older jobs)."""
+    from sqlalchemy.orm import Session as DbSession
+
+    from app.db.base import Base
+    from app.db.models import ApiKey, Job
+    from app.db.session import make_engine
+
+    class Recorder:
+        settings = backend.settings
+
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def send_train(self, job_id: str, attempt: int) -> None:
+            self.sent.append(job_id)
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'resend.db'}")
+    Base.metadata.create_all(engine)
+    now, after = utcnow(), timedelta(seconds=backend.settings.resend_after_s)
+    broker = Recorder()
+    with DbSession(engine) as session:
+        session.add(ApiKey(id="key-1", name="k", prefix="sk-", key_hash="h", is_admin=False, source="cli"))
+        for i in range(5):  # older: sent six times, backing off for 32 x resend_after_s
+            session.add(Job(id=f"ftjob-{i}", owner_id="key-1", model="m", training_file="f", seed=0, method={},
+                            request_hash="x", status="queued", enqueued_at=now - 2 * after, send_count=6,
+                            resend_at=now + 30 * after))
+        session.add(Job(id="ftjob-9", owner_id="key-1", model="m", training_file="f", seed=0, method={},
+                        request_hash="x", status="queued", enqueued_at=now - 2 * after, send_count=1,
+                        resend_at=now - after))
+        session.commit()
+        due = dispatch.resend_unclaimed(session=session, broker=broker, now=now, limit=2)  # type: ignore[arg-type]
+        assert due == ["ftjob-9"]
+        assert broker.sent == ["ftjob-9"]
+        job = session.get(Job, "ftjob-9")
+        assert job is not None and job.send_count == 2 and job.resend_at is not None
+        assert job.resend_at - job.enqueued_at == 2 * after  # type: ignore[operator]  # the back-off doubles
+    engine.dispose()
 
 
 def test_other_keys_jobs_are_invisible(backend: Backend, training_file: str) -> None:

@@ -36,6 +36,7 @@ TINY = "tiny-chat"
 class RecordingBroker:
     """Stands in for `app.core.broker.Broker`: keeps the train messages sent."""
 
+    settings: Settings
     sent: list[tuple[str, int]] = field(default_factory=list)
 
     def send_train(self, job_id: str, attempt: int) -> None:
@@ -131,7 +132,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     migrate.upgrade(settings.database_url)
     ctx = WorkerContext.build(settings)
     ctx.broker.close()
-    broker = RecordingBroker()
+    broker = RecordingBroker(settings)
     ctx.broker = broker  # type: ignore[assignment]
     try:
         with ctx.sessions() as session:
