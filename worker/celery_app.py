@@ -25,7 +25,7 @@ from typing import Any
 import billiard
 from celery import Celery, signals
 
-from app.core.broker import DEFAULT_QUEUE, REAP_TASK, RESEND_TASK, celery_config
+from app.core.broker import DEFAULT_QUEUE, PRUNE_TASK, REAP_TASK, RESEND_TASK, celery_config
 from app.core.config import Settings, load_settings
 from app.services import lifecycle
 from worker import context
@@ -58,6 +58,7 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         beat_schedule={
             "reap-expired-leases": {"task": REAP_TASK, "schedule": every, "options": housekeeping},
             "resend-unclaimed": {"task": RESEND_TASK, "schedule": every, "options": housekeeping},
+            "prune-broker": {"task": PRUNE_TASK, "schedule": 3600.0, "options": {**housekeeping, "expires": 3600}},
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
     )

@@ -12,13 +12,14 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
-from app.core.broker import REAP_TASK, RESEND_TASK, TRAIN_TASK
+from app.core.broker import PRUNE_TASK, REAP_TASK, RESEND_TASK, TRAIN_TASK
 from app.services import dispatch, lifecycle
 from worker import context, training
 
@@ -98,6 +99,13 @@ def reap_expired_leases() -> int:
         for job_id, attempt in requeued:
             dispatch.send_train(session=session, broker=ctx.broker, job_id=job_id, attempt=attempt)
     return len(requeued)
+
+
+@shared_task(name=PRUNE_TASK, ignore_result=True)
+def prune_broker() -> int:
+    """Delete the embedded broker's delivered messages older than a day (kombu's SQLAlchemy transport keeps them
+    for ever, so its database grew with every job and tick)."""
+    return context.current().broker.prune(timedelta(days=1))
 
 
 @shared_task(name=RESEND_TASK, ignore_result=True)

@@ -3,16 +3,19 @@ The worker builds its own app on the same configuration (`celery_config`), so ro
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from sqlalchemy import create_engine, inspect, text
 
 from app.core.config import Settings
 
 TRAIN_TASK = "worker.tasks.train"
 REAP_TASK = "worker.tasks.reap_expired_leases"
 RESEND_TASK = "worker.tasks.resend_unclaimed"
+PRUNE_TASK = "worker.tasks.prune_broker"
 GPU_QUEUE, DEFAULT_QUEUE = "gpu", "default"
 
 
@@ -34,7 +37,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "task_routes": {TRAIN_TASK: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE},
                         REAP_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE},
-                        RESEND_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE}},
+                        RESEND_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE},
+                        PRUNE_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE}},
         "task_ignore_result": True,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -70,6 +74,23 @@ class Broker:
             declared = conn.default_channel.queue_declare(queue=queue, passive=False, durable=True,
                                                           auto_delete=False)
             return int(declared.message_count)
+
+    def prune(self, older_than: timedelta) -> int:
+        """The embedded (SQLAlchemy) transport keeps every delivered message, marked invisible, for ever: delete
+        those delivered more than `older_than` ago. Returns how many; 0 for Redis, which deletes on delivery."""
+        if not self.settings.broker_url.startswith("sqla+"):
+            return 0
+        engine = create_engine(self.settings.broker_url.removeprefix("sqla+"))
+        cutoff = datetime.now() - older_than
+        try:
+            with engine.begin() as conn:
+                if not inspect(conn).has_table("kombu_message"):
+                    return 0
+                result = conn.execute(text("DELETE FROM kombu_message WHERE visible = :hidden AND timestamp < :cutoff"),
+                                      {"hidden": False, "cutoff": cutoff})
+                return int(result.rowcount)
+        finally:
+            engine.dispose()
 
     def close(self) -> None:
         self.celery.close()

@@ -101,3 +101,35 @@ def test_metrics(backend: Backend, training_file: str) -> None:
     assert 'unsloth_queue_depth{queue="gpu"}' in text
     assert 'unsloth_generated_tokens_total{kind="base"}' in text
     assert "unsloth_generations_in_flight 0.0" in text
+
+
+def test_the_embedded_broker_forgets_delivered_messages(backend: Backend) -> None:
+    """Issue 15: kombu's SQLAlchemy transport (the embedded broker) keeps each delivered message, marked invisible,
+    for ever. `Broker.prune` (the housekeeping worker runs it hourly) deletes the old ones, never an undelivered one."""
+    from datetime import timedelta
+
+    from sqlalchemy import create_engine, text
+
+    settings, broker = backend.settings, backend.ctx.broker
+    if not settings.broker_url.startswith("sqla+"):
+        assert broker.prune(timedelta(0)) == 0  # Redis deletes a message when it is delivered
+        return
+    engine = create_engine(settings.broker_url.removeprefix("sqla+"))
+
+    def rows(visible: bool) -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM kombu_message WHERE visible = :v"),
+                                    {"v": visible}).scalar_one())
+
+    try:
+        backend.queued_messages()  # what earlier tests left waiting: delivered now
+        waiting = rows(visible=True)  # in other queues, if any
+        broker.send_train("ftjob-prune-delivered", 0)
+        assert ("worker.tasks.train", ["ftjob-prune-delivered", 0]) in backend.queued_messages()  # delivered
+        broker.send_train("ftjob-prune-waiting", 0)  # not delivered yet
+        assert rows(visible=False) >= 1 and rows(visible=True) == waiting + 1
+        assert broker.prune(timedelta(0)) >= 1
+        assert rows(visible=False) == 0 and rows(visible=True) == waiting + 1  # the waiting one stays
+        assert ("worker.tasks.train", ["ftjob-prune-waiting", 0]) in backend.queued_messages()
+    finally:
+        engine.dispose()
