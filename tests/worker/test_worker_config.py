@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.broker import DEFAULT_QUEUE, GPU_QUEUE, REAP_TASK, RESEND_TASK, TRAIN_TASK, celery_config
+from app.core.broker import DEFAULT_QUEUE, GPU_QUEUE, PRUNE_TASK, REAP_TASK, RESEND_TASK, TRAIN_TASK, celery_config
 from app.core.config import SettingsError, load_settings
 from app.core.threads import embedded_split
 from worker.celery_app import worker_config
@@ -28,10 +28,11 @@ def test_worker_config_for_long_gpu_jobs(tmp_path: Path) -> None:
     assert conf["task_routes"][REAP_TASK]["queue"] == conf["task_routes"][RESEND_TASK]["queue"] == DEFAULT_QUEUE
     assert conf["task_create_missing_queues"] is False
     schedule = {entry["task"]: entry for entry in conf["beat_schedule"].values()}
-    assert schedule.keys() == {REAP_TASK, RESEND_TASK}
-    for entry in schedule.values():
-        assert entry["schedule"] == 30 and entry["options"]["queue"] == DEFAULT_QUEUE
-        assert entry["options"]["expires"] == 30  # ticks that waited behind a long job are dropped, not replayed
+    assert schedule.keys() == {REAP_TASK, RESEND_TASK, PRUNE_TASK}
+    for task, entry in schedule.items():
+        every = 3600 if task == PRUNE_TASK else 30  # the embedded broker's pruning: hourly
+        assert entry["schedule"] == every and entry["options"]["queue"] == DEFAULT_QUEUE
+        assert entry["options"]["expires"] == every  # ticks that waited behind a long job are dropped, not replayed
     embedded = worker_config(load_settings(data_dir=tmp_path))
     assert "visibility_timeout" not in embedded["broker_transport_options"]  # SQLAlchemy would refuse it
 
