@@ -144,7 +144,6 @@ def test_cache_grows_under_live_rows_and_is_freed_when_idle(tok: Tokenizer) -> N
     long_ids = collect(list(long))[1]
     assert short_ids == reference.generate([[5, 6, 7]], short_params)[0].token_ids
     assert long_ids == reference.generate([long_prompt], long_params)[0].token_ids
-    import time
 
     deadline = time.monotonic() + 5
     while model.cache_shape is not None and time.monotonic() < deadline:
@@ -179,14 +178,12 @@ def test_a_request_that_runs_out_of_memory_fails_alone(tok: Tokenizer, monkeypat
             second_queued.wait(timeout=30)
 
     engine.submit([1, 2, 3], long, stream=Stream(1, on_item))
-    while not items:
-        time.sleep(0.001)
+    wait_until(lambda: items)
     refused = engine.submit([4, 5], SamplingParams(temperature=0, max_new_tokens=4, **NO_EOS))
     second_queued.set()
     with pytest.raises(CapacityError, match="not enough cpu memory"):
         list(refused)
-    while items[-1] is not None:
-        time.sleep(0.001)
+    wait_until(lambda: items[-1] is None)
     deltas = [d for d in items if isinstance(d, Delta)]
     assert len(deltas) == len(items) - 1
     assert collect(deltas)[1] == reference.generate([[1, 2, 3]], long)[0].token_ids
