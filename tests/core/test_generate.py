@@ -248,17 +248,20 @@ def test_generation_runs_in_eval_mode_and_restores_the_mode(model: Llama) -> Non
 @pytest.mark.slow
 def test_a_shape_past_the_compile_limit_decodes_eagerly(model: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(generate_module, "COMPILED_SHAPES", 1)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    torch._dynamo.reset()
-    params = SamplingParams(temperature=0, max_new_tokens=6, **NO_EOS)
-    compiled = Generator(model, None, compile=True, max_seq_length=64)
-    for prompts in ([[1, 2, 3]], [[1, 2, 3], [4, 5]]):  # the second batch size is one shape too many
-        eager = Generator(model, None).generate(prompts, params)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert [c.token_ids for c in compiled.generate(prompts, params)] == [c.token_ids for c in eager]
-        assert any("decodes eagerly" in str(w.message) for w in caught) == (len(prompts) == 2)
-    torch._dynamo.reset()
+    # torch's own config.patch, not monkeypatch: monkeypatch's undo left torch's config without the setting at all
+    # ("torch._dynamo.config.recompile_limit does not exist"), and every later compile in the process failed.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        torch._dynamo.reset()
+        params = SamplingParams(temperature=0, max_new_tokens=6, **NO_EOS)
+        compiled = Generator(model, None, compile=True, max_seq_length=64)
+        for prompts in ([[1, 2, 3]], [[1, 2, 3], [4, 5]]):  # the second batch size is one shape too many
+            eager = Generator(model, None).generate(prompts, params)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert [c.token_ids for c in compiled.generate(prompts, params)] == [c.token_ids for c in eager]
+            assert any("decodes eagerly" in str(w.message) for w in caught) == (len(prompts) == 2)
+        torch._dynamo.reset()
+    assert torch._dynamo.config.recompile_limit >= 8  # put back for the compiles that follow
 
 
 def test_sampling_never_picks_a_filtered_token_and_reaches_the_vocabulary_tail() -> None:

@@ -1,15 +1,15 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Response
-from fastapi.security import HTTPAuthorizationCredentials
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import CtxDep, bearer
+from app.api.deps import CtxDep
 from app.api.routing import StrictRoute
 from app.core.errors import APIError, unauthorized
+from app.core.middleware import bearer_token
 
 router = APIRouter(tags=["health"], route_class=StrictRoute)
 
@@ -30,10 +30,11 @@ def ready(ctx: CtxDep) -> dict[str, Any]:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(ctx: CtxDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Response:
-    """Prometheus' text format; with `UNSLOTH_METRICS_TOKEN` set, only for that bearer token."""
+def metrics(ctx: CtxDep, request: Request) -> Response:
+    """Prometheus' text format; with `UNSLOTH_METRICS_TOKEN` set, only for that bearer token. (The header is read
+    here, not declared as the API's security scheme: by default the route is open, and the schema says so.)"""
     token = ctx.settings.metrics_token
-    if token is not None and not (credentials is not None
-                                  and hmac.compare_digest(credentials.credentials, token.get_secret_value())):
+    given = bearer_token(request.headers.get("authorization", "").encode("latin-1"))
+    if token is not None and not (given is not None and hmac.compare_digest(given, token.get_secret_value())):
         raise unauthorized("/metrics needs the metrics token (UNSLOTH_METRICS_TOKEN) as a Bearer token.")
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
