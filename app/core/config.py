@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_tokens: int = Field(4096, ge=1)  # per completion choice
     max_n: int = Field(16, ge=1)
     max_concurrent_generations: int = Field(32, ge=1)  # API calls generating at once, over every model
+    # Of those, what one API key may hold (None: three quarters), so one busy key never leaves the others none
+    max_generations_per_key: int | None = Field(None, ge=1)
     # Sequences one model decodes together (continuous batching). As many as may generate at once: an admitted
     # request that waits for a row only adds to its time to first token (p50 297 -> 86 ms at 32 clients, tests.load).
     max_batch_size: int = Field(32, ge=1)

@@ -10,12 +10,13 @@ generation at the engine's next step."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -134,6 +135,12 @@ def _api_error(e: BaseException) -> BaseException:
     return e
 
 
+def per_key_share(total: int, configured: int | None) -> int:
+    """Generation slots one API key may hold: `configured`, else all but a quarter of the `total` (rounded down: a
+    server of fewer than 4 slots reserves none), so one busy key never takes the slots other keys need."""
+    return configured or max(1, total - total // 4)
+
+
 class InferenceEngine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
@@ -143,21 +150,35 @@ class InferenceEngine:
         self.tokenize_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
         self.runs: weakref.WeakSet[GenerationRun] = weakref.WeakSet()  # running ones, for shutdown
         self.in_flight = 0  # only touched on the event loop
+        self.in_flight_by_key: collections.Counter[str] = collections.Counter()
 
-    def acquire(self) -> None:
-        """Take a generation slot or refuse with 429 (the caller must `release()` once done)."""
-        if self.in_flight >= self.settings.max_concurrent_generations:
-            self.metrics.generations_rejected.inc()
-            retry = str(self.settings.retry_after_s)
-            raise APIError(429, f"The server is busy: {self.in_flight} generations are running (the limit is "
-                                f"{self.settings.max_concurrent_generations}). Retry after {retry} s.",
-                           type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": retry, "retry-after-ms": str(1000 * int(retry))})
+    @property
+    def per_key_limit(self) -> int:
+        return per_key_share(self.settings.max_concurrent_generations, self.settings.max_generations_per_key)
+
+    def acquire(self, key_id: str = "") -> None:
+        """Take a generation slot for `key_id` or refuse with 429 (the caller must `release(key_id)` once done)."""
+        total, mine = self.settings.max_concurrent_generations, self.in_flight_by_key[key_id]
+        if self.in_flight >= total:
+            self._refuse(f"The server is busy: {self.in_flight} generations are running (the limit is {total}).")
+        if mine >= self.per_key_limit:
+            self._refuse(f"This API key has {mine} generations running, its share of the server's {total} (the "
+                         f"others are kept for other keys).")
         self.in_flight += 1
+        self.in_flight_by_key[key_id] += 1
         self.metrics.generations_in_flight.inc()
 
-    def release(self) -> None:
+    def _refuse(self, why: str) -> NoReturn:
+        self.metrics.generations_rejected.inc()
+        retry = str(self.settings.retry_after_s)
+        raise APIError(429, f"{why} Retry after {retry} s.", type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": retry, "retry-after-ms": str(1000 * int(retry))})
+
+    def release(self, key_id: str = "") -> None:
         self.in_flight -= 1
+        self.in_flight_by_key[key_id] -= 1
+        if self.in_flight_by_key[key_id] <= 0:
+            del self.in_flight_by_key[key_id]
         self.metrics.generations_in_flight.dec()
 
     async def load(self, servable: Servable) -> Served:
@@ -184,10 +205,12 @@ class InferenceEngine:
         """`fn(*args)` on the tokenizer threads."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, functools.partial(fn, *args))
 
-    def start(self, served: Served, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> GenerationRun:
-        """Start generating (on the event loop); the slot taken by `acquire()` passes to the run, which frees it."""
+    def start(self, served: Served, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
+              key_id: str = "") -> GenerationRun:
+        """Start generating (on the event loop); the slot taken by `acquire(key_id)` passes to the run, which frees
+        it."""
         self.metrics.prompt_tokens.labels(served.kind).inc(sum(len(p) for p in prompts))
-        run = GenerationRun(served, list(prompts), list(params), self.metrics, self.release)
+        run = GenerationRun(served, list(prompts), list(params), self.metrics, functools.partial(self.release, key_id))
         if not run.finished:
             self.runs.add(run)
         return run

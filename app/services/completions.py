@@ -237,9 +237,9 @@ def _tokenize(served: Served, body: CompletionRequest | ChatCompletionRequest,
 
 
 async def _prepare(engine: InferenceEngine, servable: Servable, body: CompletionRequest | ChatCompletionRequest,
-                   ) -> tuple[Plan, GenerationRun]:
+                   key_id: str) -> tuple[Plan, GenerationRun]:
     settings = engine.settings
-    engine.acquire()
+    engine.acquire(key_id)
     try:
         served = await engine.load(servable)
         logit_bias = _check_against_model(body, served)
@@ -265,21 +265,23 @@ async def _prepare(engine: InferenceEngine, servable: Servable, body: Completion
                     prompt_tokens=sum(len(p) for p in prompts), include_usage=include_usage, logprobs=logprobs,
                     echo=[e for e in echo for _ in range(body.n)] if echo else None,
                     id=ids.new_id(ids.CHAT_COMPLETION if kind == "chat" else ids.COMPLETION))
-        run = engine.start(served, rows, params)
+        run = engine.start(served, rows, params, key_id)
     except BaseException:
-        engine.release()
+        engine.release(key_id)
         raise
     return plan, run
 
 
 async def complete(*, engine: InferenceEngine, request: Request, servable: Servable,
-                   body: CompletionRequest | ChatCompletionRequest) -> Completion | ChatCompletion | AsyncIterator[str]:
-    """The response object, or (when `body.stream`) an async iterator of SSE lines."""
+                   body: CompletionRequest | ChatCompletionRequest, key_id: str = ""
+                   ) -> Completion | ChatCompletion | AsyncIterator[str]:
+    """The response object, or (when `body.stream`) an async iterator of SSE lines. `key_id`: whose generation slot
+    this is (each key may hold only its share of them)."""
     if isinstance(body, ChatCompletionRequest):
         _check_chat(body, engine.settings)
     else:
         _check_completion(body, engine.settings)
-    plan, run = await _prepare(engine, servable, body)
+    plan, run = await _prepare(engine, servable, body, key_id)
     if body.stream:
         return _stream(plan, run)
     return await _collect(plan, run, request)

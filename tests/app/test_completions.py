@@ -13,6 +13,7 @@ import openai
 import pytest
 import torch
 
+from app.services import keys
 from tests.app.conftest import TINY, TINY_SLASHED, Backend, FineTune
 from tests.helpers import wait_until
 from unsloth_core.serving import BatchEngine
@@ -153,6 +154,34 @@ def test_busy_server_answers_429_with_retry_after(backend: Backend) -> None:
         engine.in_flight -= backend.settings.max_concurrent_generations
     assert chat(backend.client(), max_tokens=2).choices
 
+
+
+def test_one_key_cannot_take_every_generation_slot(backend: Backend) -> None:
+    """Issue 15: one key could hold all the generation slots while other keys got 429. Now a key holds at most its
+    share (all but a quarter, UNSLOTH_MAX_GENERATIONS_PER_KEY to set it): past it, that key gets 429 while another
+    key is still served."""
+    from app.inference.engine import per_key_share
+
+    greedy, other = backend.new_key("greedy"), backend.new_key("other")
+    with backend.ctx.sessions() as session:
+        greedy_id = keys.authenticate(session=session, token=greedy).id  # type: ignore[union-attr]
+    engine = backend.ctx.inference
+    share = engine.per_key_limit
+    assert share == backend.settings.max_concurrent_generations  # 2 slots: none reserved (a quarter of 2 is 0)
+    assert (per_key_share(32, None), per_key_share(4, None), per_key_share(32, 5)) == (24, 3, 5)
+    engine.settings = backend.settings.model_copy(update={"max_concurrent_generations": 4})  # shares 3
+    try:
+        for _ in range(3):
+            engine.acquire(greedy_id)  # as if the greedy key's three streams were running
+        with pytest.raises(openai.RateLimitError) as e:
+            chat(backend.client(greedy), max_tokens=2)
+        assert "its share" in e.value.message and e.value.response.headers["retry-after"]
+        assert chat(backend.client(other), max_tokens=2).choices  # the reserved slot serves another key
+    finally:
+        for _ in range(3):
+            engine.release(greedy_id)
+        engine.settings = backend.settings
+    assert engine.in_flight == 0 and not engine.in_flight_by_key
 
 
 def test_a_request_the_engine_cannot_fit_answers_503(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:

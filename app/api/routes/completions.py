@@ -34,11 +34,13 @@ def _respond(result: Any) -> Any:
 async def create_completion(body: CompletionRequest, request: Request, ctx: CtxDep, session: SessionDep,
                             key: CurrentKey) -> Any:
     servable = await run_in_threadpool(_resolve, ctx, session, key, body.model)
-    return _respond(await completions.complete(engine=ctx.inference, request=request, servable=servable, body=body))
+    return _respond(await completions.complete(engine=ctx.inference, request=request, servable=servable, body=body,
+                                               key_id=key.id))
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: CtxDep, session: SessionDep,
                                  key: CurrentKey) -> Any:
     servable = await run_in_threadpool(_resolve, ctx, session, key, body.model)
-    return _respond(await completions.complete(engine=ctx.inference, request=request, servable=servable, body=body))
+    return _respond(await completions.complete(engine=ctx.inference, request=request, servable=servable, body=body,
+                                               key_id=key.id))
