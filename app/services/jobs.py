@@ -395,8 +395,9 @@ def resume_job(*, session: Session, broker: Broker, key: ApiKey, job_id: str) ->
         raise bad_request(f"Job {job_id} is {job.status}; only a paused job can be resumed.", code="job_not_paused")
     # A new attempt: a message still in the queue for the old one can no longer claim the job.
     attempt = job.attempt + 1
-    if not _transition(session, job, "queued", attempt=attempt, stop_requested=None, enqueued_at=None,
-                       resend_at=None, send_count=0, lease_owner=None, lease_expires_at=None):
+    from app.services.lifecycle import next_attempt  # lifecycle imports this module's event helpers
+
+    if not _transition(session, job, "queued", **next_attempt(job.attempt)):
         session.rollback()
         raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
                        headers={"x-should-retry": "true"})

@@ -272,12 +272,17 @@ def stop_job(*, session: Session, job_id: str, attempt: int, owner: str, status:
     return status
 
 
+def next_attempt(attempt: int) -> dict[str, Any]:
+    """The columns of a job handed back for a new attempt (requeued, resumed, reaped): no lease, no pending stop
+    request, no message sent yet for it. One place, so a new column of the send or lease state is reset everywhere."""
+    return {"attempt": attempt + 1, "lease_owner": None, "lease_expires_at": None, "stop_requested": None,
+            "enqueued_at": None, "resend_at": None, "send_count": 0, "estimated_finish": None}
+
+
 def requeue_job(*, session: Session, job_id: str, attempt: int, owner: str, reason: str) -> int | None:
     """Give the job back (the worker is shutting down): queued again as attempt + 1, to continue from its last
     checkpoint on the next worker. Returns the new attempt, None when the fence fails."""
-    values = {"status": "queued", "attempt": attempt + 1, "lease_owner": None, "lease_expires_at": None,
-              "stop_requested": None, "enqueued_at": None, "resend_at": None, "send_count": 0, "estimated_finish": None}
-    if not _fenced_update(session, job_id, attempt, owner, values):
+    if not _fenced_update(session, job_id, attempt, owner, {"status": "queued", **next_attempt(attempt)}):
         return None
     session.add(status_event(job_id, "queued", f"{reason}; requeued as attempt {attempt + 1}", attempt=attempt + 1))
     session.commit()
@@ -311,9 +316,7 @@ def reap_expired(*, session: Session, settings: Settings, now: datetime | None =
         status, event, extra = _reaped(settings, row.attempt, row.restarts, row.stop_requested, now)
         result = session.execute(update(Job).where(Job.id == row.id, Job.attempt == row.attempt,
                                                    Job.status == "running")
-                                 .values(status=status, attempt=row.attempt + 1, lease_owner=None,
-                                         lease_expires_at=None, stop_requested=None, enqueued_at=None,
-                                         resend_at=None, send_count=0, estimated_finish=None, **extra))
+                                 .values(status=status, **next_attempt(row.attempt), **extra))
         if result.rowcount != 1:  # type: ignore[attr-defined]
             continue
         session.add(status_event(row.id, status, event, attempt=row.attempt + 1,
