@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from unsloth_core.checkpoint import atomic_directory
 from unsloth_core.config import PROJECTIONS
 from unsloth_core.errors import ModelFormatError
-from unsloth_core.model import Llama
+from unsloth_core.model import AdapterLinear, Llama
 from unsloth_core.quant import dense, is_quantized, quantize_model
 from unsloth_core.quant import linear as base_linear
 
@@ -87,7 +87,7 @@ class LoRAConfig:
         return cls(**{k: d[k] for k in keys if k in d and d[k] is not None})
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(AdapterLinear):
     """`nn.Linear` plus a trainable low-rank update; a drop-in replacement that keeps `weight` and `bias`."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
@@ -127,6 +127,14 @@ class LoRALinear(nn.Linear):
                 a.uniform_(-bound, bound, generator=generator)
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
+
+    def fusable_parts(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
+        if self.disabled or self.merged:
+            return None
+        return self.weight, self.bias, self.lora_A.weight, self.lora_B.weight
+
+    def adapter_hparams(self) -> tuple[float, float]:
+        return float(self.scaling), float(self.dropout_p)
 
     def lora_delta(self) -> Tensor:
         """scaling * B @ A in fp32: what merging adds to the weight."""

@@ -116,10 +116,24 @@ class KVCache(nn.Module):
         self.v[dst, :, :n_slots] = self.v[src, :, :n_slots]
 
 
+class AdapterLinear(nn.Linear):
+    """What the blocks ask of a linear layer carrying a trainable adapter (LoRA's, in unsloth_core.lora, which
+    imports this module): its parts for the fused LoRA Functions while the adapter is active, and its scale and
+    dropout. A plain `nn.Linear` (or pooled serving adapters) is not one, and runs as itself."""
+
+    def fusable_parts(self) -> kernels.LoRAProj | None:
+        """(W, b, A, B) while the adapter is active (not disabled, not merged into W); None otherwise."""
+        raise NotImplementedError
+
+    def adapter_hparams(self) -> tuple[float, float]:
+        """(scaling, dropout probability)."""
+        raise NotImplementedError
+
+
 def fused_lora(*layers: nn.Module) -> list[kernels.LoRAProj] | None:
-    """(W, b, A, B) of each layer when all are active LoRA layers with the same scaling and dropout, and gradients
-    are being recorded or the layers are training: then a group's hand-written autograd Function replaces the
-    per-layer graph. Else None.
+    """(W, b, A, B) of each layer when all are active adapter layers with the same scaling and dropout, and
+    gradients are being recorded or the layers are training: then a group's hand-written autograd Function replaces
+    the per-layer graph. Else None.
 
     Training without grad is a checkpointed layer's forward, whose replay in backward records gradients: both must
     take this path, as each path draws its dropout masks its own way.
@@ -128,18 +142,18 @@ def fused_lora(*layers: nn.Module) -> list[kernels.LoRAProj] | None:
         return None
     parts: list[kernels.LoRAProj] = []
     for layer in layers:
-        lora: Any = layer  # a LoRALinear (duck-typed: unsloth_core.lora imports this module)
-        if getattr(lora, "lora_A", None) is None or lora.disabled or lora.merged:
+        part = layer.fusable_parts() if isinstance(layer, AdapterLinear) else None
+        if part is None:
             return None
-        parts.append((lora.weight, lora.bias, lora.lora_A.weight, lora.lora_B.weight))
+        parts.append(part)
     if len({lora_hparams(layer) for layer in layers}) != 1:
         return None
     return parts
 
 
 def lora_hparams(layer: nn.Module) -> tuple[float, float]:
-    lora: Any = layer
-    return float(lora.scaling), float(lora.dropout_p)
+    assert isinstance(layer, AdapterLinear)
+    return layer.adapter_hparams()
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

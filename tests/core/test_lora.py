@@ -208,3 +208,28 @@ def test_adapters_on_a_16_bit_base_are_fp32_as_peft_keeps_them() -> None:
     out.loss.backward()
     grads = [p.grad for n, p in ours16.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_blocks_fuse_only_active_adapter_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocks ask each projection, through `AdapterLinear`, for its parts: active LoRA layers fuse (one
+    Function for q/k/v, one for the MLP), disabled or merged ones and plain layers run as themselves."""
+    from unsloth_core import kernels
+    from unsloth_core.lora import disable_adapters, merge_lora
+
+    calls: list[str] = []
+    for name in ("lora_qkv", "lora_mlp"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                    _real(*a, **k))[1])
+    model = apply_lora(tiny_model(seed=1), r=4)
+    model.train()
+    x = batch()
+    model(x, labels=x)
+    assert calls == ["lora_qkv", "lora_mlp"] * len(model.blocks())
+    calls.clear()
+    with disable_adapters(model):
+        model(x, labels=x)
+    merge_lora(model)
+    model(x, labels=x)
+    tiny_model(seed=1).train()(x, labels=x)
+    assert calls == []
