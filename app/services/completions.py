@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.requests import Request
@@ -19,28 +19,19 @@ from app.core.errors import APIError, bad_request, error_body
 from app.inference.cache import Served
 from app.inference.engine import GenerationRun, InferenceEngine
 from app.schemas.completions import (
-    AssistantMessage,
-    ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    ChoiceLogprobs,
     Completion,
-    CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     SamplingFields,
-    TokenLogprob,
-    TopLogprob,
     Usage,
 )
+from app.services.completion_format import ChatFormatter, Choice, CompletionFormatter, Formatter, Header
 from app.services.models import Servable
 
 if TYPE_CHECKING:
-    from unsloth_core.generate import Delta
-    from unsloth_core.generate import TokenLogprob as EngineLogprob
     from unsloth_core.sampling import SamplingParams
 
-SYSTEM_FINGERPRINT = "fp_unsloth"
 MAX_ROWS = 64  # prompts x n in one request
 DISCONNECT_POLL_S = 0.2
 
@@ -49,25 +40,12 @@ Kind = Literal["completion", "chat"]
 
 @dataclass
 class Plan:
-    kind: Kind
     model: str
     served: Served
     rows: list[list[int]]  # one token-id prompt per choice
     params: list[SamplingParams]
     prompt_tokens: int
-    include_usage: bool
-    logprobs: int | None  # None: none; else how many alternatives per token
-    echo: list[str] | None = None
-    id: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-@dataclass
-class _Choice:
-    text: list[str] = field(default_factory=list)
-    n_tokens: int = 0
-    logprobs: list[EngineLogprob] = field(default_factory=list)
-    finish: str | None = None
+    output: Formatter  # chat or text completion: how the answer is written out
 
 
 # ---- request checks ----
@@ -260,11 +238,13 @@ async def _prepare(engine: InferenceEngine, servable: Servable, body: Completion
             raise bad_request(f"At most {MAX_ROWS} choices per request (prompts x n).", param="n")
         rows = [p for p in prompts for _ in range(body.n)]
         params = [_sampling(body, max_new, logprobs, i, logit_bias) for i in range(len(rows))]
-        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-        plan = Plan(kind=kind, model=body.model, served=served, rows=rows, params=params,
-                    prompt_tokens=sum(len(p) for p in prompts), include_usage=include_usage, logprobs=logprobs,
-                    echo=[e for e in echo for _ in range(body.n)] if echo else None,
-                    id=ids.new_id(ids.CHAT_COMPLETION if kind == "chat" else ids.COMPLETION))
+        header = Header(id=ids.new_id(ids.CHAT_COMPLETION if kind == "chat" else ids.COMPLETION),
+                        created=int(time.time()), model=body.model, logprobs=logprobs,
+                        include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
+        output: Formatter = (ChatFormatter(header) if kind == "chat" else CompletionFormatter(
+            header, [e for e in echo for _ in range(body.n)] if echo else None, len(rows)))
+        plan = Plan(model=body.model, served=served, rows=rows, params=params,
+                    prompt_tokens=sum(len(p) for p in prompts), output=output)
         run = engine.start(served, rows, params, key_id)
     except BaseException:
         engine.release(key_id)
@@ -299,7 +279,7 @@ async def _watch_disconnect(request: Request, run: GenerationRun) -> None:
 
 
 async def _collect(plan: Plan, run: GenerationRun, request: Request) -> Completion | ChatCompletion:
-    choices = [_Choice() for _ in plan.rows]
+    choices = [Choice() for _ in plan.rows]
     watcher = asyncio.create_task(_watch_disconnect(request, run))
     try:
         async for deltas in run:
@@ -311,100 +291,33 @@ async def _collect(plan: Plan, run: GenerationRun, request: Request) -> Completi
                 c.finish = d.finish_reason or c.finish
     finally:
         watcher.cancel()
-    usage = Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=sum(c.n_tokens for c in choices),
-                  total_tokens=plan.prompt_tokens + sum(c.n_tokens for c in choices))
-    if plan.kind == "chat":
-        return ChatCompletion(id=plan.id, created=plan.created, model=plan.model, system_fingerprint=SYSTEM_FINGERPRINT,
-                              usage=usage, choices=[
-                                  ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
-                                             finish_reason=c.finish or "length",  # type: ignore[arg-type]
-                                             logprobs=_chat_logprobs(c.logprobs) if plan.logprobs is not None
-                                             else None)
-                                  for i, c in enumerate(choices)])
-    return Completion(id=plan.id, created=plan.created, model=plan.model, system_fingerprint=SYSTEM_FINGERPRINT,
-                      usage=usage, choices=[
-                          CompletionChoice(index=i, text=(plan.echo[i] if plan.echo else "") + "".join(c.text),
-                                           finish_reason=c.finish or "length",  # type: ignore[arg-type]
-                                           logprobs=_completion_logprobs(c.logprobs, 0) if plan.logprobs is not None
-                                           else None)
-                          for i, c in enumerate(choices)])
+    completion_tokens = sum(c.n_tokens for c in choices)
+    return plan.output.response(choices, _usage(plan, completion_tokens))
 
 
-# ---- logprobs ----
-
-
-def _utf8(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-def _chat_logprobs(items: Sequence[EngineLogprob]) -> ChoiceLogprobs:
-    return ChoiceLogprobs(content=[
-        TokenLogprob(token=t.token, logprob=t.logprob, bytes=_utf8(t.token),
-                     top_logprobs=[TopLogprob(token=text, logprob=lp, bytes=_utf8(text)) for _, text, lp in t.top])
-        for t in items])
-
-
-def _completion_logprobs(items: Sequence[EngineLogprob], offset: int) -> CompletionLogprobs:
-    offsets = []
-    for t in items:
-        offsets.append(offset)
-        offset += len(t.token)
-    return CompletionLogprobs(tokens=[t.token for t in items], token_logprobs=[t.logprob for t in items],
-                              top_logprobs=[{text: lp for _, text, lp in t.top} for t in items], text_offset=offsets)
+def _usage(plan: Plan, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=plan.prompt_tokens + completion_tokens)
 
 
 # ---- streaming ----
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def _chunk(plan: Plan, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-    chunk: dict[str, Any] = {"id": plan.id, "object": "chat.completion.chunk" if plan.kind == "chat"
-                             else "text_completion", "created": plan.created, "model": plan.model,
-                             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
-    if plan.include_usage:
-        chunk["usage"] = usage
-    return chunk
-
-
-def _delta_choices(plan: Plan, d: Delta, offsets: list[int]) -> list[dict[str, Any]]:
-    lp = d.logprobs if plan.logprobs is not None else None
-    if plan.kind == "completion":
-        logprobs = _completion_logprobs(lp, offsets[d.index]).model_dump() if lp is not None else None
-        offsets[d.index] += len(d.text)
-        return [{"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}]
-    out = []
-    if d.text or d.token_ids:
-        out.append({"index": d.index, "delta": {"content": d.text},
-                    "logprobs": _chat_logprobs(lp).model_dump() if lp is not None else None, "finish_reason": None})
-    if d.finish_reason is not None:
-        out.append({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
-    return out
-
-
 async def _stream(plan: Plan, run: GenerationRun) -> AsyncIterator[str]:
-    completion_tokens = 0
-    offsets = [len(e) for e in plan.echo] if plan.echo else [0] * len(plan.rows)
+    out, completion_tokens = plan.output, 0
     try:
         for i in range(len(plan.rows)):
-            if plan.kind == "chat":
-                yield _sse(_chunk(plan, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]))
-            elif plan.echo:
-                yield _sse(_chunk(plan, [{"index": i, "text": plan.echo[i], "logprobs": None,
-                                          "finish_reason": None}]))
+            opening = out.opening(i)
+            if opening:
+                yield out.sse(opening)
         async for deltas in run:
             events = []
             for d in deltas:
                 completion_tokens += len(d.token_ids)
-                events += [_sse(_chunk(plan, [choice])) for choice in _delta_choices(plan, d, offsets)]
+                events += [out.sse([choice]) for choice in out.delta(d)]
             yield "".join(events)  # one write for what arrived together
-        if plan.include_usage:
-            usage = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": plan.prompt_tokens + completion_tokens}
-            yield _sse(_chunk(plan, [], usage))
+        if out.header.include_usage:
+            yield out.sse([], _usage(plan, completion_tokens))
     except APIError as e:
         yield _sse(e.body())
     except Exception:
@@ -413,3 +326,7 @@ async def _stream(plan: Plan, run: GenerationRun) -> AsyncIterator[str]:
     finally:
         run.stop()
     yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"

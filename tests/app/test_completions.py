@@ -156,6 +156,39 @@ def test_busy_server_answers_429_with_retry_after(backend: Backend) -> None:
 
 
 
+def test_raw_stream_chunks_have_openais_fields(backend: Backend) -> None:
+    """The SSE lines as OpenAI writes them (typed chunk models written with only the fields set): the chat role
+    first, content deltas without a role, an empty delta with the finish reason, `usage: null` until the usage chunk
+    when it is asked for, and no `usage` key at all when it is not."""
+    import json
+
+    def lines(path: str, body: dict[str, Any]) -> list[Any]:
+        with httpx.stream("POST", backend.base_url + path, json={"model": TINY, "max_tokens": 4, "stream": True,
+                                                                    **body},
+                          headers={"Authorization": f"Bearer {backend.user_key}"}, timeout=60) as r:
+            data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        return [json.loads(x) for x in data[:-1]]
+
+    chat_chunks = lines("/v1/chat/completions", {"messages": HI, "stream_options": {"include_usage": True},
+                                                 "ignore_eos": True})
+    first, *middle, finish, usage = chat_chunks
+    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}]
+    assert all(c["choices"][0]["delta"].keys() == {"content"} and c["choices"][0]["finish_reason"] is None
+               for c in middle)
+    assert finish["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]
+    assert all(c["usage"] is None for c in chat_chunks[:-1])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
+    assert {c["object"] for c in chat_chunks} == {"chat.completion.chunk"}
+    assert all(c.keys() == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
+               for c in chat_chunks)
+    text_chunks = lines("/v1/completions", {"prompt": "Once", "ignore_eos": True})
+    assert all(c.keys() == {"id", "object", "created", "model", "system_fingerprint", "choices"} for c in text_chunks)
+    assert all(c["choices"][0].keys() == {"index", "text", "logprobs", "finish_reason"} for c in text_chunks)
+    assert text_chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_one_key_cannot_take_every_generation_slot(backend: Backend) -> None:
     """Issue 15: one key could hold all the generation slots while other keys got 429. Now a key holds at most its
     share (all but a quarter, UNSLOTH_MAX_GENERATIONS_PER_KEY to set it): past it, that key gets 429 while another

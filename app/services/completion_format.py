@@ -1,0 +1,174 @@
+"""How a generation is written out: as a chat completion or a text completion, whole or as SSE chunks.
+
+One formatter per kind, so the rest of the completions service never asks which kind it is serving: the chunk
+before any token (chat: the assistant role; completion: the echoed prompt), a step's delta as chunk choices, the
+usage chunk, and the whole response object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel
+
+from app.schemas.completions import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionLogprobs,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from unsloth_core.generate import Delta
+    from unsloth_core.generate import TokenLogprob as EngineLogprob
+
+SYSTEM_FINGERPRINT = "fp_unsloth"
+Finish = Literal["stop", "length"]
+
+
+@dataclass
+class Choice:
+    """One choice collected whole (a non-streamed answer)."""
+
+    text: list[str] = field(default_factory=list)
+    n_tokens: int = 0
+    logprobs: list[EngineLogprob] = field(default_factory=list)
+    finish: str | None = None
+
+
+@dataclass
+class Header:
+    """What every chunk and the response repeat."""
+
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+    logprobs: int | None  # None: the request asked for none
+
+
+class Formatter:
+    def __init__(self, header: Header, echo: Sequence[str] | None = None) -> None:
+        self.header, self.echo = header, echo
+
+    def sse(self, choices: Sequence[BaseModel], usage: Usage | None = None) -> str:
+        return f"data: {self.chunk(choices, usage).model_dump_json(exclude_unset=True)}\n\n"
+
+    def chunk(self, choices: Sequence[BaseModel], usage: Usage | None) -> BaseModel:
+        raise NotImplementedError
+
+    def opening(self, index: int) -> list[BaseModel]:
+        """The chunk choices sent for choice `index` before any token."""
+        raise NotImplementedError
+
+    def delta(self, d: Delta) -> list[BaseModel]:
+        raise NotImplementedError
+
+    def response(self, choices: Sequence[Choice], usage: Usage) -> Completion | ChatCompletion:
+        raise NotImplementedError
+
+    def _fields(self, usage: Usage | None) -> dict[str, object]:
+        h = self.header
+        out: dict[str, object] = {"id": h.id, "created": h.created, "model": h.model,
+                                  "system_fingerprint": SYSTEM_FINGERPRINT}
+        if h.include_usage:  # null in every chunk but the last, as OpenAI sends it; absent when not asked for
+            out["usage"] = usage
+        return out
+
+
+class ChatFormatter(Formatter):
+    def chunk(self, choices: Sequence[BaseModel], usage: Usage | None) -> BaseModel:
+        return ChatCompletionChunk(object="chat.completion.chunk", choices=list(choices),  # type: ignore[arg-type]
+                                   **self._fields(usage))  # type: ignore[arg-type]
+
+    def opening(self, index: int) -> list[BaseModel]:
+        return [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None,
+                                finish_reason=None)]
+
+    def delta(self, d: Delta) -> list[BaseModel]:
+        out: list[BaseModel] = []
+        if d.text or d.token_ids:
+            lps = chat_logprobs(d.logprobs) if self.header.logprobs is not None and d.logprobs is not None else None
+            out.append(ChatChunkChoice(index=d.index, delta=ChatDelta(content=d.text), logprobs=lps,
+                                       finish_reason=None))
+        if d.finish_reason is not None:
+            out.append(ChatChunkChoice(index=d.index, delta=ChatDelta(), logprobs=None,
+                                       finish_reason=d.finish_reason))
+        return out
+
+    def response(self, choices: Sequence[Choice], usage: Usage) -> ChatCompletion:
+        h = self.header
+        return ChatCompletion(id=h.id, created=h.created, model=h.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                              usage=usage, choices=[
+                                  ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
+                                             finish_reason=c.finish or "length",  # type: ignore[arg-type]
+                                             logprobs=chat_logprobs(c.logprobs) if h.logprobs is not None else None)
+                                  for i, c in enumerate(choices)])
+
+
+class CompletionFormatter(Formatter):
+    def __init__(self, header: Header, echo: Sequence[str] | None = None, n_choices: int = 0) -> None:
+        super().__init__(header, echo)
+        # Each choice's logprobs `text_offset` continues from the text already sent (the echoed prompt first).
+        self.offsets = [len(e) for e in echo] if echo else [0] * n_choices
+
+    def chunk(self, choices: Sequence[BaseModel], usage: Usage | None) -> BaseModel:
+        return CompletionChunk(object="text_completion", choices=list(choices),  # type: ignore[arg-type]
+                               **self._fields(usage))  # type: ignore[arg-type]
+
+    def opening(self, index: int) -> list[BaseModel]:
+        if not self.echo:
+            return []
+        return [CompletionChunkChoice(index=index, text=self.echo[index], logprobs=None, finish_reason=None)]
+
+    def delta(self, d: Delta) -> list[BaseModel]:
+        lps = d.logprobs if self.header.logprobs is not None else None
+        logprobs = completion_logprobs(lps, self.offsets[d.index]) if lps is not None else None
+        self.offsets[d.index] += len(d.text)
+        return [CompletionChunkChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)]
+
+    def response(self, choices: Sequence[Choice], usage: Usage) -> Completion:
+        h = self.header
+        return Completion(id=h.id, created=h.created, model=h.model, system_fingerprint=SYSTEM_FINGERPRINT,
+                          usage=usage, choices=[
+                              CompletionChoice(index=i, text=(self.echo[i] if self.echo else "") + "".join(c.text),
+                                               finish_reason=c.finish or "length",  # type: ignore[arg-type]
+                                               logprobs=completion_logprobs(c.logprobs, 0) if h.logprobs is not None
+                                               else None)
+                              for i, c in enumerate(choices)])
+
+
+# ---- logprobs ----
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(items: Sequence[EngineLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprob(token=t.token, logprob=t.logprob, bytes=_utf8(t.token),
+                     top_logprobs=[TopLogprob(token=text, logprob=lp, bytes=_utf8(text)) for _, text, lp in t.top])
+        for t in items])
+
+
+def completion_logprobs(items: Sequence[EngineLogprob], offset: int) -> CompletionLogprobs:
+    offsets = []
+    for t in items:
+        offsets.append(offset)
+        offset += len(t.token)
+    return CompletionLogprobs(tokens=[t.token for t in items], token_logprobs=[t.logprob for t in items],
+                              top_logprobs=[{text: lp for _, text, lp in t.top} for t in items], text_offset=offsets)
