@@ -51,8 +51,11 @@ class PooledLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         y = base_linear(x, self.weight, self.bias)
-        index, stacks = self.pool.index, self.stacks
-        if index is None or stacks is None:
+        index = self.pool.index
+        if index is None:  # base rows only: the stacks are not even read, so a compiled base step (static_step.py)
+            return y       # holds no guard on them and an adapter load never recompiles it
+        stacks = self.stacks
+        if stacks is None:
             return y
         flat = y.view(-1, y.size(-1))  # F.linear's output is contiguous: updated in place through the view
         kernels.lora_bgmv_(flat, x.reshape(-1, x.size(-1)), *stacks, index)

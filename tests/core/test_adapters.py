@@ -158,3 +158,28 @@ def test_loading_while_streams_run_changes_nothing_they_get(adapters: dict[str, 
     got = [t for d in items if d is not None for t in d.token_ids]  # type: ignore[attr-defined]
     want = Generator(load_adapter(base(), adapters["qv-r4"]), None, compile=False).generate([[1, 2, 3]], long)
     assert got == want[0].token_ids
+
+
+def test_a_pooled_engine_compiles_its_base_step_once_and_serves_adapters_beside_it(
+        adapters: dict[str, Path]) -> None:
+    """The compiled static step (static_step.py) serves base-only batches of an engine with a pool; batches with
+    adapter rows take the eager step. Loading adapters between base batches must not recompile the base step (the
+    pooled layers do not read their stacks on base rows, so the compiled step holds no guard on them)."""
+    from torch._dynamo.utils import counters
+
+    model = base()
+    pool = AdapterPool(model, capacity=4)
+    engine = BatchEngine(model, None, max_batch_size=2, max_seq_length=64, adapters=pool, compile=True)
+
+    def serve(adapter: str | None) -> list[int]:
+        deltas = list(engine.submit([1, 2, 3], GREEDY, adapter=adapter))
+        return [t for d in deltas for t in d.token_ids]
+
+    assert serve(None) == alone(None, [1, 2, 3])  # compiles the base step
+    graphs = counters["stats"]["unique_graphs"]
+    for name, directory in adapters.items():
+        pool.load(name, directory)  # each load grows or rewrites the stacks
+        assert serve(name) == alone(directory, [1, 2, 3])  # an adapter row: the eager step
+        assert serve(None) == alone(None, [1, 2, 3])
+    assert counters["stats"]["unique_graphs"] == graphs and engine.compile
+    engine.close()
