@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
 from app.db.models import File, Job
-from app.services import dispatch, hyperparameters, lifecycle
+from app.services import dispatch, fair_queue, hyperparameters, lifecycle
 from app.services.files import content_path
 from app.services.lifecycle import LeaseLost
 from app.services.models import base_model_dir
@@ -62,7 +62,9 @@ class Plan:
 
 
 def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
-    """Run one attempt; returns how it ended: dropped, lost, succeeded, failed, cancelled, paused or requeued."""
+    """Run one attempt; returns how it ended: dropped, lost, succeeded, failed, cancelled, paused or requeued. The
+    attempt run may be another key's job, the one that has waited longest (app/services/fair_queue.py)."""
+    job_id, attempt = take_turn(ctx, job_id, attempt)
     with ctx.sessions() as session:
         job = lifecycle.claim_job(session=session, job_id=job_id, attempt=attempt, owner=owner, lease=ctx.lease)
     if job is None:
@@ -79,6 +81,17 @@ def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
     finally:
         preempted.clear()
         _release_memory()
+
+
+def take_turn(ctx: WorkerContext, job_id: str, attempt: int) -> tuple[str, int]:
+    """The job this message's turn goes to (fair across keys); when it is another one, the message's own job is sent
+    again, to the back of the queue, so it still has a message."""
+    with ctx.sessions() as session:
+        picked = fair_queue.pick(session, job_id, attempt)
+        if picked != (job_id, attempt):
+            log.info("job %s: its turn goes to job %s, whose key has waited longer; sent again", job_id, picked[0])
+            dispatch.send_train(session=session, broker=ctx.broker, job_id=job_id, attempt=attempt)
+    return picked
 
 
 def _release_memory() -> None:
