@@ -31,6 +31,11 @@ class StaticStep:
 
     def __init__(self, model: Llama) -> None:
         self.model = model
+        # The KV cache is a module buffer, whose sizes dynamo specializes: each (batch bucket, cache rows, slots)
+        # is a compile of its own (0.4-5 s on the CPU after the first, with inductor's cache; 6 buckets and a few
+        # cache sizes in a server's life). Past dynamo's default of 8 the step would fall back to eager for good.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
         compiled = torch.compile(self._forward, fullgraph=True, dynamic=True)
         self._graphs = GraphedStep(compiled, MAX_GRAPHS) if model.device.type == "cuda" else None
         self._fn: Callable[..., Tensor] = self._graphs if self._graphs is not None else compiled
