@@ -342,7 +342,12 @@ def test_the_compiled_static_step_serves_as_the_eager_one_does(tok: Tokenizer) -
     assert engine.compile  # no fallback to the eager step happened
     assert engine._static is not None
     # Each (batch bucket, cache size) is a compile of its own: past dynamo's default 8 the step would go eager.
-    assert torch._dynamo.config.recompile_limit >= 64
+    # Dynamo's config is per thread: read it on the engine's.
+    limits: list[int] = []
+    probe = Stream(1, lambda _: limits.append(torch._dynamo.config.recompile_limit))
+    engine.submit([5], SamplingParams(temperature=0, max_new_tokens=1, **NO_EOS), stream=probe)
+    wait_until(lambda: len(limits) >= 2)
+    assert min(limits) >= 64
     engine.close()
     for (prompt, sp), (_, ids, finish) in zip(cases, results):
         assert ids == reference.generate([prompt], sp)[0].token_ids and finish == "length"
