@@ -37,6 +37,10 @@ class Settings(BaseSettings):
 
     # ---- limits ----
     max_upload_bytes: int = Field(512 * 2**20, ge=1)
+    # Per API key, so one key cannot fill the service for the others (429 insufficient_quota / too_many_active_jobs)
+    max_files_per_key: int = Field(10_000, ge=1)
+    max_file_bytes_per_key: int = Field(100 * 2**30, ge=1)
+    max_active_jobs_per_key: int = Field(100, ge=1)  # queued, running or paused
     upload_idle_timeout_s: float = Field(60.0, gt=0)  # an upload that sends nothing for this long is cut off: 408
     max_file_lines: int = Field(1_000_000, ge=1)
     max_request_bytes: int = Field(16 * 2**20, ge=1024)

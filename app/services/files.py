@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
 from app.core import ids
@@ -57,6 +57,22 @@ def validate_training_file(path: Path) -> dict[str, Any]:
 def report_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
     """The report without its list of errors (its counts stay): what a file list shows."""
     return None if report is None else {k: v for k, v in report.items() if k != "errors"}
+
+
+def check_quota(*, session: Session, settings: Settings, key: ApiKey, incoming_bytes: int = 0) -> None:
+    """One key's stored files are capped in number and bytes (`max_files_per_key`, `max_file_bytes_per_key`), so it
+    cannot fill the disk the others share: 429 insufficient_quota past either."""
+    count, used = session.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0))
+                                  .where(File.owner_id == key.id, File.deleted_at.is_(None))).one()
+    if incoming_bytes == 0 and count >= settings.max_files_per_key:
+        raise _quota(f"This API key stores {count} files, its limit; delete some first.")
+    if used + incoming_bytes > settings.max_file_bytes_per_key:
+        raise _quota(f"This upload would take this API key's files to {used + incoming_bytes} bytes, over its limit "
+                     f"of {settings.max_file_bytes_per_key}; delete some first.")
+
+
+def _quota(message: str) -> APIError:
+    return APIError(429, message, type="insufficient_quota", code="insufficient_quota", param="file")
 
 
 def create_file(*, session: Session, settings: Settings, owner: ApiKey, upload: Upload, staged: Path,

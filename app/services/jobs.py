@@ -159,6 +159,16 @@ def _raise_first(plan: JobPlan) -> None:
 # ---- create ----
 
 
+def _check_active_jobs(session: Session, settings: Settings, key: ApiKey) -> None:
+    """One key's queued, running and paused jobs are capped (`max_active_jobs_per_key`): 429 past it."""
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner_id == key.id, Job.status.not_in(TERMINAL_STATUSES))) or 0
+    if active >= settings.max_active_jobs_per_key:
+        raise APIError(429, f"This API key has {active} fine-tuning jobs queued, running or paused, its limit; "
+                            "wait for some to finish or cancel some.", type="rate_limit_error",
+                       code="too_many_active_jobs", headers={"Retry-After": "60"})
+
+
 def create_job(*, session: Session, settings: Settings, broker: Broker, key: ApiKey, payload: JobCreate,
                idempotency_key: str | None, retry_count: int | None) -> Job:
     """Create and enqueue a job, or return the one an earlier identical request made.
@@ -179,6 +189,7 @@ def create_job(*, session: Session, settings: Settings, broker: Broker, key: Api
                                   .order_by(Job.id.desc()).limit(1))
         if existing is not None:
             return existing
+    _check_active_jobs(session, settings, key)
     plan = plan_job(session=session, settings=settings, key=key, payload=payload)
     _raise_first(plan)
     assert plan.training is not None and plan.hyperparameters is not None

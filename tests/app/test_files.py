@@ -188,3 +188,23 @@ def test_an_exhausted_connection_pool_is_503_with_retry_after(backend: Backend,
     r = httpx.get(backend.base_url + "/v1/files", headers={"Authorization": f"Bearer {backend.user_key}"})
     assert r.status_code == 503 and r.headers["retry-after"] == "2"
     assert r.json()["error"]["code"] == "database_busy"
+
+
+def test_a_key_cannot_fill_the_disk(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: per key, stored files are capped in number and in bytes (429 insufficient_quota), the bytes checked
+    once the upload has arrived (its staged copy removed); deleting makes room again. Other keys are not counted."""
+    content = jsonl(chat_rows(2))
+    monkeypatch.setattr(backend.ctx, "settings", backend.settings.model_copy(
+        update={"max_files_per_key": 2, "max_file_bytes_per_key": 2 * len(content) + 10}))
+    client = backend.client(backend.new_key())
+    first, _ = upload(client, content), upload(client, content)
+    with pytest.raises(openai.RateLimitError) as e:
+        upload(client, content)
+    assert e.value.code == "insufficient_quota" and "2 files" in e.value.message
+    client.files.delete(first.id)
+    with pytest.raises(openai.RateLimitError) as e:
+        upload(client, content + content)  # the count has room, the bytes have not
+    assert e.value.code == "insufficient_quota" and "bytes" in e.value.message
+    assert not list(backend.settings.files_dir.glob(".upload-*.part"))
+    assert upload(client, content).status == "processed"
+    assert upload(backend.client(backend.new_key()), content).status == "processed"  # another key: its own quota

@@ -322,3 +322,24 @@ def test_other_keys_jobs_are_invisible(backend: Backend, training_file: str) -> 
             call(job.id)
         assert e.value.code == "job_not_found"
     assert job.id not in [j.id for j in other.list(limit=100).data]
+
+
+def test_a_key_cannot_queue_jobs_without_end(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: one key's queued, running and paused jobs are capped (429 too_many_active_jobs); a cancelled one
+    frees its place, and other keys are not counted."""
+    monkeypatch.setattr(backend.ctx, "settings", backend.settings.model_copy(update={"max_active_jobs_per_key": 2}))
+    key = backend.new_key()
+    client = backend.client(key)
+    file_id = upload(client, jsonl(chat_rows(12))).id
+    first = client.fine_tuning.jobs.create(model=TINY, training_file=file_id, suffix="a")
+    client.fine_tuning.jobs.create(model=TINY, training_file=file_id, suffix="b")
+    with pytest.raises(openai.RateLimitError) as e:
+        client.fine_tuning.jobs.create(model=TINY, training_file=file_id, suffix="c")
+    assert e.value.code == "too_many_active_jobs" and e.value.response.headers["retry-after"] == "60"
+    client.fine_tuning.jobs.cancel(first.id)
+    assert client.fine_tuning.jobs.create(model=TINY, training_file=file_id, suffix="d").status == "queued"
+    other = backend.client(backend.new_key())  # two active jobs of its own: not counted against the first key's
+    other_file = upload(other, jsonl(chat_rows(12))).id
+    assert [other.fine_tuning.jobs.create(model=TINY, training_file=other_file, suffix=s).status
+            for s in ("e", "f")] == ["queued", "queued"]
+    backend.queued_messages()  # this test's messages: no worker here

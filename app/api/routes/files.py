@@ -23,6 +23,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 @router.post("", openapi_extra=UPLOAD_BODY)
 async def upload_file(request: Request, ctx: CtxDep, session: SessionDep, key: CurrentKey) -> FileObject:
     """Streams the upload to disk (size and line caps enforced as it arrives), then validates every line."""
+    await run_in_threadpool(files.check_quota, session=session, settings=ctx.settings, key=key)
     session.close()  # no database connection is held while the body arrives (the key stays loaded)
     staged = files.staging_path(ctx.settings)
     upload = await receive_upload(request, dest=staged, max_bytes=ctx.settings.max_upload_bytes,
@@ -30,6 +31,8 @@ async def upload_file(request: Request, ctx: CtxDep, session: SessionDep, key: C
                                   idle_timeout_s=ctx.settings.upload_idle_timeout_s)
     try:
         purpose = files.check_purpose(upload.fields.get("purpose"))
+        await run_in_threadpool(files.check_quota, session=session, settings=ctx.settings, key=key,
+                                incoming_bytes=upload.size)
         row = await run_in_threadpool(lambda: files.create_file(session=session, settings=ctx.settings, owner=key,
                                                                 upload=upload, staged=staged, purpose=purpose))
     finally:
