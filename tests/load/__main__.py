@@ -11,10 +11,6 @@ temporary data dir, no worker) and stops it at the end. Phases, each `--duration
    should stay near the base's. The fine-tunes are made as a worker leaves them (a job created over the API, then
    claimed and completed on the server's database with a random rank-16 adapter), so this phase needs the server's
    data dir: it runs when this tool starts the server, or with `--url` plus `--data-dir` (and `--database-url`).
-5. flood (with `--flood`): another key misbehaves from 8 connections (16 MiB bodies without a key, uploads, job
-   creates, completions past its share) while this key polls a job and streams from 1 client each: their p99
-   against the same phases unloaded (issue 15 wants within 2x), and no 5xx anywhere. The second key is made in the
-   server's database, so this phase too needs the data dir.
 Prints a Markdown table and writes every number (with the load average and the command) as JSON to `--out`.
 Exit status 1 if any phase saw a 5xx, a transport error, a broken stream or a 429 without Retry-After."""
 
@@ -41,7 +37,7 @@ from typing import Any
 import httpx
 
 from app.core.config import Settings
-from tests.load.loadgen import PhaseResult, flood, poll_job, stream_completions
+from tests.load.loadgen import PhaseResult, poll_job, stream_completions
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny-chat"
@@ -116,19 +112,6 @@ def make_fine_tunes(settings: Settings, url: str, key: str, model: str, n: int) 
     return models
 
 
-def new_key(settings: Settings, name: str) -> str:
-    """An API key made in the server's database (no API makes keys: `unsloth keys create` does this)."""
-    from app.db.session import make_engine, make_session_factory
-    from app.services import keys
-
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            return keys.create_key(session=session, name=name)[1]
-    finally:
-        engine.dispose()
-
-
 def run_wrk(url: str, key: str, job_id: str, duration: int, connections: int = 32) -> dict[str, Any] | None:
     """wrk's own numbers for the polling phase, or None when wrk is not installed."""
     wrk = shutil.which("wrk")
@@ -165,8 +148,7 @@ def table(results: list[PhaseResult]) -> str:
 
 
 async def phases(url: str, key: str, model: str, job_id: str, duration: float, max_tokens: int,
-                 max_generations: int, clients: list[int], fine_tunes: list[str],
-                 flooder: str | None = None) -> list[PhaseResult]:
+                 max_generations: int, clients: list[int], fine_tunes: list[str]) -> list[PhaseResult]:
     results = []
     await stream_completions(url, key, model, clients=1, duration=1, max_tokens=4)  # load the model first
     for n in clients:
@@ -188,19 +170,6 @@ async def phases(url: str, key: str, model: str, job_id: str, duration: float, m
         results.append(await stream_completions(url, key, fine_tunes, clients=n, duration=duration,
                                                 max_tokens=max_tokens, name=f"mixed fine-tunes x{n}"))
         print(table(results[-1:]).splitlines()[-1], flush=True)
-    if flooder is not None:
-        if 1 not in clients:  # the unloaded figures to compare with
-            results.append(await poll_job(url, key, job_id, clients=1, duration=duration))
-            results.append(await stream_completions(url, key, model, clients=1, duration=duration,
-                                                    max_tokens=max_tokens))
-        flooded = await asyncio.gather(
-            flood(url, flooder, model, clients=8, duration=duration),
-            poll_job(url, key, job_id, clients=1, duration=duration, name="poll job x1 (flooded)"),
-            stream_completions(url, key, model, clients=1, duration=duration, max_tokens=max_tokens,
-                               name="stream completions x1 (flooded)"))
-        results += list(flooded)
-        for r in flooded:
-            print(table([r]).splitlines()[-1], flush=True)
     return results
 
 
@@ -220,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the started server's decode batch (UNSLOTH_MAX_BATCH_SIZE; default: the service's)")
     parser.add_argument("--fine-tunes", type=int, default=8,
                         help="fine-tunes for the mixed phase, each with its own client (0: no such phase)")
-    parser.add_argument("--flood", action="store_true", help="the flood phase (needs the server's data dir)")
-    parser.add_argument("--data-dir", type=Path, help="with --url: the server's data dir (for --fine-tunes, --flood)")
+    parser.add_argument("--data-dir", type=Path, help="with --url: the server's data dir (for --fine-tunes)")
     parser.add_argument("--database-url", help="with --data-dir: the server's database (default: its SQLite file)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -237,18 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = tmp / "data" if tmp is not None else args.data_dir
     try:
         fine_tunes: list[str] = []
-        flooder = None
-        if data_dir is not None:
+        if args.fine_tunes and data_dir is not None:
             settings = Settings(data_dir=data_dir, database_url=args.database_url or "")  # "": its SQLite file
-            if args.fine_tunes:
-                fine_tunes = make_fine_tunes(settings, url, key, args.model, args.fine_tunes)
-            if args.flood:
-                flooder = new_key(settings, "flooder")
+            fine_tunes = make_fine_tunes(settings, url, key, args.model, args.fine_tunes)
         job_id = make_job(url, key, args.model)
         started = {"load_average": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%FT%T%z")}
         clients = [int(c) for c in args.clients.split(",")]
         results = asyncio.run(phases(url, key, args.model, job_id, args.duration, args.max_tokens,
-                                     args.max_generations, clients, fine_tunes, flooder))
+                                     args.max_generations, clients, fine_tunes))
         wrk = run_wrk(url, key, job_id, int(args.duration))
     finally:
         if proc is not None:
@@ -259,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
 
     streams = {r.clients: r.summary()["tokens_per_s"] for r in results if r.name.startswith("stream")}
     mixed = {r.clients: r.summary()["tokens_per_s"] for r in results if r.name.startswith("mixed")}
-    p99 = {r.name: r.summary()["p99_ms"] for r in results}
     report = {
         "command": "python -m tests.load " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -268,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
                                  if n != 1 and streams.get(1) and streams[n]},
         "mixed_vs_base_tokens_per_s": {f"x{n}": round(mixed[n] / streams[n], 2) for n in mixed
                                        if streams.get(n) and mixed[n]},
-        "flooded_vs_quiet_p99": {name: round(p99[f"{name} (flooded)"] / p99[name], 2)
-                                 for name in ("poll job x1", "stream completions x1")
-                                 if p99.get(name) and p99.get(f"{name} (flooded)")},
     }
     print()
     print(table(results))
@@ -278,8 +238,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrk -c{wrk['connections']}: {wrk['requests_per_s']} req/s, p50 {wrk['p50_ms']} ms, "
               f"p99 {wrk['p99_ms']} ms, non-2xx {wrk['non_2xx']}, load avg {wrk['load_average'][0]}")
     print(f"\nstreaming speedup (aggregate tokens/s vs 1 client): {report['speedup_tokens_per_s']}")
-    if report["flooded_vs_quiet_p99"]:
-        print(f"p99 while another key floods, against quiet (issue 15: <= 2x): {report['flooded_vs_quiet_p99']}")
     if mixed:
         print(f"each client on its own fine-tune (aggregate tokens/s vs the base, same clients): "
               f"{report['mixed_vs_base_tokens_per_s']}")

@@ -110,9 +110,9 @@ async def _run(result: PhaseResult, clients: int, duration: float, one: Any) -> 
 
 
 async def poll_job(base_url: str, key: str, job_id: str, *, clients: int, duration: float,
-                   timeout: float = 30, name: str | None = None) -> PhaseResult:
+                   timeout: float = 30) -> PhaseResult:
     """`GET /v1/fine_tuning/jobs/{id}` in a loop from `clients` concurrent clients."""
-    result = PhaseResult(name or f"poll job x{clients}", clients)
+    result = PhaseResult(f"poll job x{clients}", clients)
     async with _client(base_url, key, clients, timeout) as http:
         async def one() -> None:
             began = time.perf_counter()
@@ -185,44 +185,5 @@ async def stream_completions(base_url: str, key: str, model: str | list[str], *,
             result.latencies_s.append(time.perf_counter() - began)
             if first is not None:
                 result.ttft_s.append(first - began)
-
-        return await _run(result, clients, duration, one)
-
-
-async def flood(base_url: str, key: str, model: str, *, clients: int, duration: float,
-                body_bytes: int = 16 * 2**20) -> PhaseResult:
-    """One tenant misbehaving from `clients` connections at once, in turn: 16 MiB bodies sent without a key, cheap
-    uploads, job creates, and completions past its share of the generation slots. Its answers are expected to be
-    4xx (401, 413, 429, 400); a 5xx or a transport error is a finding."""
-    result = PhaseResult(f"flood x{clients}", clients)
-    row = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-    blob = b"x" * body_bytes
-    async with _client(base_url, key, clients, 60) as http:
-        file_id: list[str] = []
-
-        async def one(client: int) -> None:
-            kind = client % 4
-            began = time.perf_counter()
-            try:
-                if kind == 0:  # unauthenticated, as large as the body limit allows
-                    response = await http.post("/v1/chat/completions", content=blob,
-                                               headers={"Authorization": "", "Content-Type": "application/json"})
-                elif kind == 1:
-                    response = await http.post("/v1/files", files={"file": ("f.jsonl", row * 4)},
-                                               data={"purpose": "fine-tune"})
-                    if response.status_code == 200:
-                        file_id[:] = [response.json()["id"]]
-                elif kind == 2 and file_id:
-                    response = await http.post("/v1/fine_tuning/jobs", json={"model": model,
-                                                                             "training_file": file_id[0]})
-                else:
-                    response = await http.post("/v1/completions", json={"model": model, "prompt": "flood",
-                                                                        "max_tokens": 16, "ignore_eos": True})
-            except httpx.HTTPError as e:
-                if kind != 0:  # a server may close an unauthenticated upload's connection mid-body: that is its job
-                    result.errors.append(f"{type(e).__name__}: {e}")
-                return
-            _record_status(result, response)
-            result.latencies_s.append(time.perf_counter() - began)
 
         return await _run(result, clients, duration, one)
