@@ -17,7 +17,14 @@ from app.api.router import root, route_template, v1
 from app.core.config import Settings, SettingsError, load_settings
 from app.core.context import AppContext
 from app.core.errors import install_error_handlers
-from app.core.middleware import AuthGateMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathGuardMiddleware
+from app.core.middleware import (
+    AuthGateMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    PathGuardMiddleware,
+    RateLimitMiddleware,
+)
+from app.core.rate_limit import RateLimiter
 from app.core.threads import apply_torch_threads
 from app.services.key_gate import KeyGate
 
@@ -35,12 +42,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     except BaseException:
         ctx.close()
         raise
+    limiter = RateLimiter.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
+            limiter.close()
             ctx.close()
 
     # Exact paths, as OpenAI's: no 307 from `/v1/files/` to `/v1/files` (a redirect built from the Host header).
@@ -57,8 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return settings.max_upload_bytes + UPLOAD_OVERHEAD
         return settings.max_request_bytes
 
+    # The last added runs first: metrics, the path guard, the key gate, the key's rate limit, the body limit.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
-    app.add_middleware(AuthGateMiddleware, allows=KeyGate(ctx.sessions).allows)  # runs before the body limit
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    app.add_middleware(AuthGateMiddleware, identify=KeyGate(ctx.sessions).identify)
     app.add_middleware(PathGuardMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics, route_template=route_template)
     return app

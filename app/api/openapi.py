@@ -19,13 +19,13 @@ ERROR_SCHEMA = {
 }
 DESCRIPTIONS = {"400": "Invalid request", "401": "Missing or wrong API key", "403": "Not allowed",
                 "404": "Not found (or another key's)", "409": "Changing state; retry", "413": "Body too large",
-                "422": "Idempotency-Key reused with another body", "429": "Too many generations; retry after",
+                "422": "Idempotency-Key reused with another body",
+                "429": "Too many requests, generations or stored objects for this key; retry after",
                 "500": "Server error", "503": "Database or broker unavailable"}
-V1_ERRORS = ("400", "401", "404", "413", "500", "503")
+V1_ERRORS = ("400", "401", "404", "413", "429", "500", "503")  # 429: the key's request rate (any /v1 route)
 EXTRA: list[tuple[str, str, tuple[str, ...]]] = [  # (method, path pattern, statuses)
     ("post", r"^/v1/fine_tuning/jobs$", ("422",)),
     ("post", r"^/v1/fine_tuning/jobs/\{job_id\}/(cancel|pause|resume)$", ("409",)),
-    ("post", r"completions$", ("429",)),
     ("delete", r"^/v1/models/", ("403",)),
     ("get", r"^/ready$", ("503",)),
 ]

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     max_files_per_key: int = Field(10_000, ge=1)
     max_file_bytes_per_key: int = Field(100 * 2**30, ge=1)
     max_active_jobs_per_key: int = Field(100, ge=1)  # queued, running or paused
+    # Requests per API key per window (a minute), per route family (0: none); past one, 429 rate_limit_exceeded.
+    # Far above what a person or a polling script sends; they stop a runaway loop from taking the API from the others.
+    rpm_files: int = Field(1200, ge=0)
+    rpm_fine_tuning: int = Field(6000, ge=0)  # job creates, polls, events, checkpoints
+    rpm_models: int = Field(6000, ge=0)
+    rpm_completions: int = Field(6000, ge=0)  # completions and chat completions together
+    rate_limit_window_s: float = Field(60.0, gt=0)  # the window the RPM_* limits count in (tests shorten it)
     upload_idle_timeout_s: float = Field(60.0, gt=0)  # an upload that sends nothing for this long is cut off: 408
     max_file_lines: int = Field(1_000_000, ge=1)
     max_request_bytes: int = Field(16 * 2**20, ge=1024)

@@ -1,5 +1,6 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streams): an API-key gate that answers before any
-body is read, a request body cap enforced while the body streams in, and request metrics by route template."""
+body is read, per-key request rate limits (also before the body), a request body cap enforced while the body streams
+in, and request metrics by route template."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import APIError, database_busy, database_unavailable, unauthorized
 from app.core.metrics import Metrics
+from app.core.rate_limit import RateLimiter, route_family
 from app.schemas.common import CONTROL_CHARACTERS
 
 log = logging.getLogger("app")
@@ -40,13 +42,17 @@ class PathGuardMiddleware:
         await self.app(scope, receive, send)
 
 
+KEY_ID = "api_key_id"  # in the request's `state`: the key AuthGateMiddleware found
+
+
 class AuthGateMiddleware:
     """A `/v1` request without a live API key is answered 401 before any of its body is read, and its connection
     closed: FastAPI parses a JSON body before the route's key dependency runs, so without this an unauthenticated
-    client could make the API parse 16 MiB on the event loop per request. `allows(token)` runs on a worker thread."""
+    client could make the API parse 16 MiB on the event loop per request. `identify(token)` (the key's id, or None)
+    runs on a worker thread; the id is left in the request's state for the rate limits."""
 
-    def __init__(self, app: ASGIApp, allows: Callable[[str], bool], prefix: str = "/v1/") -> None:
-        self.app, self.allows, self.prefix = app, allows, prefix
+    def __init__(self, app: ASGIApp, identify: Callable[[str], str | None], prefix: str = "/v1/") -> None:
+        self.app, self.identify, self.prefix = app, identify, prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or not scope["path"].startswith(self.prefix):
@@ -58,15 +64,50 @@ class AuthGateMiddleware:
                                                  "'Authorization: Bearer YOUR_KEY'."))
             return
         try:
-            allowed = await anyio.to_thread.run_sync(self.allows, token)
+            key_id = await anyio.to_thread.run_sync(self.identify, token)
         except SQLAlchemyError as e:  # as a route answers then: 503, retry shortly (the body still unread)
             log.error("database unavailable: %s", e)
             await _send_error(send, database_busy() if isinstance(e, PoolTimeoutError) else database_unavailable())
             return
-        if not allowed:
+        if key_id is None:
             await _send_error(send, unauthorized("Incorrect API key provided."))
             return
+        scope.setdefault("state", {})[KEY_ID] = key_id
         await self.app(scope, receive, send)
+
+
+class RateLimitMiddleware:
+    """Counts each request of a known key (AuthGateMiddleware's) in its route family: past the family's limit the
+    answer is 429 before any of the body is read, and every answer carries OpenAI's `x-ratelimit-*-requests`
+    headers. A counter that waits on Redis runs on a worker thread; the in-process one runs here."""
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+        self.app, self.limiter = app, limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key_id = scope.get("state", {}).get(KEY_ID) if scope["type"] == "http" else None
+        family = route_family(scope["path"]) if key_id is not None else None
+        if key_id is None or family is None:
+            await self.app(scope, receive, send)
+            return
+        if self.limiter.blocking:
+            window = await anyio.to_thread.run_sync(self.limiter.check, key_id, family)
+        else:
+            window = self.limiter.check(key_id, family)
+        if window is None:
+            await self.app(scope, receive, send)
+            return
+        if not window.allowed:
+            await _send_error(send, window.error(family))
+            return
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in window.headers().items()]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def bearer_token(header: bytes | None) -> str | None:
