@@ -27,7 +27,7 @@ from celery import Celery, signals
 
 from app.core.broker import DEFAULT_QUEUE, PRUNE_TASK, REAP_TASK, RESEND_TASK, celery_config
 from app.core.config import Settings, load_settings
-from app.services import lifecycle
+from app.services import lifecycle, storage
 from worker import context
 
 log = logging.getLogger("worker")
@@ -60,7 +60,7 @@ def worker_config(settings: Settings) -> dict[str, Any]:
             "resend-unclaimed": {"task": RESEND_TASK, "schedule": every, "options": housekeeping},
             "prune-broker": {"task": PRUNE_TASK, "schedule": 3600.0, "options": {**housekeeping, "expires": 3600}},
         },
-        beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
+        beat_schedule_filename=str(storage.beat_schedule(settings)),
     )
     return config
 

@@ -19,6 +19,7 @@ from app.core.config import SettingsError, load_settings
 from app.core.threads import apply_torch_threads
 from app.db import migrate
 from app.db.session import make_engine
+from app.services.storage import beat_schedule
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def worker_main(argv: Sequence[str] | None = None, prog: str = "unsloth worker")
     from worker.celery_app import make_app
 
     app = make_app(settings, warm=ROLES[args.role].warm)
-    schedule = str(settings.data_dir / "celerybeat-schedule")
+    schedule = str(beat_schedule(settings))
     return int(app.start(celery_argv(args.role, args.hostname, settings.log_level, schedule,
                                      args.max_tasks_per_child)) or 0)
 

@@ -23,11 +23,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import File, Job
-from app.services import dispatch, fair_queue, hyperparameters, lifecycle
-from app.services.files import content_path
+from app.db.models import File, Job, JobStatus
+from app.services import dispatch, fair_queue, hyperparameters, lifecycle, storage
 from app.services.lifecycle import LeaseLost
-from app.services.models import base_model_dir
 from worker import failures
 from worker.context import WorkerContext
 from worker.failures import JobFailure
@@ -130,7 +128,7 @@ def prepare(ctx: WorkerContext, job: Job) -> Plan:
     """Check what the job needs is still there, resolve the engine's arguments and the checkpoint to resume from.
     Raises JobFailure."""
     settings = ctx.settings
-    base = base_model_dir(settings, job.model)
+    base = storage.base_model_dir(settings, job.model)
     if base is None:
         raise failures.model_not_found(job.model)
     with ctx.sessions() as session:
@@ -142,7 +140,7 @@ def prepare(ctx: WorkerContext, job: Job) -> Plan:
         total_steps = int((job.progress or {}).get("total_steps") or 1)
         try:
             args, lora = hyperparameters.train_config(
-                job.method, seed=job.seed, output_dir=lifecycle.attempt_dir(settings, job.id, job.attempt),
+                job.method, seed=job.seed, output_dir=storage.attempt_dir(settings, job.id, job.attempt),
                 total_steps=total_steps, metrics_every=settings.metrics_every_steps)
         except (ValueError, KeyError, TypeError) as e:
             raise JobFailure("invalid_hyperparameters", f"The job's hyperparameters cannot be used: {e}",
@@ -167,14 +165,14 @@ def _remove_torn_checkpoints(ctx: WorkerContext, job: Job) -> None:
     from unsloth_core.train_checkpoint import remove_torn
 
     for attempt in range(job.attempt):
-        for path in remove_torn(lifecycle.attempt_dir(ctx.settings, job.id, attempt) / "checkpoints"):
+        for path in remove_torn(storage.attempt_dir(ctx.settings, job.id, attempt) / "checkpoints"):
             log.warning("job %s: removed %s, torn by a crash of attempt %d", job.id, path, attempt)
 
 
 def _readable_file(ctx: WorkerContext, row: File | None, param: str, file_id: str) -> Path:
     if row is None or row.deleted_at is not None:
         raise failures.file_missing(param, file_id)
-    path = content_path(ctx.settings, row)
+    path = storage.file_content(ctx.settings, row.path)
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -213,7 +211,7 @@ def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, 
         with ctx.sessions() as session:  # if this send fails, the re-sender sends it later
             dispatch.send_train(session=session, broker=ctx.broker, job_id=lease.job_id, attempt=attempt)
         return "requeued"
-    status = "cancelled" if result.status == "cancelled" else "paused"
+    status = JobStatus.CANCELLED if result.status == "cancelled" else JobStatus.PAUSED
     written = _final_write(ctx, lease, lambda session: lifecycle.stop_job(session=session, status=status,
                                                                           step=result.step, **lease.fence))
     return written or _lost(lease)

@@ -7,6 +7,7 @@ an id. Paths are stored relative to the data dir and never built from user strin
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint
@@ -14,8 +15,22 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, utcnow
 
-JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+class JobStatus(StrEnum):
+    """A job's status. A `StrEnum`, so the stored strings and the API's JSON are the values themselves; which status
+    may follow which is `app.services.transitions`'."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+JOB_STATUSES = tuple(s.value for s in JobStatus)  # plain strings: the CHECK constraint's text
+TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 FILE_STATUSES = ("uploaded", "processed", "error")
 MODEL_KINDS = ("base", "fine_tune", "checkpoint")
 STOP_REQUESTS = ("cancel", "pause", "preempt")

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.core.broker import Broker
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Job
+from app.db.models import Job, JobStatus
 
 log = logging.getLogger("app.dispatch")
 
@@ -31,7 +31,7 @@ def send_train(*, session: Session, broker: Broker, job_id: str, attempt: int) -
         return False
     now = utcnow()
     sends = session.scalar(select(Job.send_count).where(Job.id == job_id)) or 0
-    session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued")
+    session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.QUEUED)
                     .values(enqueued_at=now, send_count=Job.send_count + 1,
                             resend_at=now + resend_wait(broker.settings, sends + 1)))
     session.commit()
@@ -47,7 +47,7 @@ def resend_unclaimed(*, session: Session, broker: Broker, now: datetime | None =
     """Re-send the message of every queued job not claimed in time (the worker's beat calls this periodically),
     the longest overdue first, at most `limit`. Returns the ids sent."""
     now = now or utcnow()
-    query = (select(Job.id, Job.attempt).where(Job.status == "queued",
+    query = (select(Job.id, Job.attempt).where(Job.status == JobStatus.QUEUED,
                                                or_(Job.resend_at.is_(None), Job.resend_at <= now))
              .order_by(Job.resend_at.is_not(None), Job.resend_at, Job.id).limit(limit))
     sent = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from pathlib import Path
@@ -17,15 +16,11 @@ from app.core.errors import APIError, bad_request, not_found
 from app.db.base import unix, utcnow
 from app.db.models import TERMINAL_STATUSES, ApiKey, File, Job
 from app.schemas.files import UPLOAD_PURPOSES, FileList, FileObject
+from app.services import storage
 from app.services.common import owned, page
 from app.services.uploads import Upload
 
 log = logging.getLogger("app.files")
-
-
-def staging_path(settings: Settings) -> Path:
-    """Where an upload streams to before it has a row: hidden, server-named, in the files dir (same filesystem)."""
-    return settings.files_dir / f".upload-{ids.new_id('')}.part"
 
 
 def check_purpose(purpose: str | None) -> str:
@@ -78,7 +73,7 @@ def _quota(message: str) -> APIError:
 def create_file(*, session: Session, settings: Settings, owner: ApiKey, upload: Upload, staged: Path,
                 purpose: str) -> File:
     file_id = ids.new_id(ids.FILE)
-    relative = Path("files") / f"{file_id}.jsonl"
+    relative = storage.file_relative(file_id)
     final = settings.data_dir / relative
     os.replace(staged, final)
     status, details, report = "processed", None, None
@@ -139,25 +134,13 @@ def delete_file(*, session: Session, settings: Settings, key: ApiKey, file_id: s
                           code="file_in_use")
     row.deleted_at = utcnow()
     session.commit()
-    entry = settings.data_dir / row.path
-    if entry.parent == settings.files_dir:  # the directory entry itself (a planted symlink: the link, not its target)
-        entry.unlink(missing_ok=True)
-
-
-def content_path(settings: Settings, row: File) -> Path:
-    """Where a file row's bytes are, resolved. A path that resolves outside the files dir (a symlink planted there)
-    raises FileNotFoundError, as if the bytes were gone: nothing outside the data dir is ever read."""
-    path = (settings.data_dir / row.path).resolve()
-    if not path.is_relative_to(settings.files_dir.resolve()):
-        log.error("file %s: its content path %s leads outside the files dir; refusing it", row.id, path)
-        raise FileNotFoundError(errno.ENOENT, "file content outside the files dir", str(path))
-    return path
+    storage.remove_file_entry(settings, row.path)
 
 
 def readable_content(settings: Settings, row: File, param: str | None = None) -> Path:
-    """`content_path` for the API: 404 when the bytes are gone (or lead out of the files dir), never a 500."""
+    """A file's bytes for the API: 404 when they are gone (or lead out of the files dir), never a 500."""
     try:
-        path = content_path(settings, row)
+        path = storage.file_content(settings, row.path)
     except OSError:
         path = None
     if path is None or not path.is_file():

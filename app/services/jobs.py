@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from app.core.broker import Broker
 from app.core.config import Settings
 from app.core.errors import APIError, bad_request, not_found
 from app.db.base import unix, utcnow
-from app.db.models import TERMINAL_STATUSES, ApiKey, Checkpoint, File, Job, JobEvent, Model
+from app.db.models import TERMINAL_STATUSES, ApiKey, Checkpoint, File, Job, JobEvent, JobStatus, Model
 from app.schemas.jobs import (
     CheckpointList,
     CheckpointObject,
@@ -39,7 +40,10 @@ from app.services import hyperparameters
 from app.services.common import owned, page
 from app.services.dispatch import send_train
 from app.services.files import readable_content
-from app.services.models import base_model_dir, context_length
+from app.services.job_events import new_event
+from app.services.models import context_length
+from app.services.storage import base_model_dir
+from app.services.transitions import move, next_attempt
 
 ORGANIZATION = "org-unsloth"
 MAX_LINE_ISSUES = 100  # per file, in a dry-run answer
@@ -200,7 +204,7 @@ def create_job(*, session: Session, settings: Settings, broker: Broker, key: Api
               seed=payload.seed if payload.seed is not None else secrets.randbelow(2**31),
               meta=payload.metadata, method=plan.method,
               integrations=[i.model_dump(mode="json") for i in payload.integrations] if payload.integrations else None,
-              status="queued", idempotency_key=idempotency_key, request_hash=digest, result_files=[],
+              status=JobStatus.QUEUED, idempotency_key=idempotency_key, request_hash=digest, result_files=[],
               progress={"step": 0, "total_steps": total_steps})
     session.add(job)
     session.add(new_event(job.id, f"Created fine-tuning job: {job.id}"))
@@ -332,88 +336,86 @@ def jobs_by_status(session: Session) -> dict[str, int]:
 # ---- cancel / pause / resume ----
 
 
-def _transition(session: Session, job: Job, to: str, **values: Any) -> bool:
-    """Compare-and-set on (status, attempt): False when a worker (or another request) changed the row first."""
-    result = session.execute(update(Job).where(Job.id == job.id, Job.status == job.status,
-                                               Job.attempt == job.attempt).values(status=to, **values))
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
 def cancel_job(*, session: Session, key: ApiKey, job_id: str) -> Job:
-    for _ in range(3):  # a claim can race the request; re-read and decide again
-        job = get_job(session=session, key=key, job_id=job_id)
-        if job.status == "cancelled":
-            return job
-        if job.status in TERMINAL_STATUSES:
-            raise bad_request(f"Job {job_id} has already {job.status}; it cannot be cancelled.",
-                              code="job_not_cancellable")
-        if job.status == "running":
-            if job.stop_requested != "cancel":
-                session.execute(update(Job).where(Job.id == job.id, Job.status == "running")
-                                .values(stop_requested="cancel"))
-                session.add(new_event(job.id, "Cancellation requested; the job stops at the next step"))
-                session.commit()
-            session.refresh(job)
-            return job
-        if _transition(session, job, "cancelled", stop_requested=None, finished_at=utcnow()):
-            session.add(status_event(job.id, "cancelled", "Fine-tuning job cancelled", attempt=job.attempt))
-            session.commit()
-            session.refresh(job)
-            return job
-        session.rollback()
-    raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
-                   headers={"x-should-retry": "true"})
+    return _settle(session, key, job_id, _cancel)
 
 
 def pause_job(*, session: Session, key: ApiKey, job_id: str) -> Job:
+    return _settle(session, key, job_id, _pause)
+
+
+def _settle(session: Session, key: ApiKey, job_id: str, step: Callable[[Session, Job], bool]) -> Job:
+    """Read the job and take `step` on it, committed. A worker's claim (or another request) can change the row
+    between the read and the write; the step's compare-and-set then fails, and it is decided again on a new read."""
     for _ in range(3):
         job = get_job(session=session, key=key, job_id=job_id)
-        if job.status == "paused":
-            return job
-        if job.status == "running":
-            if job.stop_requested == "cancel":
-                raise bad_request(f"Job {job_id} is being cancelled; it cannot be paused.", code="job_not_pausable")
-            if job.stop_requested != "pause":
-                session.execute(update(Job).where(Job.id == job.id, Job.status == "running")
-                                .values(stop_requested="pause"))
-                session.add(new_event(job.id, "Pause requested; the job saves a checkpoint and pauses"))
-                session.commit()
-            session.refresh(job)
-            return job
-        if job.status != "queued":
-            raise bad_request(f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
-                              code="job_not_pausable")
-        if _transition(session, job, "paused"):
-            session.add(status_event(job.id, "paused", "Fine-tuning job paused", attempt=job.attempt))
+        if step(session, job):
             session.commit()
             session.refresh(job)
             return job
         session.rollback()
-    raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
-                   headers={"x-should-retry": "true"})
+    raise _busy(job_id)
+
+
+def _cancel(session: Session, job: Job) -> bool:
+    if job.status == JobStatus.CANCELLED:
+        return True
+    if job.status in TERMINAL_STATUSES:
+        raise bad_request(f"Job {job.id} has already {job.status}; it cannot be cancelled.",
+                          code="job_not_cancellable")
+    if job.status == JobStatus.RUNNING:
+        _ask_worker(session, job, "cancel", "Cancellation requested; the job stops at the next step")
+        return True
+    return move(session, job.id, source=job.status, to=JobStatus.CANCELLED, message="Fine-tuning job cancelled",
+                attempt=job.attempt, fence=[Job.attempt == job.attempt],
+                values={"stop_requested": None, "finished_at": utcnow()})
+
+
+def _pause(session: Session, job: Job) -> bool:
+    if job.status == JobStatus.PAUSED:
+        return True
+    if job.status == JobStatus.RUNNING:
+        if job.stop_requested == "cancel":
+            raise bad_request(f"Job {job.id} is being cancelled; it cannot be paused.", code="job_not_pausable")
+        _ask_worker(session, job, "pause", "Pause requested; the job saves a checkpoint and pauses")
+        return True
+    if job.status != JobStatus.QUEUED:
+        raise bad_request(f"Job {job.id} is {job.status}; only a queued or running job can be paused.",
+                          code="job_not_pausable")
+    return move(session, job.id, source=job.status, to=JobStatus.PAUSED, message="Fine-tuning job paused",
+                attempt=job.attempt, fence=[Job.attempt == job.attempt])
+
+
+def _ask_worker(session: Session, job: Job, request: str, message: str) -> None:
+    """A running job is stopped by its worker, between two steps: the request is only written down."""
+    if job.stop_requested != request:
+        session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING)
+                        .values(stop_requested=request))
+        session.add(new_event(job.id, message))
+
+
+def _busy(job_id: str) -> APIError:
+    return APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
+                    headers={"x-should-retry": "true"})
 
 
 def resume_job(*, session: Session, broker: Broker, key: ApiKey, job_id: str) -> Job:
     job = get_job(session=session, key=key, job_id=job_id)
-    if job.status == "running" and job.stop_requested == "pause":
-        session.execute(update(Job).where(Job.id == job.id, Job.status == "running", Job.stop_requested == "pause")
-                        .values(stop_requested=None))
+    if job.status == JobStatus.RUNNING and job.stop_requested == "pause":
+        session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING,
+                                          Job.stop_requested == "pause").values(stop_requested=None))
         session.add(new_event(job.id, "Pause withdrawn; the job keeps running"))
         session.commit()
         session.refresh(job)
         return job
-    if job.status != "paused":
+    if job.status != JobStatus.PAUSED:
         raise bad_request(f"Job {job_id} is {job.status}; only a paused job can be resumed.", code="job_not_paused")
     # A new attempt: a message still in the queue for the old one can no longer claim the job.
-    attempt = job.attempt + 1
-    from app.services.lifecycle import next_attempt  # lifecycle imports this module's event helpers
-
-    if not _transition(session, job, "queued", **next_attempt(job.attempt)):
+    if not move(session, job.id, source=job.status, to=JobStatus.QUEUED, attempt=job.attempt + 1,
+                message="Fine-tuning job resumed; queued to continue from its last checkpoint",
+                fence=[Job.attempt == job.attempt], values=next_attempt(job.attempt)):
         session.rollback()
-        raise APIError(409, f"Job {job_id} is changing state; try again.", code="job_busy",
-                       headers={"x-should-retry": "true"})
-    session.add(status_event(job.id, "queued", "Fine-tuning job resumed; queued to continue from its last checkpoint",
-                             attempt=attempt))
+        raise _busy(job_id)
     session.commit()
     session.refresh(job)
     send_train(session=session, broker=broker, job_id=job.id, attempt=job.attempt)
@@ -421,18 +423,6 @@ def resume_job(*, session: Session, broker: Broker, key: ApiKey, job_id: str) ->
 
 
 # ---- objects ----
-
-
-def new_event(job_id: str, message: str, *, level: str = "info", type: str = "message",
-              data: dict[str, Any] | None = None) -> JobEvent:
-    return JobEvent(id=ids.new_id(ids.EVENT), job_id=job_id, level=level, type=type, message=message, data=data)
-
-
-def status_event(job_id: str, status: str, message: str, *, attempt: int, level: str = "info") -> JobEvent:
-    """An event marking a status transition, with the attempt it concerns (the one that runs or ended; for `queued`,
-    the one that will run). Every transition writes one, so the events are the job's audit trail: exactly one
-    terminal transition per job, attempts that only grow."""
-    return new_event(job_id, message, level=level, data={"status": status, "attempt": attempt})
 
 
 def _legacy_view(hp: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,22 +8,25 @@ is the fencing token: every requeue increments it, and the broker message carrie
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core import ids
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Checkpoint, Job, Model
-from app.services.jobs import new_event, status_event
+from app.db.models import Checkpoint, Job, JobStatus, Model
+from app.services import storage
+from app.services.job_events import new_event
 from app.services.models import checkpoint_model_id, fine_tuned_model_id
+from app.services.storage import attempt_dir as attempt_dir  # re-exported: tests.load and fixtures name them here
+from app.services.storage import job_dir as job_dir
+from app.services.transitions import move, next_attempt
 
 log = logging.getLogger("app.lifecycle")
 
@@ -35,15 +38,28 @@ class LeaseLost(Exception):
     nothing more."""
 
 
-def _fence(job_id: str, attempt: int, owner: str) -> Any:
-    return (Job.id == job_id) & (Job.attempt == attempt) & (Job.lease_owner == owner) & (Job.status == "running")
+def _holds(attempt: int, owner: str) -> tuple[ColumnElement[bool], ...]:
+    """The fence, less the status: this attempt, leased to this owner."""
+    return Job.attempt == attempt, Job.lease_owner == owner
 
 
 def _fenced_update(session: Session, job_id: str, attempt: int, owner: str, values: dict[str, Any]) -> bool:
     """The first write of a fenced transaction: False (rolled back) when this worker no longer holds the job. On
     PostgreSQL the row stays locked until commit, so what the transaction adds next is atomic with the check."""
-    result = session.execute(update(Job).where(_fence(job_id, attempt, owner)).values(**values))
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING,
+                                               *_holds(attempt, owner)).values(**values))
     if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    return True
+
+
+def _end_attempt(session: Session, job_id: str, attempt: int, owner: str, to: JobStatus, message: str, *,
+                 values: dict[str, Any], event_attempt: int | None = None, level: str = "info") -> bool:
+    """This worker's attempt ends: running -> `to`, fenced, with its status event (uncommitted). False (rolled
+    back) when this worker no longer holds the job."""
+    if not move(session, job_id, source=JobStatus.RUNNING, to=to, message=message, fence=_holds(attempt, owner),
+                attempt=attempt if event_attempt is None else event_attempt, values=values, level=level):
         session.rollback()
         return False
     return True
@@ -80,21 +96,20 @@ def claimable(*, session: Session, job_id: str, attempt: int) -> bool:
     a requeue moves the job on, and attempts only grow): the message is a duplicate or stale and can be dropped."""
     row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
     session.rollback()
-    return row is not None and (row.status, row.attempt) == ("queued", attempt)
+    return row is not None and (row.status, row.attempt) == (JobStatus.QUEUED, attempt)
 
 
 def claim_job(*, session: Session, job_id: str, attempt: int, owner: str,
               lease: timedelta = DEFAULT_LEASE) -> Job | None:
     """queued + matching attempt -> running, leased to `owner`. None: a duplicate or stale message (drop it)."""
     now = db_now(session)
-    result = session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "queued")
-                             .values(status="running", lease_owner=owner, lease_expires_at=now + lease,
-                                     heartbeat_at=now, started_at=func.coalesce(Job.started_at, now)))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    message = "Fine-tuning job started" if attempt == 0 else f"Fine-tuning job started (attempt {attempt})"
+    values = {"lease_owner": owner, "lease_expires_at": now + lease, "heartbeat_at": now,
+              "started_at": func.coalesce(Job.started_at, now)}
+    if not move(session, job_id, source=JobStatus.QUEUED, to=JobStatus.RUNNING, message=message, attempt=attempt,
+                fence=[Job.attempt == attempt], values=values):
         session.rollback()
         return None
-    message = "Fine-tuning job started" if attempt == 0 else f"Fine-tuning job started (attempt {attempt})"
-    session.add(status_event(job_id, "running", message, attempt=attempt))
     session.commit()
     return session.get(Job, job_id, populate_existing=True)
 
@@ -115,7 +130,7 @@ def read_stop_request(*, session: Session, job_id: str, attempt: int, owner: str
     row = session.execute(select(Job.attempt, Job.lease_owner, Job.status, Job.stop_requested)
                           .where(Job.id == job_id)).one_or_none()
     session.rollback()  # end the read transaction: SQLite readers would otherwise pin an old snapshot
-    if row is None or (row.attempt, row.lease_owner, row.status) != (attempt, owner, "running"):
+    if row is None or (row.attempt, row.lease_owner, row.status) != (attempt, owner, JobStatus.RUNNING):
         raise LeaseLost(job_id)
     return row.stop_requested
 
@@ -142,32 +157,6 @@ def record_event(*, session: Session, job_id: str, attempt: int, owner: str, mes
     session.commit()
 
 
-def _relative(settings: Settings, path: Path) -> str:
-    path = path.resolve()
-    if not path.is_relative_to(settings.jobs_dir.resolve()):
-        raise ValueError(f"{path} is not inside the jobs dir {settings.jobs_dir}")
-    return str(path.relative_to(settings.data_dir.resolve()))
-
-
-def job_dir(settings: Settings, job_id: str) -> Path:
-    """`<data dir>/jobs/<job id>`. Raises PermissionError when it leads out of the jobs dir (a symlink planted
-    there): nothing is written, resumed or served outside the data dir."""
-    return _inside_jobs_dir(settings, settings.jobs_dir / job_id)
-
-
-def attempt_dir(settings: Settings, job_id: str, attempt: int) -> Path:
-    """Where one attempt writes (checkpoints, final adapter): a worker whose lease was taken over can never touch
-    the files of the attempt that replaced it. Raises PermissionError as `job_dir` does."""
-    return _inside_jobs_dir(settings, job_dir(settings, job_id) / f"attempt-{attempt}")
-
-
-def _inside_jobs_dir(settings: Settings, path: Path) -> Path:
-    if (path.is_symlink() or path.exists()) and not path.resolve().is_relative_to(settings.jobs_dir.resolve()):
-        raise PermissionError(errno.EACCES, "the job's directory leads outside the data dir's jobs directory",
-                              str(path))
-    return path
-
-
 def record_checkpoint(*, session: Session, settings: Settings, job_id: str, attempt: int, owner: str, step: int,
                       metrics: dict[str, Any], adapter_dir: Path) -> Checkpoint | None:
     """A saved (complete) adapter checkpoint becomes a row, a servable model id and an event, in one fenced
@@ -177,7 +166,7 @@ def record_checkpoint(*, session: Session, settings: Settings, job_id: str, atte
         return None
     ft_id = fine_tuned_model_id(job.model, job.suffix, job.id)
     model_id = checkpoint_model_id(ft_id, step)
-    relative = _relative(settings, adapter_dir)
+    relative = storage.artifact_relative(settings, adapter_dir)
     existing = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step_number == step))
     if existing is not None:  # the same step again after a resume: the newer files replace it
         existing.path, existing.metrics, existing.attempt = relative, {"step": step, **metrics}, attempt
@@ -205,8 +194,8 @@ def resume_checkpoint(*, session: Session, settings: Settings, job: Job,
                                 .order_by(Checkpoint.step_number.desc())))
     rows.sort(key=lambda r: r.id != job.last_checkpoint_id)  # the recorded last one first, then newest first
     for row in rows:
-        path = (settings.data_dir / row.path).resolve()
-        if path.is_relative_to(job_dir(settings, job.id).resolve()) and usable(path):
+        path = storage.job_artifact(settings, job.id, row.path)
+        if path is not None and usable(path):
             return row, path
         log.warning("job %s: checkpoint at step %d is missing or incomplete; not resuming from it", job.id,
                     row.step_number)
@@ -229,14 +218,13 @@ def complete_job(*, session: Session, settings: Settings, job_id: str, attempt: 
         return None
     ft_id = fine_tuned_model_id(job.model, job.suffix, job.id)
     session.add(Model(id=ft_id, kind="fine_tune", owner_id=job.owner_id, parent=job.model, root=job.model,
-                      job_id=job_id, path=_relative(settings, adapter_dir)))
-    now = utcnow()
-    job.status, job.fine_tuned_model, job.trained_tokens = "succeeded", ft_id, trained_tokens
-    for key, value in _ended(now).items():
-        setattr(job, key, value)
-    job.estimated_finish = None
+                      job_id=job_id, path=storage.artifact_relative(settings, adapter_dir)))
     session.add(new_event(job_id, f"New fine-tuned model created: {ft_id}"))
-    session.add(status_event(job_id, "succeeded", "The job has successfully completed", attempt=attempt))
+    values = {"fine_tuned_model": ft_id, "trained_tokens": trained_tokens, "estimated_finish": None,
+              **_ended(utcnow())}
+    if not _end_attempt(session, job_id, attempt, owner, JobStatus.SUCCEEDED, "The job has successfully completed",
+                        values=values):
+        return None
     session.commit()
     return ft_id
 
@@ -245,46 +233,40 @@ def fail_job(*, session: Session, job_id: str, attempt: int, owner: str, code: s
              param: str | None = None) -> bool:
     """A failure the user can act on: status `failed` with the error object. False when the fence fails."""
     error = {"code": code, "message": message, "param": param}
-    values = {"status": "failed", "error": error, "estimated_finish": None, **_ended(utcnow())}
-    if not _fenced_update(session, job_id, attempt, owner, values):
+    values = {"error": error, "estimated_finish": None, **_ended(utcnow())}
+    if not _end_attempt(session, job_id, attempt, owner, JobStatus.FAILED, f"The job failed: {message}",
+                        values=values, level="error"):
         return False
-    session.add(status_event(job_id, "failed", f"The job failed: {message}", attempt=attempt, level="error"))
     session.commit()
     return True
 
 
-def stop_job(*, session: Session, job_id: str, attempt: int, owner: str, status: str, step: int) -> str | None:
+def stop_job(*, session: Session, job_id: str, attempt: int, owner: str, status: JobStatus,
+             step: int) -> JobStatus | None:
     """Training stopped on request: `cancelled`, or `paused` (its checkpoint already recorded). A cancel that
     arrived meanwhile wins over a pause. Returns the status written, None when the fence fails."""
     job = _hold(session, job_id, attempt, owner)  # read stop_requested under the lock: a cancel cannot slip by
     if job is None:
         return None
-    if status == "paused" and job.stop_requested == "cancel":
-        status = "cancelled"
-    ended = _ended(utcnow()) if status == "cancelled" else {"lease_owner": None, "lease_expires_at": None,
-                                                             "stop_requested": None}
-    if not _fenced_update(session, job_id, attempt, owner, {"status": status, "estimated_finish": None, **ended}):
-        return None
-    message = (f"Fine-tuning job cancelled at step {step}" if status == "cancelled" else
+    if status == JobStatus.PAUSED and job.stop_requested == "cancel":
+        status = JobStatus.CANCELLED
+    ended = _ended(utcnow()) if status == JobStatus.CANCELLED else {"lease_owner": None, "lease_expires_at": None,
+                                                                     "stop_requested": None}
+    message = (f"Fine-tuning job cancelled at step {step}" if status == JobStatus.CANCELLED else
                f"Fine-tuning job paused at step {step}; resume it to continue from its last checkpoint")
-    session.add(status_event(job_id, status, message, attempt=attempt))
+    if not _end_attempt(session, job_id, attempt, owner, status, message,
+                        values={"estimated_finish": None, **ended}):
+        return None
     session.commit()
     return status
-
-
-def next_attempt(attempt: int) -> dict[str, Any]:
-    """The columns of a job handed back for a new attempt (requeued, resumed, reaped): no lease, no pending stop
-    request, no message sent yet for it. One place, so a new column of the send or lease state is reset everywhere."""
-    return {"attempt": attempt + 1, "lease_owner": None, "lease_expires_at": None, "stop_requested": None,
-            "enqueued_at": None, "resend_at": None, "send_count": 0, "estimated_finish": None}
 
 
 def requeue_job(*, session: Session, job_id: str, attempt: int, owner: str, reason: str) -> int | None:
     """Give the job back (the worker is shutting down): queued again as attempt + 1, to continue from its last
     checkpoint on the next worker. Returns the new attempt, None when the fence fails."""
-    if not _fenced_update(session, job_id, attempt, owner, {"status": "queued", **next_attempt(attempt)}):
+    if not _end_attempt(session, job_id, attempt, owner, JobStatus.QUEUED, f"{reason}; requeued as attempt "
+                        f"{attempt + 1}", values=next_attempt(attempt), event_attempt=attempt + 1):
         return None
-    session.add(status_event(job_id, "queued", f"{reason}; requeued as attempt {attempt + 1}", attempt=attempt + 1))
     session.commit()
     return attempt + 1
 
@@ -292,7 +274,7 @@ def requeue_job(*, session: Session, job_id: str, attempt: int, owner: str, reas
 def preempt_jobs(*, session: Session, owner_prefix: str) -> int:
     """Ask every running job leased under `owner_prefix` (one worker node) to checkpoint and give itself back.
     A cancel or pause already asked for is left as it is."""
-    result = session.execute(update(Job).where(Job.status == "running", Job.stop_requested.is_(None),
+    result = session.execute(update(Job).where(Job.status == JobStatus.RUNNING, Job.stop_requested.is_(None),
                                                Job.lease_owner.startswith(owner_prefix, autoescape=True))
                              .values(stop_requested="preempt"))
     session.commit()
@@ -309,19 +291,16 @@ def reap_expired(*, session: Session, settings: Settings, now: datetime | None =
     jobs requeued, to send once committed. Several reapers may run: rows one holds are skipped, not waited for."""
     now = now or db_now(session)
     rows = session.execute(select(Job.id, Job.attempt, Job.restarts, Job.stop_requested)
-                           .where(Job.status == "running", Job.lease_expires_at < now)
+                           .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
                            .order_by(Job.lease_expires_at).limit(limit).with_for_update(skip_locked=True)).all()
     requeued = []
     for row in rows:
         status, event, extra = _reaped(settings, row.attempt, row.restarts, row.stop_requested, now)
-        result = session.execute(update(Job).where(Job.id == row.id, Job.attempt == row.attempt,
-                                                   Job.status == "running")
-                                 .values(status=status, **next_attempt(row.attempt), **extra))
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        if not move(session, row.id, source=JobStatus.RUNNING, to=status, message=event, attempt=row.attempt + 1,
+                    fence=[Job.attempt == row.attempt], values={**next_attempt(row.attempt), **extra},
+                    level="error" if status == JobStatus.FAILED else "warn"):
             continue
-        session.add(status_event(row.id, status, event, attempt=row.attempt + 1,
-                                 level="error" if status == "failed" else "warn"))
-        if status == "queued":
+        if status == JobStatus.QUEUED:
             requeued.append((row.id, row.attempt + 1))
         log.warning("job %s: lease expired (attempt %d): %s", row.id, row.attempt, status)
     session.commit()
@@ -329,18 +308,18 @@ def reap_expired(*, session: Session, settings: Settings, now: datetime | None =
 
 
 def _reaped(settings: Settings, attempt: int, restarts: int, stop: str | None,
-            now: datetime) -> tuple[str, str, dict[str, Any]]:
+            now: datetime) -> tuple[JobStatus, str, dict[str, Any]]:
     lost = f"The worker running attempt {attempt} stopped responding (its lease expired)"
     if stop == "cancel":
-        return "cancelled", f"{lost}; the job is cancelled, as requested", {"finished_at": now}
+        return JobStatus.CANCELLED, f"{lost}; the job is cancelled, as requested", {"finished_at": now}
     if stop == "pause":
-        return "paused", f"{lost}; the job is paused, as requested: resume it to continue", {}
+        return JobStatus.PAUSED, f"{lost}; the job is paused, as requested: resume it to continue", {}
     if restarts >= settings.max_job_restarts:
         message = (f"The job's worker stopped {restarts + 1} times (crashed, was killed, or ran out of host "
                    "memory), so it was not retried again. If it ran out of memory, lower batch_size or "
                    "max_seq_length and create the job again.")
-        return "failed", f"{lost}; the job failed", {
+        return JobStatus.FAILED, f"{lost}; the job failed", {
             "finished_at": now, "restarts": restarts + 1,
             "error": {"code": "worker_lost", "message": message, "param": None}}
-    return "queued", f"{lost}; requeued as attempt {attempt + 1} to continue from its last checkpoint", {
+    return JobStatus.QUEUED, f"{lost}; requeued as attempt {attempt + 1} to continue from its last checkpoint", {
         "restarts": restarts + 1}

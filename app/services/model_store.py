@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.config import Settings
-from app.services.models import BASE_ID, context_length, scan_base_models
+from app.services import storage
+from app.services.models import context_length, scan_base_models
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 # What a model directory needs (and nothing pickled): config, safetensors weights and index, tokenizer files.
@@ -46,12 +47,10 @@ def target_dir(settings: Settings, name: str, force: bool) -> Path:
     """Where a model named `name` is installed: `<models dir>/<name>`, never anywhere else (no `..`, no absolute
     path, no control character; and not through an `<org>` directory that is a symbolic link out of the models
     dir)."""
-    if not BASE_ID.fullmatch(name):
-        raise ModelStoreError(f"{name!r} is not a usable model name (letters, digits, '.', '_', '-'; at most one '/')")
-    target = settings.models_dir / name
-    if not target.parent.resolve().is_relative_to(settings.models_dir.resolve()):
-        raise ModelStoreError(f"{target.parent} leads outside the models directory {settings.models_dir}; "
-                              "install the model under another name")
+    try:
+        target = storage.install_dir(settings, name)
+    except ValueError as e:
+        raise ModelStoreError(str(e)) from None
     if target.exists() and not force:
         raise ModelStoreError(f"a model named {name!r} is already installed at {target} (--force replaces it)")
     return target
@@ -123,7 +122,7 @@ def pull(settings: Settings, repo_id: str, name: str | None = None, revision: st
                               "(pip install huggingface_hub); or download the model elsewhere and use "
                               "`unsloth models import DIR`") from None
     target = target_dir(settings, name or repo_id, force)
-    staging = settings.models_dir / f".pull-{default_name(repo_id)}"
+    staging = storage.pull_staging_dir(settings, default_name(repo_id))
     shutil.rmtree(staging, ignore_errors=True)
     try:
         snapshot_download(repo_id, revision=revision, local_dir=staging, allow_patterns=list(MODEL_FILES))

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +20,10 @@ from app.core.errors import APIError
 from app.db.base import unix, utcnow
 from app.db.models import ApiKey, Model
 from app.schemas.models import ModelList, ModelObject
+from app.services import storage
+from app.services.storage import BASE_ID, base_model_dir
 
 log = logging.getLogger("app.models")
-
-NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-BASE_ID = re.compile(rf"{NAME}(?:/{NAME})?")  # always `fullmatch`: `$` would also accept a trailing newline
 
 
 def fine_tuned_model_id(base: str, suffix: str | None, job_id: str) -> str:
@@ -79,7 +75,7 @@ def sync_base_models(*, session: Session, settings: Settings) -> None:
     rows = {r.id: r for r in session.scalars(select(Model).where(Model.kind == "base"))}
     changed = False
     for model_id, path in on_disk.items():
-        relative = str(path.relative_to(settings.data_dir))
+        relative = storage.base_model_relative(settings, path)
         row = rows.get(model_id)
         if row is None:
             add_base_row(session, model_id, relative)
@@ -101,16 +97,6 @@ def add_base_row(session: Session, model_id: str, relative: str) -> None:
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     session.execute(insert(Model).values(**values).on_conflict_do_nothing(index_elements=["id"]))
-
-
-def base_model_dir(settings: Settings, model_id: str) -> Path | None:
-    """`<models dir>/<id>` for a base model id: one or two plain name segments (no `..`, no absolute path, no control
-    character), so an id never names anything but an entry of the models dir. The entries themselves are the
-    operator's: one may be a symbolic link to a model kept elsewhere."""
-    if not BASE_ID.fullmatch(model_id):
-        return None
-    path = settings.models_dir / model_id
-    return path if (path / "config.json").is_file() else None
 
 
 def context_length(path: Path) -> int | None:
@@ -162,14 +148,8 @@ def delete_model(*, session: Session, settings: Settings, key: ApiKey, model_id:
     session.execute(update(Model).where(Model.id.in_([r.id for r in rows])).values(deleted_at=now))
     session.commit()
     for r in rows:
-        _remove_artifact(settings, r.path)
+        storage.remove_artifact(settings, r.path)
     return [r.id for r in rows]
-
-
-def _remove_artifact(settings: Settings, relative: str) -> None:
-    path = (settings.data_dir / relative).resolve()
-    if path.is_relative_to(settings.jobs_dir.resolve()) and path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_servable(*, session: Session, settings: Settings, key: ApiKey, model_id: str) -> Servable:
@@ -180,27 +160,11 @@ def resolve_servable(*, session: Session, settings: Settings, key: ApiKey, model
                        code="model_not_found")
     adapter = None
     if row.kind != "base":
-        adapter = adapter_dir(settings, row.path)
+        adapter = storage.adapter_dir(settings, row.path)
         if adapter is None:
             raise APIError(404, f"The files of model '{model_id}' are missing.", param="model",
                            code="model_not_found")
     return Servable(id=row.id, kind=row.kind, base_id=row.root, base_path=base_path, adapter_path=adapter)
-
-
-def adapter_dir(settings: Settings, relative: str) -> Path | None:
-    """A fine-tune's or checkpoint's adapter directory, resolved; None unless it and every file in it lie inside
-    the jobs dir (a symlink planted there that leads out is refused: nothing outside the data dir is read)."""
-    jobs = settings.jobs_dir.resolve()
-    path = (settings.data_dir / relative).resolve()
-    if not path.is_relative_to(jobs) or not path.is_dir():
-        return None
-    for root, dirs, files in os.walk(path):  # links are not followed: each is checked where it leads
-        for name in dirs + files:
-            entry = Path(root) / name
-            if not entry.resolve().is_relative_to(jobs):
-                log.error("adapter %s: %s leads outside the jobs dir; refusing to serve it", path, entry)
-                return None
-    return path
 
 
 def model_object(settings: Settings, row: Model) -> ModelObject:

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import CtxDep, CurrentKey, SessionDep
 from app.api.routing import PathId, QueryId, StrictRoute
 from app.schemas.files import FileDeleted, FileList, FileObject
-from app.services import files
+from app.services import files, storage
 from app.services.uploads import receive_upload
 
 router = APIRouter(prefix="/files", tags=["files"], route_class=StrictRoute)
@@ -25,7 +25,7 @@ async def upload_file(request: Request, ctx: CtxDep, session: SessionDep, key: C
     """Streams the upload to disk (size and line caps enforced as it arrives), then validates every line."""
     await run_in_threadpool(files.check_quota, session=session, settings=ctx.settings, key=key)
     session.close()  # no database connection is held while the body arrives (the key stays loaded)
-    staged = files.staging_path(ctx.settings)
+    staged = storage.staging_path(ctx.settings)
     upload = await receive_upload(request, dest=staged, max_bytes=ctx.settings.max_upload_bytes,
                                   max_lines=ctx.settings.max_file_lines,
                                   idle_timeout_s=ctx.settings.upload_idle_timeout_s)
