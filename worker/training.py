@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -146,7 +147,8 @@ def prepare(ctx: WorkerContext, job: Job) -> Plan:
             raise JobFailure("invalid_hyperparameters", f"The job's hyperparameters cannot be used: {e}",
                              f"method.{job.method['type']}.hyperparameters") from None
         resume = lifecycle.resume_checkpoint(session=session, settings=settings, job=job, usable=_complete)
-    _remove_torn_checkpoints(ctx, job)
+        recorded = lifecycle.recorded_checkpoint_dirs(session=session, settings=settings, job_id=job.id)
+    sweep_earlier_attempts(ctx, job, recorded)
     return Plan(base, train_file, validation_file, args, lora, resume[1] if resume else None,
                 resume[0].step_number if resume else None)
 
@@ -157,16 +159,23 @@ def _complete(path: Path) -> bool:
     return is_complete(path)
 
 
-def _remove_torn_checkpoints(ctx: WorkerContext, job: Job) -> None:
-    """Delete what earlier attempts of the job left half-written (a crash while a checkpoint was being saved): such a
-    directory is never recorded nor resumed from, and would stay on disk forever. The engine cleans the attempt's
-    own directory; the earlier attempts' are ours. (An earlier attempt's worker may still be alive, frozen; its lease
-    is gone, so losing its unfinished files costs nothing.)"""
-    from unsloth_core.train_checkpoint import remove_torn
+def sweep_earlier_attempts(ctx: WorkerContext, job: Job, recorded: set[Path]) -> None:
+    """Delete the checkpoints earlier attempts of the job left that no row names: torn ones (a crash while one was
+    being saved), and complete ones whose record was lost or that were pruned by a worker that died before deleting
+    their files (the rows go first). None is ever resumed from, and each would stay on disk forever. The engine
+    cleans the attempt's own directory; the earlier attempts' are ours. (An earlier attempt's worker may still be
+    alive, frozen; its lease is gone, so losing its unrecorded files costs nothing: it can record nothing more.)"""
+    from unsloth_core.train_checkpoint import list_checkpoints, remove_torn
 
     for attempt in range(job.attempt):
-        for path in remove_torn(storage.attempt_dir(ctx.settings, job.id, attempt) / "checkpoints"):
+        directory = storage.attempt_dir(ctx.settings, job.id, attempt) / "checkpoints"
+        for path in remove_torn(directory):
             log.warning("job %s: removed %s, torn by a crash of attempt %d", job.id, path, attempt)
+        for _, path in list_checkpoints(directory):
+            if path.resolve() not in recorded:
+                shutil.rmtree(path, ignore_errors=True)
+                log.warning("job %s: removed %s, a checkpoint of attempt %d that no row names (pruned, or its "
+                            "record was lost)", job.id, path, attempt)
 
 
 def _readable_file(ctx: WorkerContext, row: File | None, param: str, file_id: str) -> Path:

@@ -21,7 +21,7 @@ from app.core import ids
 from app.core.config import Settings
 from app.db.base import utcnow
 from app.db.models import Checkpoint, Job, JobStatus, Model
-from app.services import storage
+from app.services import checkpoint_retention, storage
 from app.services.job_events import new_event
 from app.services.models import checkpoint_model_id, fine_tuned_model_id
 from app.services.storage import attempt_dir as attempt_dir  # re-exported: tests.load and fixtures name them here
@@ -160,7 +160,8 @@ def record_event(*, session: Session, job_id: str, attempt: int, owner: str, mes
 def record_checkpoint(*, session: Session, settings: Settings, job_id: str, attempt: int, owner: str, step: int,
                       metrics: dict[str, Any], adapter_dir: Path) -> Checkpoint | None:
     """A saved (complete) adapter checkpoint becomes a row, a servable model id and an event, in one fenced
-    transaction. None when the fence fails (this worker no longer owns the job)."""
+    transaction that also prunes the job's checkpoints beyond its `n_checkpoints` (their files are deleted once it
+    has committed). None when the fence fails (this worker no longer owns the job)."""
     job = _hold(session, job_id, attempt, owner)
     if job is None:
         return None
@@ -181,7 +182,10 @@ def record_checkpoint(*, session: Session, settings: Settings, job_id: str, atte
     job.last_checkpoint_id = checkpoint.id
     session.add(new_event(job_id, f"Checkpoint saved at step {step}", type="metrics",
                           data={"step": step, "checkpoint": model_id, **metrics}))
+    pruned = checkpoint_retention.prune(session, job)
     session.commit()
+    for path in pruned:  # only now: a crash before this line leaves orphan files, never a row naming none
+        storage.remove_artifact(settings, path)
     return checkpoint
 
 
@@ -200,6 +204,12 @@ def resume_checkpoint(*, session: Session, settings: Settings, job: Job,
         log.warning("job %s: checkpoint at step %d is missing or incomplete; not resuming from it", job.id,
                     row.step_number)
     return None
+
+
+def recorded_checkpoint_dirs(*, session: Session, settings: Settings, job_id: str) -> set[Path]:
+    """Where the job's recorded checkpoints are, resolved: what a sweep of its directories keeps."""
+    paths = session.scalars(select(Checkpoint.path).where(Checkpoint.job_id == job_id))
+    return {(settings.data_dir / p).resolve() for p in paths}
 
 
 # ---- the end of an attempt ----
