@@ -7,27 +7,28 @@ Three parts, each written to `--out` as it finishes (so a run cut short keeps wh
   percent after the first near-tie on random weights, which says nothing about a bug; this does.
 - decode.txt: one compiled greedy decode of ours under torch.profiler: wall time per token against the GPU time
   per token (host-bound or device-bound), and the ops that take the time.
-- decode_ab.txt: the decode step's designs side by side in one process, wall ms a token at batch 1: torch.compile's
-  CUDA graph trees with q/k/v and gate/up run one by one (the earlier design), the trees with merged projections,
-  and graphs captured by unsloth_core/cuda_graphs.py with merged projections (the current one).
+- decode_ab.txt: the decode loop's designs side by side in one process, wall ms a token at batch 1: the previous
+  Generator's own static-batch loop (bench/previous_generator.py) and the one engine's step driven by Generator.
 - train.txt: one LoRA training step of each side under torch.profiler, the ops that take the time.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import unsloth_core.generate as generate_module
 from bench.models import build_hf, build_ours, free_memory
+from bench.previous_generator import PreviousGenerator
 from bench.workloads import hf_train_step, ours_train_step, prompts
 from unsloth_core.generate import Generator
+from unsloth_core.model import Llama
 from unsloth_core.sampling import SamplingParams
 
 ROWS = 25
@@ -113,32 +114,38 @@ def decode_ab(shape: str, device: torch.device, dtype: torch.dtype, bsz: int, se
     model = build_ours(shape, device, dtype, lora=False).eval()
     rows = prompts(model.config.vocab_size, bsz, seq).tolist()
     params = SamplingParams(temperature=0.0, max_new_tokens=new, stop_token_ids=[])
-    merged = generate_module.merged_projections
-    lines, tokens = [], {}
-    for graphs, merge in (("tree", False), ("tree", True), ("manual", True)):
-        gen = Generator(model, None, compile=device.type == "cuda", max_seq_length=seq + new)
-        gen.cuda_graphs = graphs  # type: ignore[assignment]
-        generate_module.merged_projections = merged if merge else (lambda _: contextlib.nullcontext(0))  # type: ignore[assignment,return-value]
-        try:
+    compiled = device.type == "cuda"
+    # Each design on its own copy of the model: a KV cache (and graphs captured on it) is the model's, and the
+    # designs size it differently.
+    designs: dict[str, Callable[[Llama], Any]] = {
+        "previous Generator (its own loop; captured graphs on a GPU)": lambda m: PreviousGenerator(
+            m, None, compile=compiled, max_seq_length=seq + new),
+        "one engine (Generator over BatchEngine's step; static step, graphs on a GPU)": lambda m: Generator(
+            m, None, compile=compiled, max_seq_length=seq + new),
+    }
+    gens = {name: make(copy.deepcopy(model)) for name, make in designs.items()}
+    lines: list[str] = []
+    tokens: dict[str, list[list[int]]] = {}
+    cold: dict[str, float] = {}
+    times: dict[str, list[float]] = {name: [] for name in gens}
+    for name, gen in gens.items():
+        t0 = time.perf_counter()
+        gen.generate(rows, params)  # compile and capture at the timed shapes
+        cold[name] = time.perf_counter() - t0
+    for _ in range(5):  # the designs in turn, so a noisy neighbour slows both alike
+        for name, gen in gens.items():
+            _sync(device)
             t0 = time.perf_counter()
-            gen.generate(rows, params)  # compile and capture at the timed shapes
-            cold = time.perf_counter() - t0
-            times = []
-            for _ in range(3):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = gen.generate(rows, params)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-        finally:
-            generate_module.merged_projections = merged
-        name = f"graphs={graphs}, merged={merge}"
-        tokens[name] = [c.token_ids for c in out]
-        best = min(times) / new * 1e3
-        lines.append(f"{name}: {best:.3f} ms a token (best of 3; {1e3 / best:.0f} tok/s), first call {cold:.1f} s")
-        del gen
-        model.clear_caches()
-        free_memory(device)
+            out = gen.generate(rows, params)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            tokens[name] = [c.token_ids for c in out]
+    for name in gens:
+        best = sorted(times[name])[2] / new * 1e3
+        lines.append(f"{name}: {best:.3f} ms a token (median of 5 alternating; {1e3 / best:.0f} tok/s), "
+                     f"first call {cold[name]:.1f} s")
+    del gens, model
+    free_memory(device)
     first = next(iter(tokens.values()))
     n = sum(len(x) for x in first)
     same = [sum(a == b for x, y in zip(first, t) for a, b in zip(x, y)) / n for t in tokens.values()]

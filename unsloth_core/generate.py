@@ -1,192 +1,65 @@
-"""Generation over a static KV cache: prefill, a one-token decode step, sampling, stop handling, streaming.
+"""Generation on the caller's thread: a synchronous driver over the serving engine's step.
 
-The decode step has static shapes (whole cache, tensor positions), so on a GPU it is compiled once with
-`torch.compile(mode="reduce-overhead")` (CUDA graphs) and the loop never waits on the host: tokens are read back
-every `sync_every` steps, not every step. On the CPU it runs eagerly and attends only to the slots in use.
+There is one generation engine (serving.BatchEngine): the API serves from it on its own thread, and `Generator`,
+`generate`, `model.generate` and `unsloth generate` run the same step on the caller's thread, so prompt encoding,
+per-row checks, the context clamp, EOS handling, prefill, the compiled decode step and the per-row emit are written
+once.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+import weakref
+from collections.abc import Iterator, Sequence
 
 import torch
-import torch._dynamo
 from torch import Tensor
 
-from unsloth_core.cuda_graphs import GraphedStep, addresses
-from unsloth_core.errors import ContextLengthError
-from unsloth_core.merged import merged_projections
-from unsloth_core.model import Llama, cache_slots
-from unsloth_core.sampling import Sampler, SamplingParams
-from unsloth_core.tokenizer import StreamDecoder, Tokenizer
+from unsloth_core.model import Llama
+from unsloth_core.request_state import (  # noqa: F401  (re-exported: the names callers import from here)
+    Completion,
+    Delta,
+    FinishReason,
+    Prompt,
+    TokenLogprob,
+    check_context,
+    encode_prompt,
+)
+from unsloth_core.sampling import SamplingParams
+from unsloth_core.serving import BatchEngine
+from unsloth_core.tokenizer import Tokenizer
 
-FinishReason = Literal["stop", "length"]
-Prompt = str | Sequence[int]
-
-# How many (batch, cache slots) shapes this process compiles the decode step for. Each shape is one compile (and
-# one CUDA graph); dynamo's default limit of 8 per function would fail the 9th, so the limit is raised to this, and
-# a shape past it decodes eagerly.
-COMPILED_SHAPES = 32
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), most likely first
-
-
-@dataclass
-class Delta:
-    """What one row produced since the last event: text (possibly empty while a character or a possible stop
-    string is held back), the new tokens, and on the last event of the row its finish reason."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: FinishReason | None = None
-
-
-@dataclass
-class Completion:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    prompt_tokens: int
-    logprobs: list[TokenLogprob] | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-class RowState:
-    """Host-side state of one sequence: its text so far, stop strings, and what has been emitted."""
-
-    def __init__(self, index: int, tokenizer: Tokenizer | None, params: SamplingParams, stop_ids: set[int]) -> None:
-        self.index, self.params, self.stop_ids = index, params, stop_ids
-        # Without a tokenizer (token ids in, token ids out) there is no text and no stop strings.
-        self.decoder = StreamDecoder(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
-        self.text = ""  # decoded so far
-        self.emitted = 0  # characters of self.text already handed out
-        self.token_ids: list[int] = []
-        self.finish: FinishReason | None = None
-
-    def push(self, token_id: int) -> None:
-        if token_id in self.stop_ids:
-            self.text += self.decoder.flush() if self.decoder else ""
-            self.finish = "stop"  # an EOS / stop token ends the text and is not part of it
-            return
-        self.token_ids.append(token_id)
-        self.text += self.decoder.push(token_id) if self.decoder else ""
-        if self._cut_at_stop_string():
-            return
-        if len(self.token_ids) >= self.params.max_new_tokens:
-            self.text += self.decoder.flush() if self.decoder else ""
-            self._cut_at_stop_string()
-            self.finish = self.finish or "length"
-
-    def _cut_at_stop_string(self) -> bool:
-        # A stop string may straddle tokens; search from just before the unemitted text.
-        start = max(0, self.emitted - max((len(s) for s in self.params.stop), default=0))
-        hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.finish = "stop"
-        return bool(hits)
-
-    def take(self) -> str:
-        """Text safe to hand out: everything, once finished; else all but a tail that could begin a stop string."""
-        end = len(self.text)
-        if self.finish is None:
-            for s in self.params.stop:
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if self.text.endswith(s[:k]):
-                        end = min(end, len(self.text) - k)
-                        break
-        end = max(end, self.emitted)
-        out, self.emitted = self.text[self.emitted:end], end
-        return out
+# Rows one Generator decodes together; more prompts than this wait for a free row (continuous batching).
+MAX_BATCH_SIZE = 256
 
 
 class Generator:
-    """Generates from a model and tokenizer. One instance per model; not thread-safe (one call at a time)."""
+    """Generates from a model and tokenizer. One instance per model; not thread-safe (one call at a time).
+
+    `compile`: decode base-model batches with the compiled static step (CUDA graphs on a GPU; default: on a GPU
+    only). `sync_every`: decode steps between reads of the tokens back to the host (default: 8 when compiled on a
+    GPU, where the host then queues steps without waiting for the device; else 1)."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None, compile: bool | None = None,
-                 max_seq_length: int | None = None, sync_every: int = 8) -> None:
+                 max_seq_length: int | None = None, max_batch_size: int = MAX_BATCH_SIZE,
+                 sync_every: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.max_seq_length = min(max_seq_length or model.config.max_position_embeddings,
-                                  model.config.max_position_embeddings)
-        self.compile = model.device.type == "cuda" if compile is None else compile
-        self.sync_every = sync_every if self.compile else 1
-        # On a GPU, compiled: "manual" replays graphs cuda_graphs.py captures; "tree" is torch.compile's
-        # reduce-overhead mode (the earlier design, kept for the bench's side-by-side).
-        self.cuda_graphs: Literal["manual", "tree"] = "manual"
-        self._decode: Callable[..., Tensor] | None = None
-        self._graphs: GraphedStep | None = None
-        self._addresses: tuple[int, ...] = ()
+        self.engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length,
+                                  compile=compile, threaded=False)
+        if sync_every is None:
+            sync_every = 8 if self.engine.compile and model.device.type == "cuda" else 1
+        self.engine.sync_every = sync_every
+        self.max_seq_length = self.engine.max_seq_length
 
-    # ---- the model steps ----
+    @property
+    def compile(self) -> bool:
+        return self.engine.compile
 
-    def _prefill(self, tokens: Tensor, slot_mask: Tensor, positions: Tensor) -> Tensor:
-        t = tokens.size(1)
-        input_pos = torch.arange(t, device=tokens.device)
-        hidden = self.model.hidden_states(tokens, positions, slot_mask[:, :t], input_pos)
-        return self.model.lm_head(hidden[:, -1]).float()  # only the last position's logits are needed
-
-    def _decode_step(self, tokens: Tensor, input_pos: Tensor, positions: Tensor, slot_mask: Tensor) -> Tensor:
-        hidden = self.model.hidden_states(tokens, positions, slot_mask, input_pos)
-        return self.model.lm_head(hidden[:, -1]).float()
-
-    def _decoder(self) -> Callable[..., Tensor]:
-        if self._decode is None:
-            fn: Callable[..., Tensor] = self._decode_step
-            if self.compile:
-                config = torch._dynamo.config
-                config.recompile_limit = max(config.recompile_limit, COMPILED_SHAPES)
-                if self.model.device.type == "cuda" and self.cuda_graphs == "manual":
-                    self._graphs = GraphedStep(torch.compile(fn, fullgraph=True, dynamic=False), COMPILED_SHAPES)
-                    fn = self._graphs
-                else:
-                    fn = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
-            self._decode = fn
-        return self._decode
-
-    def _check_graphs(self) -> None:
-        """Drop captured graphs whose weights or cache have moved (a new cache, converted or re-merged weights)."""
-        if self.compile and self.model.device.type == "cuda" and self.cuda_graphs == "manual":
-            where = addresses(self.model)
-            if where != self._addresses and self._graphs is not None:
-                self._graphs.reset()
-            self._addresses = where
-
-    def _decode_next(self, *args: Tensor) -> Tensor:
-        """One decode step; compiled, the logits are copied out of the CUDA graph's output buffer, which the next
-        replay overwrites. A shape past the compile limit runs eagerly from then on."""
-        if not self.compile:
-            return self._decoder()(*args)
-        try:
-            return self._decoder()(*args).clone()
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            warnings.warn(f"the decode step is compiled for {COMPILED_SHAPES} (batch, cache) shapes already; "
-                          "this Generator decodes eagerly from now on", RuntimeWarning, stacklevel=2)
-            self._decode = self._decode_step
-            return self._decode_step(*args)
-
-    # ---- public API ----
+    @property
+    def sync_every(self) -> int:
+        return self.engine.sync_every
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        if not isinstance(prompt, str):
-            return list(prompt)
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer; give token ids")
-        return self.tokenizer.encode(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def check_context(self, n_prompt: int, max_new_tokens: int) -> None:
         check_context(n_prompt, max_new_tokens, self.max_seq_length)
@@ -194,11 +67,11 @@ class Generator:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Complete each prompt; returns one Completion per prompt, in order."""
-        batch = self._as_batch(prompts)
+        batch = [self.encode_prompt(p) for p in _as_batch(prompts)]
         texts: dict[int, list[str]] = {i: [] for i in range(len(batch))}
-        done: dict[int, Completion] = {}
-        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(batch))}
         token_ids: dict[int, list[int]] = {i: [] for i in range(len(batch))}
+        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(batch))}
+        done: dict[int, Completion] = {}
         for deltas in self.stream(batch, params):
             for d in deltas:
                 texts[d.index].append(d.text)
@@ -207,175 +80,53 @@ class Generator:
                     logprobs[d.index].extend(d.logprobs)
                 if d.finish_reason is not None:
                     done[d.index] = Completion(d.index, "".join(texts[d.index]), token_ids[d.index], d.finish_reason,
-                                               len(self.encode_prompt(batch[d.index])),
+                                               len(batch[d.index]),
                                                logprobs[d.index] if d.logprobs is not None else None)
         return [done[i] for i in range(len(batch))]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[list[Delta]]:
-        """Yield, after each decode step, the deltas of rows that produced something.
+        """Yield, after each engine step, the deltas of rows that produced something. Raises ValueError /
+        ContextLengthError for a bad request before any row runs.
 
-        Closing the iterator (a client that went away) stops the generation at the next step.
+        Closing the iterator (a client that went away) stops the generation at once.
         """
-        batch = self._as_batch(prompts)
-        params = params or SamplingParams()
-        per_row = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
-        if len(per_row) != len(batch):
-            raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [self.encode_prompt(p) for p in batch]
-        for row_ids, p in zip(ids, per_row):
-            self.check_context(len(row_ids), p.max_new_tokens)
-            if p.stop and self.tokenizer is None:
-                raise ValueError("stop strings need a tokenizer")
+        out = self.engine.submit_all(_as_batch(prompts), params)
         was_training = self.model.training
         self.model.eval()  # no dropout in generation, even from a model straight out of training
         try:
-            with torch.inference_mode(), merged_projections(self.model):
-                yield from self._run(ids, per_row)
-        finally:
-            self.model.train(was_training)
-
-    @staticmethod
-    def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-        if isinstance(prompts, str):
-            return [prompts]
-        if len(prompts) and isinstance(prompts[0], int):
-            return [list(prompts)]  # type: ignore[arg-type]  # one prompt given as token ids
-        return list(prompts)  # type: ignore[arg-type]
-
-    # ---- the loop ----
-
-    def _setup(self, batch_size: int, n_slots: int) -> int:
-        """Make sure a cache of at least (batch_size, n_slots) exists; return its slot count.
-
-        Compiled, the slot count is rounded up to a power of two (at least 256): a few static shapes, each captured
-        once, instead of one per length, and never the model's whole context (131k slots for Llama 3) unless asked.
-        Eager, the cache fits the request, reallocated only when far too big or too small.
-        """
-        if self.compile:
-            n_slots = min(self.max_seq_length, max(256, 1 << (n_slots - 1).bit_length()))
-            n_slots = cache_slots(n_slots)  # as setup_caches rounds it, or every call would reallocate
-        shape = self.model.cache_shape
-        too_big = not self.compile and shape is not None and shape[1] > 2 * n_slots + 64
-        if shape is None or shape[0] != batch_size or shape[1] < n_slots or too_big or (
-                self.compile and shape[1] != n_slots):
-            self.model.setup_caches(batch_size, n_slots)
-            shape = self.model.cache_shape
-            assert shape is not None
-        return shape[1]
-
-    def _run(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[Delta]]:
-        dev, b = self.model.device, len(ids)
-        t = max(len(x) for x in ids)
-        max_new = max(p.max_new_tokens for p in params)
-        n_slots = self._setup(b, t + max_new)
-        self._check_graphs()
-        # Left-pad so every row's next token lands in the same cache slot.
-        pad = [t - len(x) for x in ids]
-        tokens = torch.tensor([[0] * p + x for p, x in zip(pad, ids)], device=dev)
-        slot_mask = torch.zeros(b, n_slots, dtype=torch.bool, device=dev)
-        for i, p in enumerate(pad):
-            slot_mask[i, p:t] = True
-        positions = (slot_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)
-        next_pos = positions[:, -1:] + 1  # (B, 1)
-        # Each decode step's slot and positions are derived on the device from these. A tensor built from host data
-        # every step (torch.tensor([slot], device="cuda")) is a blocking copy: the host would wait for the GPU on
-        # every token, and the compiled step could never run ahead of it.
-        first_slot = torch.full((1,), t, device=dev)
-        eos = set(self.model.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
-        rows = [RowState(i, self.tokenizer, p, set(p.stop_token_ids) if p.stop_token_ids is not None else eos)
-                for i, p in enumerate(params)]
-        sampler = Sampler(params, self.model.config.vocab_size, dev)
-        for i, x in enumerate(ids):
-            sampler.observe_prompt(i, x)
-        want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-
-        def decode(step: int, chosen: Tensor) -> Tensor:
-            slot = t + step
-            slot_mask[:, slot].fill_(True)  # not `= True`: that makes a host tensor
-            width = n_slots if self.compile else slot + 1
-            return self._decode_next(chosen[:, None], first_slot + step, next_pos + step, slot_mask[:, :width])
-
-        # On a GPU the next step is queued before tokens are read back, so the device works while the host reads
-        # and emits. On the CPU that would only delay each delta by a step.
-        ahead = dev.type == "cuda"
-        logits = self._prefill(tokens, slot_mask, positions)
-        pending: list[tuple[Tensor, Tensor | None]] = []
-        for step in range(max_new):
-            chosen = sampler.sample(logits)
-            pending.append((chosen, step_logprobs(logits, chosen, want_logprobs)))
-            last = step == max_new - 1
-            if ahead and not last:
-                logits = decode(step, chosen)
-            if len(pending) >= self.sync_every or last:
-                deltas = self._emit(rows, pending, params)
-                pending = []
+            while not out.finished:
+                with torch.inference_mode():  # per step: the caller's code between deltas runs as it would
+                    self.engine.step()
+                deltas = out.ready()
                 if deltas:
                     yield deltas
-                if all(r.finish is not None for r in rows):
-                    return
-            if not ahead and not last:
-                logits = decode(step, chosen)
-
-    def _emit(self, rows: list[RowState], pending: list[tuple[Tensor, Tensor | None]],
-              params: list[SamplingParams]) -> list[Delta]:
-        tokens = torch.stack([c for c, _ in pending], dim=1).tolist()  # one host sync per `sync_every` steps
-        lps = [lp.tolist() if lp is not None else None for _, lp in pending]
-        deltas = []
-        for row in rows:
-            if row.finish is not None:
-                continue
-            new_ids: list[int] = []
-            new_lps: list[TokenLogprob] | None = [] if params[row.index].logprobs is not None else None
-            for j, tok in enumerate(tokens[row.index]):
-                before = len(row.token_ids)
-                row.push(tok)
-                if len(row.token_ids) > before:
-                    new_ids.append(tok)
-                    step_lps = lps[j]
-                    if new_lps is not None and step_lps is not None:
-                        new_lps.append(token_logprob(self.tokenizer, tok, step_lps[row.index],
-                                                     params[row.index].logprobs or 0))
-                if row.finish is not None:
-                    break
-            text = row.take()
-            if text or new_ids or row.finish is not None:
-                deltas.append(Delta(row.index, text, new_ids, new_lps, row.finish))
-        return deltas
+        finally:
+            out.cancel()
+            self.engine.drop_cancelled()
+            self.model.train(was_training)
 
 
-
-def check_context(n_prompt: int, max_new_tokens: int, max_seq_length: int) -> None:
-    """Refuse a request that cannot fit the model's context, with numbers a user can act on."""
-    if n_prompt == 0:
-        raise ValueError("the prompt is empty")
-    if n_prompt + max_new_tokens > max_seq_length:
-        raise ContextLengthError(
-            f"the prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, "
-            f"{n_prompt + max_new_tokens} in all; this model's context is {max_seq_length} tokens. "
-            f"Shorten the prompt or ask for fewer tokens."
-        )
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if len(prompts) and isinstance(prompts[0], int):
+        return [list(prompts)]  # type: ignore[arg-type]  # one prompt given as token ids
+    return list(prompts)  # type: ignore[arg-type]
 
 
-def step_logprobs(logits: Tensor, chosen: Tensor, top: int | None) -> Tensor | None:
-    """(B, 1 + 2*top): the chosen token's logprob, then the top ids and their logprobs (raw distribution)."""
-    if top is None:
-        return None
-    lp = logits.log_softmax(-1)
-    parts = [lp.gather(-1, chosen[:, None])]
-    if top:
-        vals, idx = lp.topk(top, dim=-1)
-        parts += [idx.to(lp.dtype), vals]
-    return torch.cat(parts, dim=-1)
+# One Generator per model for the transformers-style `model.generate`: its engine keeps the KV cache and, on a GPU,
+# the compiled step's captured graphs from one call to the next.
+_GENERATORS: weakref.WeakKeyDictionary[Llama, Generator] = weakref.WeakKeyDictionary()
 
 
-def token_logprob(tokenizer: Tokenizer | None, tok: int, values: list[float], top: int) -> TokenLogprob:
-    """One row of `step_logprobs`, read back on the host, as a TokenLogprob."""
-    def text(i: int) -> str:
-        return tokenizer.decode([i]) if tokenizer is not None else ""
-
-    ids = [int(i) for i in values[1 : 1 + top]]
-    return TokenLogprob(tok, text(tok), values[0], [(i, text(i), v) for i, v in zip(ids, values[1 + top:])])
+def _generator_for(model: Llama, tokenizer: Tokenizer | None) -> Generator:
+    max_seq_length = getattr(model, "max_seq_length", None)
+    gen = _GENERATORS.get(model)
+    if gen is None or gen.tokenizer is not tokenizer or gen.max_seq_length != min(
+            max_seq_length or model.config.max_position_embeddings, model.config.max_position_embeddings):
+        gen = _GENERATORS[model] = Generator(model, tokenizer, max_seq_length=max_seq_length)
+    return gen
 
 
 def generate(model: Llama, tokenizer: Tokenizer | None, prompts: Prompt | Sequence[Prompt],
@@ -398,7 +149,7 @@ def generate_ids(model: Llama, input_ids: Tensor, attention_mask: Tensor | None 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                             top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                             stop_token_ids=stop)
-    out = Generator(model, tokenizer, max_seq_length=getattr(model, "max_seq_length", None)).generate(rows, params)
+    out = _generator_for(model, tokenizer).generate(rows, params)
     eos_ids = stop if stop is not None else model.config.eos_token_ids
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     width = max(len(c.token_ids) + (c.finish_reason == "stop") for c in out)

@@ -25,10 +25,18 @@ from torch import Tensor
 
 from unsloth_core.adapters import BASE, AdapterPool
 from unsloth_core.errors import CapacityError, EngineClosedError
-from unsloth_core.generate import Delta, Prompt, RowState, check_context, step_logprobs, token_logprob
 from unsloth_core.memory import release_memory
 from unsloth_core.merged import merged_projections
 from unsloth_core.model import KVCache, Llama
+from unsloth_core.request_state import (
+    Delta,
+    Prompt,
+    RowState,
+    check_context,
+    encode_prompt,
+    step_logprobs,
+    token_logprob,
+)
 from unsloth_core.sampling import Sampler, SamplingParams
 from unsloth_core.static_step import StaticStep
 from unsloth_core.tokenizer import Tokenizer
@@ -70,19 +78,34 @@ class Stream:
             yield list(self._pending)
             self._pending.clear()
         while self._open:
-            items = [self._queue.get()]
-            while not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            deltas = []
-            for item in items:
-                if item is None:
-                    self._open -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    deltas.append(item)
+            deltas = self._take([self._queue.get()])
             if deltas:
                 yield deltas
+
+    def ready(self) -> list[Delta]:
+        """What has arrived, without waiting (for a driver that runs the engine's steps itself)."""
+        out = list(self._pending)
+        self._pending.clear()
+        return out + self._take([])
+
+    @property
+    def finished(self) -> bool:
+        """Every request of the stream has ended (and its last items were taken)."""
+        return not self._open and not self._pending and self._queue.empty()
+
+    def _take(self, items: list[Delta | BaseException | None]) -> list[Delta]:
+        """These items and whatever else is queued, as deltas; counts the requests that ended, raises an error."""
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        deltas = []
+        for item in items:
+            if item is None:
+                self._open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                deltas.append(item)
+        return deltas
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -113,6 +136,10 @@ class _Request:
 
 _ENGINES: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
 
+# Waiting requests are prefilled together, right-padded to the longest, up to this many tokens in all (a request
+# longer than this goes alone): one forward for a burst of prompts, without an activation spike for long ones.
+MAX_PREFILL_TOKENS = 4096
+
 
 @atexit.register
 def _close_all() -> None:
@@ -122,12 +149,21 @@ def _close_all() -> None:
 
 
 class BatchEngine:
-    """Serves one model to many callers at once. Thread-safe `submit`; the decode loop runs in its own thread."""
+    """Serves one model to many callers at once. Thread-safe `submit`; the decode loop runs in its own thread, or,
+    made with `threaded=False`, on the thread that calls `step()` (the synchronous driver `Generator` is)."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None, max_batch_size: int = 32,
                  max_seq_length: int | None = None, idle_free_s: float = 60.0,
-                 adapters: AdapterPool | None = None, compile: bool | None = None) -> None:
+                 adapters: AdapterPool | None = None, compile: bool | None = None, threaded: bool = True,
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, sync_every: int = 1) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.threaded = threaded
+        self.max_prefill_tokens = max_prefill_tokens  # padded prompt tokens prefilled in one forward
+        # Decode steps between reads of the sampled tokens back to the host: the host queues the next step without
+        # waiting for the device (Generator on a GPU: 8; served streams: 1, every token as it comes).
+        self.sync_every = sync_every
+        self._pending: list[tuple[Tensor, list[Tensor | None]]] = []  # steps not yet read back: (tokens, logprobs)
+        self._carry: tuple[Tensor, Tensor] | None = None  # the next step's (tokens, slots) while the rows stay
         # Decode base-only batches with the compiled static step (static_step.py); default on a GPU only. A failure
         # in it (other than memory) turns it off for this engine, with a warning: the eager step serves on.
         self.compile = model.device.type == "cuda" if compile is None else compile
@@ -166,7 +202,8 @@ class BatchEngine:
         request = _Request(list(prompt), params, stream, RowState(index, tokenizer, params, stop_ids), list(prompt))
         if adapter is not None and self.adapters is not None:
             request.slot = self.adapters.acquire(adapter)
-        self._ensure_running()
+        if self.threaded:
+            self._ensure_running()
         _ENGINES.add(self)
         self._waiting.put(request)
         self._wake.set()
@@ -188,7 +225,7 @@ class BatchEngine:
         """Queue every prompt (row i of the result is prompt i) on one Stream, or none of them: a bad one raises
         before any runs. With `on_item`, the Stream pushes its items to that callback (see `Stream`); `adapter`
         and `tokenizer` as `submit` takes them, for every row."""
-        ids = [self.encode(p) for p in prompts]
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         params = params or SamplingParams()
         per_row = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
         for row_ids, p in zip(ids, per_row):
@@ -199,13 +236,6 @@ class BatchEngine:
         for i, (row_ids, p) in enumerate(zip(ids, per_row)):
             self.submit(row_ids, p, index=i, stream=out, adapter=adapter, tokenizer=tokenizer)
         return out
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        if not isinstance(prompt, str):
-            return list(prompt)
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer; give token ids")
-        return self.tokenizer.encode(prompt)
 
     def close(self) -> None:
         """Stop now: requests still running or waiting end with an EngineClosedError (never left hanging)."""
@@ -228,7 +258,7 @@ class BatchEngine:
         for r in self._live + self._drain_waiting():
             r.stream._put(error)
             self._done(r)
-        self._live = []
+        self._live, self._pending, self._carry = [], [], None
 
     def _ensure_running(self) -> None:
         with self._lock:
@@ -242,24 +272,32 @@ class BatchEngine:
         device = self.model.device
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # Triton launches on this thread's current device, whatever the tensors'
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                if self.step():
+                    continue
+                if self._retiring.is_set():
+                    self._free_cache()
+                    return
+                if not self._wake.wait(timeout=self.idle_free_s):
+                    self._free_cache()
+                else:
+                    self._wake.clear()
+
+    def step(self) -> bool:
+        """One turn of the loop: drop cancelled rows, admit waiting requests, decode one token for every live row.
+        Returns whether requests remain (live or waiting). A failure no single request can be blamed for fails
+        every request in flight, never silently, and is raised."""
         try:
-            with torch.inference_mode():
-                while not self._stop.is_set():
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._live:
-                        self._decode()
-                    elif self._retiring.is_set() and self._waiting.empty():
-                        self._free_cache()
-                        return
-                    elif not self._wake.wait(timeout=self.idle_free_s):
-                        self._free_cache()
-                    else:
-                        self._wake.clear()
-        except BaseException as e:  # a failing step fails every request in flight, never silently
+            self.drop_cancelled()
+            self._admit()
+            if self._live:
+                self._decode()
+            return bool(self._live) or not self._waiting.empty()
+        except BaseException as e:
             for r in self._live + self._drain_waiting():
                 r.stream._put(e)
-            self._live = []
+            self._live, self._pending, self._carry = [], [], None
             raise
 
     def _free_cache(self) -> None:
@@ -304,23 +342,66 @@ class BatchEngine:
         return [c for c in caches if c is not None]
 
     def _admit(self) -> None:
+        if not self._waiting.empty() and len(self._live) < self.max_batch_size:
+            self._flush()  # the live rows' tokens on the host before new rows join them
         admitted = False
         while len(self._live) < self.max_batch_size and not self._waiting.empty():
-            request = self._waiting.get_nowait()
+            group = self._ready(self._take_waiting(self.max_batch_size - len(self._live)))
+            admitted = self._admit_group(group) or admitted
+        if admitted and self._static is not None:
+            self._static.check()  # a prefill may have grown the cache: graphs captured on the old one are stale
+
+    def _take_waiting(self, room: int) -> list[_Request]:
+        """Waiting requests to prefill together, in order: at most `room`, and at most `max_prefill_tokens` once
+        padded to the longest (the first one always)."""
+        group = [self._waiting.get_nowait()]
+        longest = len(group[0].prompt)
+        with self._waiting.mutex:  # peek before taking: a request that would not fit waits for the next group
+            pending = self._waiting.queue
+            while len(group) < room and pending:
+                longer = max(longest, len(pending[0].prompt))
+                if longer * (len(group) + 1) > self.max_prefill_tokens:
+                    break
+                group.append(pending.popleft())
+                longest = longer
+        return group
+
+    def _ready(self, group: list[_Request]) -> list[_Request]:
+        """The group's requests still wanted, each with its sampler (made here, on the engine's thread); one whose
+        sampler cannot be made (a seed torch refuses) ends alone."""
+        ready = []
+        for request in group:
             if request.stream.cancelled.is_set():
                 self._done(request)
                 continue
             try:
-                logits = self._prefill(request)
-            except Exception as e:  # this request alone: it never took a live row
+                request.sampler = Sampler([request.params], self.model.config.vocab_size, self.model.device)
+                request.sampler.observe_prompt(0, request.prompt)
+            except Exception as e:
                 request.stream._put(self._request_error(request, e))
                 self._done(request)
                 continue
-            self._live.append(request)
-            admitted = True
-            self._advance([request], logits)
-        if admitted and self._static is not None:
-            self._static.check()  # a prefill may have grown the cache: graphs captured on the old one are stale
+            ready.append(request)
+        return ready
+
+    def _admit_group(self, group: list[_Request]) -> bool:
+        """Prefill the group into the next free rows and make them live; when the batched prefill fails, each
+        request is prefilled alone, so the failure ends only the request it belongs to (it never took a row)."""
+        if not group:
+            return False
+        try:
+            logits = self._prefill(group)
+        except Exception as e:
+            if len(group) > 1:
+                alone = [self._admit_group([request]) for request in group]  # every one, not up to the first
+                return any(alone)
+            group[0].stream._put(self._request_error(group[0], e))
+            self._done(group[0])
+            return False
+        self._live.extend(group)
+        self._carry = None
+        self._advance(group, logits)
+        return True
 
     def _request_error(self, request: _Request, e: Exception) -> Exception:
         """What the request's caller is told: running out of memory is capacity (retry later), anything else the
@@ -337,47 +418,95 @@ class BatchEngine:
         request.stream._put(self._request_error(request, e))
         self._retire(request)
 
-    def _prefill(self, request: _Request) -> Tensor:
-        """Grow the cache for the request, run its prompt into the next free row, and return its next-token logits."""
-        row = len(self._live)
-        reserve = max([len(r.prompt) + r.params.max_new_tokens for r in self._live]
-                      + [len(request.prompt) + request.params.max_new_tokens])
-        self._ensure_cache(row + 1, reserve)
-        request.sampler = Sampler([request.params], self.model.config.vocab_size, self.model.device)
-        request.sampler.observe_prompt(0, request.prompt)
-        ids = torch.tensor([request.prompt], device=self.model.device)
-        pos = torch.arange(len(request.prompt), device=self.model.device)[None]
-        with self._adapters_of([request], len(request.prompt)):
+    def _prefill(self, requests: list[_Request]) -> Tensor:
+        """Grow the cache for the requests, run their prompts into the next free rows (right-padded: the padding
+        lands in slots a row's own decode overwrites before it attends to them), and return each one's next-token
+        logits."""
+        row, dev = len(self._live), self.model.device
+        reserve = max(len(r.prompt) + r.params.max_new_tokens for r in self._live + requests)
+        self._ensure_cache(row + len(requests), reserve)
+        t = max(len(r.prompt) for r in requests)
+        ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in requests], device=dev)
+        pos = torch.arange(t, device=dev).expand(len(requests), t)
+        with self._adapters_of(requests, t):
             hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
-        return self.model.lm_head(hidden[:, -1]).float()
+        last = torch.tensor([len(r.prompt) - 1 for r in requests], device=dev)
+        return self.model.lm_head(hidden[torch.arange(len(requests), device=dev), last]).float()
 
     def _decode(self) -> None:
+        """One token for every live row. Its tokens stay on the device until a read-back (`_flush`): every step
+        when `sync_every` is 1, else once per `sync_every` steps, or sooner when the host must act (a row reaches
+        its token limit, a request waits, a sampler failed)."""
         live = list(self._live)
+        tokens, positions = self._inputs(live)
         try:
-            logits = self._step(live, 0)
+            logits = self._step(live, 0, tokens, positions)
         except Exception:  # whose fault? Each row alone tells: the rows that still fail end, the others go on
+            self._flush()
             self._decode_rows_alone(live)
             return
-        self._advance(live, logits)
+        chosen, lps, failed = self._choose(live, logits)
+        self._pending.append((chosen, lps))
+        self._carry = (chosen, positions + 1)
+        if failed or len(self._pending) >= self.sync_every or self._must_read(live):
+            self._flush(failed)
 
-    def _step(self, requests: list[_Request], first_row: int) -> Tensor:
-        """Next-token logits of consecutive live rows from `first_row` on (their cache rows)."""
+    def _inputs(self, live: list[_Request]) -> tuple[Tensor, Tensor]:
+        """(B,) next tokens and their slots on the device: carried over from the last step while the batch holds
+        the same rows (no host data: on a GPU a tensor built from host data is a blocking copy), else built from
+        the rows' host state."""
+        if self._carry is not None:
+            return self._carry
+        dev = self.model.device
+        return (torch.tensor([r.tokens[-1] for r in live], device=dev),
+                torch.tensor([r.next_slot for r in live], device=dev))
+
+    def _must_read(self, live: list[_Request]) -> bool:
+        """Whether the host must see the tokens now: a row reaches its token limit (decoding on would run past its
+        reserved cache slots), a request waits for a free row, or one was cancelled."""
+        steps = len(self._pending)
+        return ((not self._waiting.empty() and len(live) < self.max_batch_size)
+                or any(len(r.state.token_ids) + steps >= r.params.max_new_tokens or r.stream.cancelled.is_set()
+                       for r in live))
+
+    def _flush(self, failed: dict[int, Exception] | None = None) -> None:
+        """Read the pending steps' tokens back (one device sync), hand them out row by row, and retire the rows
+        that finished or failed."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        live = list(self._live)
+        tokens = torch.stack([c for c, _ in pending], dim=1).tolist()  # (B, steps)
+        failed = dict(failed or {})
+        last = len(pending) - 1
+        for i, r in enumerate(live):
+            for j, (tok, (_, lps)) in enumerate(zip(tokens[i], pending)):
+                if r.state.finish is not None or (j == last and i in failed):
+                    break
+                try:
+                    self._emit(r, tok, lps[i])
+                except Exception as e:
+                    failed[i] = e
+                    break
+        self._end_rows(live, failed)
+
+    def _step(self, requests: list[_Request], first_row: int, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Next-token logits of consecutive live rows from `first_row` on (their cache rows), each feeding its
+        token (B,) at its slot (B,)."""
         if self.compile and first_row == 0 and all(r.slot == BASE for r in requests):
             try:
                 static = self._static_step()  # outside the context: its address check sees no merged buffers
                 with self._adapters_of(requests, 1):
-                    return static([r.tokens[-1] for r in requests], [r.next_slot for r in requests])
+                    return static(tokens, positions)
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:
                 warnings.warn(f"the compiled decode step failed ({type(e).__name__}: {e}); this engine decodes "
                               "eagerly from now on", RuntimeWarning, stacklevel=2)
                 self.compile = False
-        dev = self.model.device
-        tokens = torch.tensor([[r.tokens[-1]] for r in requests], device=dev)
-        pos = torch.tensor([[r.next_slot] for r in requests], device=dev)
         with self._adapters_of(requests, 1):
-            hidden = self.model.hidden_states(tokens, pos, None, pos, cache_row=first_row)
+            hidden = self.model.hidden_states(tokens[:, None], positions[:, None], None, positions[:, None],
+                                              cache_row=first_row)
         return self.model.lm_head(hidden[:, -1]).float()
 
     def _static_step(self) -> StaticStep:
@@ -404,9 +533,11 @@ class BatchEngine:
         """A batched step failed: run each row by itself (a row's cache slot is rewritten with the same values)."""
         ok: list[tuple[_Request, Tensor]] = []
         failed: list[tuple[_Request, Exception]] = []
+        dev = self.model.device
         for row, r in enumerate(live):
             try:
-                ok.append((r, self._step([r], row)))
+                token, slot = torch.tensor([r.tokens[-1]], device=dev), torch.tensor([r.next_slot], device=dev)
+                ok.append((r, self._step([r], row, token, slot)))
             except Exception as e:
                 failed.append((r, e))
         if ok:
@@ -415,10 +546,22 @@ class BatchEngine:
             self._fail(r, error)
 
     def _advance(self, requests: list[_Request], logits: Tensor) -> None:
-        """Sample each request's next token from its row of logits, hand out text, retire finished rows. A request
-        whose sampling or output fails ends alone."""
-        # Plain greedy rows share one argmax; the others sample with their own state (seeds, penalties). Either
-        # way every row's token comes back to the host in one read: one device sync per step, not one per row.
+        """Sample each request's next token from its row of logits, hand out text, retire finished rows, now. A
+        request whose sampling or output fails ends alone."""
+        chosen, lps, failed = self._choose(requests, logits)
+        for i, (r, tok) in enumerate(zip(requests, chosen.tolist())):  # one device sync for every row
+            if i in failed:
+                continue
+            try:
+                self._emit(r, tok, lps[i])
+            except Exception as e:
+                failed[i] = e
+        self._end_rows(requests, failed)
+
+    def _choose(self, requests: list[_Request], logits: Tensor
+                ) -> tuple[Tensor, list[Tensor | None], dict[int, Exception]]:
+        """Each row's next token (B,) on the device, its logprobs where asked, and the rows whose sampling failed.
+        Plain greedy rows share one argmax; the others sample with their own state (seeds, penalties)."""
         chosen = logits.argmax(-1)
         sampled: list[tuple[int, Tensor]] = []
         lps: list[Tensor | None] = [None] * len(requests)
@@ -438,13 +581,10 @@ class BatchEngine:
         if sampled:
             rows = torch.tensor([i for i, _ in sampled], device=chosen.device)
             chosen = chosen.index_copy(0, rows, torch.cat([t for _, t in sampled]))
-        for i, (r, tok, row_lps) in enumerate(zip(requests, chosen.tolist(), lps)):
-            if i in failed:
-                continue
-            try:
-                self._emit(r, tok, row_lps)
-            except Exception as e:
-                failed[i] = e
+        return chosen, lps, failed
+
+    def _end_rows(self, requests: list[_Request], failed: dict[int, Exception]) -> None:
+        """Fail the rows that failed, retire the rows that finished."""
         for i, error in failed.items():
             self._fail(requests[i], error)
         for r in [r for i, r in enumerate(requests) if i not in failed and r.state.finish is not None]:
@@ -463,7 +603,10 @@ class BatchEngine:
         if text or new or r.state.finish is not None:
             r.stream._put(Delta(r.state.index, text, new, new_lps, r.state.finish))
 
-    def _drop_cancelled(self) -> None:
+    def drop_cancelled(self) -> None:
+        """Free the rows of cancelled requests (their clients went away)."""
+        if any(r.stream.cancelled.is_set() for r in self._live):
+            self._flush()
         for r in [r for r in self._live if r.stream.cancelled.is_set()]:
             self._retire(r)
 
@@ -476,6 +619,7 @@ class BatchEngine:
                 cache.move_row(last, row, len(moved.tokens))
             self._live[row] = moved
         self._live.pop()
+        self._carry = None  # the batch's rows changed: the next step's inputs come from the rows' host state
         self._done(request)
 
     def _done(self, request: _Request) -> None:

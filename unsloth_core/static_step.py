@@ -15,7 +15,7 @@ takes the eager step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ class StaticStep:
         self._graphs = GraphedStep(compiled, MAX_GRAPHS) if model.device.type == "cuda" else None
         self._fn: Callable[..., Tensor] = self._graphs if self._graphs is not None else compiled
         self._masks: dict[tuple[int, int], Tensor] = {}
+        self._inputs: dict[int, Tensor] = {}  # per batch bucket: (2, bucket, 1) tokens and slots, padded
         self._addresses: tuple[int, ...] = ()
 
     def check(self) -> None:
@@ -53,18 +54,22 @@ class StaticStep:
         if self._graphs is not None:
             self._graphs.reset()
         self._masks.clear()
+        self._inputs.clear()
 
-    def __call__(self, tokens: Sequence[int], positions: Sequence[int]) -> Tensor:
-        """Logits (B, V) in fp32 for row i feeding `tokens[i]` at slot `positions[i]`."""
+    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Logits (B, V) in fp32 for row i feeding `tokens[i]` at slot `positions[i]` ((B,) on the model's device:
+        padding them is device work, so the host never waits here)."""
         shape = self.model.cache_shape
         assert shape is not None, "the engine sets up the cache before decoding"
         rows, slots = shape
-        b = len(tokens)
+        b = tokens.size(0)
         bucket = min(rows, 1 << (b - 1).bit_length())
-        padded = torch.zeros(2, bucket, 1, dtype=torch.long)
-        padded[0, :b, 0] = torch.tensor(tokens)
-        padded[1, :b, 0] = torch.tensor(positions)
-        padded = padded.to(self.model.device)
+        padded = self._inputs.get(bucket)
+        if padded is None:
+            padded = self._inputs[bucket] = torch.zeros(2, bucket, 1, dtype=torch.long, device=self.model.device)
+        padded[0, :b, 0] = tokens
+        padded[1, :b, 0] = positions
+        padded[:, b:] = 0  # rows no request holds feed token 0 at slot 0
         mask = self._masks.get((bucket, slots))
         if mask is None:
             mask = self._masks[(bucket, slots)] = torch.ones(bucket, slots, dtype=torch.bool,

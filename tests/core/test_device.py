@@ -168,7 +168,8 @@ def test_captured_decode_graphs_follow_the_cache_and_the_weights() -> None:
 
     for prompts in ([[1, 2, 3], [4, 5]], [[7, 8, 9], [1, 2], [3]], [[1, 2, 3], [4, 5]]):
         check(prompts)  # the cache is reallocated at each change of batch size
-    assert gen._graphs is not None and len(gen._graphs.graphs) >= 1
+    static = gen.engine._static  # the engine's compiled step (static_step.py), replaying captured graphs
+    assert static is not None and static._graphs is not None and len(static._graphs.graphs) >= 1
     with torch.no_grad():
         model.blocks()[0].mlp.down_proj.weight.mul_(-1)  # in place: the captured graph reads the new values
         check([[1, 2, 3], [4, 5]])
@@ -206,7 +207,8 @@ def test_the_served_step_replays_cuda_graphs_with_the_eager_tokens() -> None:
 
 @pytest.mark.gpu
 def test_the_compiled_decode_loop_does_not_sync_per_token() -> None:
-    """The host runs ahead of the GPU: it waits only when it reads tokens back, once per `sync_every` steps. Every
+    """The host runs ahead of the GPU: it waits only when it reads tokens back, once per `sync_every` steps (the
+    engine's next inputs are carried on the device, its padding is device work). Every
     synchronizing call (a blocking copy, a read-back) warns under CUDA's sync debug mode; 32 more tokens may add
     about 32 / 8 of them, not 32."""
     if not torch.cuda.is_available():

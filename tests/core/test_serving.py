@@ -261,7 +261,7 @@ def _inject(stage: str, engine: BatchEngine, monkeypatch: pytest.MonkeyPatch) ->
         forward = engine.model.hidden_states
 
         def hidden_states(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if ids.size(1) > 1 and ids[0, :3].tolist() == MARK:
+            if ids.size(1) > 1 and any(row[:3].tolist() == MARK for row in ids):  # a batched prefill holding it
                 raise boom()
             return forward(ids, *args, **kwargs)
 
@@ -269,10 +269,10 @@ def _inject(stage: str, engine: BatchEngine, monkeypatch: pytest.MonkeyPatch) ->
     elif stage == "decode":  # the batched step fails whenever the marked row is in it
         step = BatchEngine._step
 
-        def failing_step(self: BatchEngine, requests: list[Any], first_row: int) -> torch.Tensor:
+        def failing_step(self: BatchEngine, requests: list[Any], *args: Any) -> torch.Tensor:
             if any(r.prompt == MARK for r in requests):
                 raise boom()
-            return step(self, requests, first_row)
+            return step(self, requests, *args)
 
         monkeypatch.setattr(BatchEngine, "_step", failing_step)
     elif stage == "sample":
@@ -368,3 +368,77 @@ def test_a_failing_compiled_step_falls_back_to_the_eager_one(model: Llama, tok: 
     assert not engine.compile
     engine.close()
     assert ids == Generator(tiny_model(seed=12, std=0.3), tok).generate([[1, 2, 3]], params)[0].token_ids
+
+
+def _completions(gen: Generator, prompts: list[str], params: list[SamplingParams]) -> list[tuple[Any, ...]]:
+    """Text, tokens, finish and logprobs; logprobs to 1e-5 (a row's logits differ in their last bits with the
+    other rows batched beside it, and the read-back timing decides when rows retire)."""
+    return [(c.text, c.token_ids, c.finish_reason,
+             [(lp.token_id, round(lp.logprob, 5), [t[0] for t in lp.top]) for lp in c.logprobs or []])
+            for c in gen.generate(prompts, params)]
+
+
+def test_tokens_read_back_in_blocks_come_out_as_tokens_read_every_step(model: Llama, tok: Tokenizer,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sync_every` > 1 (Generator's setting on a GPU, where the host then queues steps without waiting): rows that
+    meet EOS, a stop string or their token limit inside a block, seeded sampling with logprobs, and requests that
+    wait for a free row (three rows for five) come out exactly as with a read-back after every step."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=24, **NO_EOS)
+    free = Generator(model, tok).generate(["end early"], greedy)[0]
+    prompts = ["end early", "stop string", "sampled", "short", "long one"]
+    params = [SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=[free.token_ids[5]]),
+              SamplingParams(temperature=0, max_new_tokens=24, stop=[free.text[3:5]], **NO_EOS),
+              SamplingParams(temperature=0.8, seed=5, max_new_tokens=13, logprobs=2, **NO_EOS),
+              SamplingParams(temperature=0, max_new_tokens=3, **NO_EOS),
+              SamplingParams(temperature=0, max_new_tokens=26, repetition_penalty=1.3, **NO_EOS)]  # the longest
+    every_step = _completions(Generator(model, tok, max_batch_size=3), prompts, params)
+    # The context exactly as long as the longest request: decoding a row past its limit would write past the cache.
+    in_blocks = Generator(model, tok, max_batch_size=3, sync_every=4,
+                          max_seq_length=max(len(tok.encode(p)) + sp.max_new_tokens for p, sp in zip(prompts, params)))
+    flushed = BatchEngine._flush
+    blocks: list[int] = []
+
+    def counting(self: BatchEngine, *args: Any) -> None:
+        blocks.append(len(self._pending))
+        flushed(self, *args)
+
+    monkeypatch.setattr(BatchEngine, "_flush", counting)
+    assert _completions(in_blocks, prompts, params) == every_step
+    assert max(blocks) == 4  # whole blocks were read back at once
+    assert every_step[0][2] == "stop" and len(every_step[0][1]) < 24  # EOS came inside a block
+    assert not in_blocks.engine._live and not in_blocks.engine._pending
+    # A row is never decoded past its limit (that would write past its reserved cache slots): 26 tokens are the
+    # prefill's and 25 decode steps, not 7 blocks of 4.
+    step, steps = BatchEngine._step, []
+
+    def counting_steps(self: BatchEngine, *args: Any) -> torch.Tensor:
+        steps.append(1)
+        return step(self, *args)
+
+    monkeypatch.setattr(BatchEngine, "_step", counting_steps)
+    assert len(in_blocks.generate(["long one"], params[-1])[0].token_ids) == 26 and len(steps) == 25
+
+
+def test_waiting_prompts_are_prefilled_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests waiting at a step share one prefill forward (right-padded), up to `max_prefill_tokens` of padded
+    prompt, and each gets the tokens it gets prefilled alone."""
+    model = tiny_model(seed=12, std=0.3)
+    forward = model.hidden_states
+    prefills: list[tuple[int, int]] = []
+
+    def counting(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if ids.size(1) > 1:
+            prefills.append(tuple(ids.shape))  # type: ignore[arg-type]
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", counting)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4], [42, 43], [11, 12, 13, 14]]
+    params = SamplingParams(temperature=0, max_new_tokens=8, **NO_EOS)
+    alone = [Generator(tiny_model(seed=12, std=0.3), None).generate([p], params)[0].token_ids for p in prompts]
+    gen = Generator(model, None)
+    assert [c.token_ids for c in gen.generate(prompts, params)] == alone
+    assert prefills == [(4, 6)]  # one forward for the four
+    prefills.clear()
+    gen.engine.max_prefill_tokens = 12  # two rows of six, then two of four
+    assert [c.token_ids for c in gen.generate(prompts, params)] == alone
+    assert prefills == [(2, 6), (2, 4)]
