@@ -95,11 +95,14 @@ def is_complete(directory: str | os.PathLike[str]) -> bool:
 
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike[str], manifest: Mapping[str, Any] | None = None) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `final` and gets its manifest, on error it vanishes."""
+    """Yield a temporary directory; on success it replaces `final` and gets its manifest. On an error (a full disk
+    included) nothing of the write is left: neither the temporary directory nor, when the error came after the
+    rename (the manifest's write), a `final` without its manifest."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the API and worker processes may run as different users
+    renamed = False
     try:
         yield tmp
         fsync_tree(tmp)
@@ -112,10 +115,13 @@ def atomic_directory(final: str | os.PathLike[str], manifest: Mapping[str, Any] 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        renamed = True
         fsync_dir(final.parent)
         write_manifest(final, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if renamed and not is_complete(final):  # torn: a reader would skip it, but it would hold the space
+            shutil.rmtree(final, ignore_errors=True)
         raise
 
 

@@ -107,15 +107,19 @@ def _release_memory() -> None:
 
 def _run_claimed(ctx: WorkerContext, job: Job, lease: Lease) -> str:
     hp = hyperparameters.stored_hyperparameters(job.method)
+    callbacks = JobCallbacks(ctx, lease, deadline=time.monotonic() + ctx.settings.max_job_s)
     try:
         plan = prepare(ctx, job)
+        callbacks.checkpoint_step = plan.resume_step
         if plan.resume is not None:
             _event(ctx, lease, f"Resuming from the checkpoint at step {plan.resume_step}")
-        callbacks = JobCallbacks(ctx, lease, deadline=time.monotonic() + ctx.settings.max_job_s)
         result, final = _finetune(ctx, plan, callbacks)
     except LeaseLost:
         raise
     except Exception as e:
+        if failures.is_storage_full(e):  # nothing the user did: pause, so a resume continues once space is back
+            log.error("job %s attempt %d: the disk is full (%s); pausing the job", job.id, job.attempt, e)
+            return _pause(ctx, lease, callbacks.step, failures.storage_full(job.id, callbacks.checkpoint_step))
         failure = failures.classify(e, model=job.model, method_type=job.method["type"], hyperparameters=hp)
         if failure.code in ("internal_error", "storage_error"):
             log.exception("job %s attempt %d failed", job.id, job.attempt)
@@ -226,6 +230,15 @@ def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, 
     return written or _lost(lease)
 
 
+def _pause(ctx: WorkerContext, lease: Lease, step: int, failure: JobFailure) -> str:
+    """Paused with the failure as the job's error: its last recorded checkpoint stands (a torn write is never
+    recorded), and the user's resume continues from it."""
+    error = {"code": failure.code, "message": failure.message, "param": failure.param}
+    written = _final_write(ctx, lease, lambda session: lifecycle.stop_job(
+        session=session, status=JobStatus.PAUSED, step=step, error=error, **lease.fence))
+    return written or _lost(lease)
+
+
 def _fail(ctx: WorkerContext, lease: Lease, failure: JobFailure) -> str:
     ok = _final_write(ctx, lease, lambda session: lifecycle.fail_job(
         session=session, code=failure.code, message=failure.message, param=failure.param, **lease.fence))
@@ -271,6 +284,8 @@ class JobCallbacks:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ctx, self.lease, self.deadline, self.clock = ctx, lease, deadline, clock
         self.stop_reason: str | None = None
+        self.step = 0  # the last step logged
+        self.checkpoint_step: int | None = None  # the last checkpoint recorded (or resumed from)
         self._rate_origin: tuple[float, int] | None = None  # (time, step) of the first log, for the finish estimate
 
     def should_stop(self) -> StopRequest:
@@ -289,6 +304,7 @@ class JobCallbacks:
     def on_log(self, metrics: dict[str, Any]) -> None:
         self.lease.ensure()
         step, total = int(metrics["step"]), int(metrics["total_steps"])
+        self.step = step
         data = {METRIC_NAMES.get(k, k): v for k, v in metrics.items() if _json_number(v)}
         progress = {"step": step, "total_steps": total, "epoch": metrics.get("epoch"),
                     "train_loss": data.get("train_loss")}
@@ -314,6 +330,7 @@ class JobCallbacks:
         if row is None:
             self.lease.lost.set()
             raise LeaseLost(self.lease.job_id)
+        self.checkpoint_step = step
 
     def on_epoch_end(self, epoch: int) -> None:
         _event(self.ctx, self.lease, f"Epoch {epoch + 1} done")

@@ -251,21 +251,28 @@ def fail_job(*, session: Session, job_id: str, attempt: int, owner: str, code: s
     return True
 
 
-def stop_job(*, session: Session, job_id: str, attempt: int, owner: str, status: JobStatus,
-             step: int) -> JobStatus | None:
-    """Training stopped on request: `cancelled`, or `paused` (its checkpoint already recorded). A cancel that
-    arrived meanwhile wins over a pause. Returns the status written, None when the fence fails."""
+def stop_job(*, session: Session, job_id: str, attempt: int, owner: str, status: JobStatus, step: int,
+             error: dict[str, Any] | None = None) -> JobStatus | None:
+    """Training stopped: on request, `cancelled` or `paused` (its checkpoint already recorded); or `paused` with an
+    `error` ({code, message, param}) saying why it could not go on (its storage is full): the user resumes it once
+    that is mended, from its last recorded checkpoint. A cancel that arrived meanwhile wins over a pause. Returns the
+    status written, None when the fence fails."""
     job = _hold(session, job_id, attempt, owner)  # read stop_requested under the lock: a cancel cannot slip by
     if job is None:
         return None
     if status == JobStatus.PAUSED and job.stop_requested == "cancel":
-        status = JobStatus.CANCELLED
+        status, error = JobStatus.CANCELLED, None
     ended = _ended(utcnow()) if status == JobStatus.CANCELLED else {"lease_owner": None, "lease_expires_at": None,
                                                                      "stop_requested": None}
-    message = (f"Fine-tuning job cancelled at step {step}" if status == JobStatus.CANCELLED else
-               f"Fine-tuning job paused at step {step}; resume it to continue from its last checkpoint")
-    if not _end_attempt(session, job_id, attempt, owner, status, message,
-                        values={"estimated_finish": None, **ended}):
+    if status == JobStatus.CANCELLED:
+        message = f"Fine-tuning job cancelled at step {step}"
+    elif error is not None:
+        message = f"Fine-tuning job paused at step {step}: {error['message']}"
+    else:
+        message = f"Fine-tuning job paused at step {step}; resume it to continue from its last checkpoint"
+    values = {"estimated_finish": None, **ended, **({"error": error} if error else {})}
+    if not _end_attempt(session, job_id, attempt, owner, status, message, values=values,
+                        level="error" if error else "info"):
         return None
     session.commit()
     return status

@@ -33,9 +33,10 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 
 def next_attempt(attempt: int) -> dict[str, Any]:
     """The columns of a job handed back for a new attempt (requeued, resumed, reaped): no lease, no pending stop
-    request, no message sent yet for it. One place, so a new column of the send or lease state is reset everywhere."""
+    request, no message sent yet for it, and no error left from a pause (storage full). One place, so a new column of
+    the send or lease state is reset everywhere."""
     return {"attempt": attempt + 1, "lease_owner": None, "lease_expires_at": None, "stop_requested": None,
-            "enqueued_at": None, "resend_at": None, "send_count": 0, "estimated_finish": None}
+            "enqueued_at": None, "resend_at": None, "send_count": 0, "estimated_finish": None, "error": None}
 
 
 def move(session: Session, job_id: str, *, source: str, to: JobStatus, message: str, attempt: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 16
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -168,8 +170,18 @@ async def receive_upload(request: Request, *, dest: Path, max_bytes: int, max_li
         reader.close()
         dest.unlink(missing_ok=True)
         raise bad_request("The multipart body is malformed.", code="invalid_multipart") from None
-    except BaseException:
-        reader.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails too
+            reader.close()
         with contextlib.suppress(OSError):
             dest.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in FULL:
+            raise storage_full() from None
         raise
+
+
+def storage_full() -> APIError:
+    """The server's disk is full: nothing the client can change in its request, so 507 (Insufficient Storage), with
+    the partial file already removed."""
+    return APIError(507, "The server's storage is full; the file was not stored. Try again later.", type="server_error",
+                    param="file", code="storage_full", headers={"Retry-After": "60"})

@@ -11,6 +11,7 @@ import pytest
 
 from tests.app.conftest import Backend, chat_rows, jsonl, upload
 from tests.helpers import wait_until
+from tests.small_disk import fill, small_disk
 
 BROKEN = (
     jsonl(chat_rows(2))
@@ -208,3 +209,20 @@ def test_a_key_cannot_fill_the_disk(backend: Backend, monkeypatch: pytest.Monkey
     assert not list(backend.settings.files_dir.glob(".upload-*.part"))
     assert upload(client, content).status == "processed"
     assert upload(backend.client(backend.new_key()), content).status == "processed"  # another key: its own quota
+
+
+def test_an_upload_that_fills_the_disk_is_507_storage_full_and_leaves_nothing(backend: Backend) -> None:
+    """Issue 15: the files dir on a small filesystem of its own: an upload that cannot be written whole answers
+    507 with code storage_full (not a 500), its partial file removed; once there is room, uploads work again."""
+    client = backend.client(backend.new_key())
+    content = jsonl(chat_rows(400))  # about 60 KB
+    with small_disk(backend.settings.files_dir, "256k") as files_dir:
+        filler = fill(files_dir, leave=len(content) // 2)
+        with pytest.raises(openai.APIStatusError) as e:
+            upload(client, content)
+        assert e.value.status_code == 507
+        assert (e.value.code, e.value.param, e.value.type) == ("storage_full", "file", "server_error")
+        assert "storage is full" in e.value.message
+        assert sorted(p.name for p in files_dir.iterdir()) == [filler.name]  # no partial upload left
+        filler.unlink()
+        assert upload(client, content).status == "processed"
