@@ -69,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last added runs first: metrics, the path guard, the key gate, the key's rate limit, the body limit.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
     app.add_middleware(RateLimitMiddleware, limiter=limiter)
-    app.add_middleware(AuthGateMiddleware, identify=KeyGate(ctx.sessions).identify)
+    gate = KeyGate(ctx.sessions)
+    app.add_middleware(AuthGateMiddleware, identify=gate.identify, remembered=gate.remembered)
     app.add_middleware(PathGuardMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics, route_template=route_template)
     return app

@@ -48,11 +48,13 @@ KEY_ID = "api_key_id"  # in the request's `state`: the key AuthGateMiddleware fo
 class AuthGateMiddleware:
     """A `/v1` request without a live API key is answered 401 before any of its body is read, and its connection
     closed: FastAPI parses a JSON body before the route's key dependency runs, so without this an unauthenticated
-    client could make the API parse 16 MiB on the event loop per request. `identify(token)` (the key's id, or None)
-    runs on a worker thread; the id is left in the request's state for the rate limits."""
+    client could make the API parse 16 MiB on the event loop per request. `remembered(token)` (a key found live
+    moments ago: its id, or None) is asked here, `identify(token)` (the database's answer) on a worker thread; the
+    id is left in the request's state for the rate limits."""
 
-    def __init__(self, app: ASGIApp, identify: Callable[[str], str | None], prefix: str = "/v1/") -> None:
-        self.app, self.identify, self.prefix = app, identify, prefix
+    def __init__(self, app: ASGIApp, identify: Callable[[str], str | None],
+                 remembered: Callable[[str], str | None] = lambda _: None, prefix: str = "/v1/") -> None:
+        self.app, self.identify, self.remembered, self.prefix = app, identify, remembered, prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or not scope["path"].startswith(self.prefix):
@@ -64,7 +66,7 @@ class AuthGateMiddleware:
                                                  "'Authorization: Bearer YOUR_KEY'."))
             return
         try:
-            key_id = await anyio.to_thread.run_sync(self.identify, token)
+            key_id = self.remembered(token) or await anyio.to_thread.run_sync(self.identify, token)
         except SQLAlchemyError as e:  # as a route answers then: 503, retry shortly (the body still unread)
             log.error("database unavailable: %s", e)
             await _send_error(send, database_busy() if isinstance(e, PoolTimeoutError) else database_unavailable())
@@ -97,8 +99,8 @@ class RateLimitMiddleware:
         if window is None:
             await self.app(scope, receive, send)
             return
-        if not window.allowed:
-            await _send_error(send, window.error(family))
+        if not window.allowed:  # the connection is kept when there is no body to skip
+            await _send_error(send, window.error(family), close=_may_have_body(scope))
             return
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in window.headers().items()]
 
@@ -149,10 +151,18 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _send_error(send: Send, error: APIError) -> None:
+def _may_have_body(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+
+
+async def _send_error(send: Send, error: APIError, close: bool = True) -> None:
+    """Answer before the body is read. `close`: the connection is closed after the answer, so the body (if any)
+    is never read (on a kept connection the server would read and drop all of it)."""
     body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (error.headers or {}).items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

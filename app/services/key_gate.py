@@ -26,14 +26,23 @@ class KeyGate:
         self._known: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key hash -> (key id, when found live)
         self._lock = threading.Lock()
 
-    def identify(self, token: str) -> str | None:
-        """The id of the live key `token` is, or None (unknown or revoked)."""
+    def remembered(self, token: str) -> str | None:
+        """The key's id if `token` was found live less than `ttl_s` ago, else None; never waits on the database,
+        so the event loop may ask (a busy key's requests then take no worker thread to be let in)."""
         digest = hash_key(token)
-        now = time.monotonic()
         with self._lock:
             known = self._known.get(digest)
-            if known is not None and now - known[1] < self.ttl_s:
+            if known is not None and time.monotonic() - known[1] < self.ttl_s:
                 return known[0]
+        return None
+
+    def identify(self, token: str) -> str | None:
+        """The id of the live key `token` is, or None (unknown or revoked)."""
+        key_id = self.remembered(token)
+        if key_id is not None:
+            return key_id
+        digest = hash_key(token)
+        now = time.monotonic()
         with self.sessions() as session:
             key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
                                     .limit(1))

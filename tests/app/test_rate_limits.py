@@ -85,7 +85,9 @@ def test_past_its_limit_a_key_gets_429_while_another_key_and_family_are_served(l
         r = limited.get("/v1/models", flooder)
         assert r.status_code == 200
         assert_counted(r, LIMIT, LIMIT - 1 - i)  # the remaining count goes down
-    assert_rate_limited(limited.get("/v1/models", flooder), LIMIT)
+    refused = limited.get("/v1/models", flooder)
+    assert_rate_limited(refused, LIMIT)
+    assert "connection" not in refused.headers  # no body to skip: the connection is kept for the next request
     assert_rate_limited(limited.get("/v1/models/tiny-chat", flooder), LIMIT)  # the whole family
     r = limited.get("/v1/models", other)  # one key's count never touches another's
     assert r.status_code == 200
@@ -180,3 +182,19 @@ def test_with_redis_down_requests_are_served_uncounted_and_it_is_said_once(
 def test_reset_times_are_written_as_openai_writes_them(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
 
+
+
+def test_a_key_found_live_moments_ago_is_let_in_without_the_database(limited: Limited) -> None:
+    """A flooding key's requests, refused 429 or not, take no database lookup and no worker thread to be let in:
+    the gate answers a key it found live within `ttl_s` from memory, on the event loop."""
+    from app.services.key_gate import KeyGate
+
+    gate, lookups = KeyGate(limited.ctx.sessions, ttl_s=3600), []
+    real_sessions = gate.sessions
+    gate.sessions = lambda: (lookups.append(1), real_sessions())[1]  # type: ignore[assignment,method-assign]
+    key = limited.new_key()
+    assert gate.remembered(key) is None and lookups == []  # not yet found: the caller asks `identify`
+    key_id = gate.identify(key)
+    assert key_id is not None and len(lookups) == 1
+    assert gate.remembered(key) == key_id and len(lookups) == 1
+    assert gate.remembered("sk-unsloth-nope") is None and len(lookups) == 1
