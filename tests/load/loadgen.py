@@ -44,6 +44,7 @@ class PhaseResult:
     completion_tokens: int = 0
     errors: list[str] = field(default_factory=list)  # transport errors, broken streams
     missing_retry_after: int = 0  # 429s without Retry-After
+    cut_off: int = 0  # requests whose connection the server closed while their body was still being sent
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)  # at the end of the phase
 
     @property
@@ -71,7 +72,7 @@ class PhaseResult:
             "ttft_p50_ms": ms(percentile(self.ttft_s, 50)), "ttft_p99_ms": ms(percentile(self.ttft_s, 99)),
             "completion_tokens": self.completion_tokens,
             "tokens_per_s": round(self.completion_tokens / wall, 1) if self.completion_tokens else None,
-            "errors": len(self.errors), "missing_retry_after": self.missing_retry_after,
+            "errors": len(self.errors), "missing_retry_after": self.missing_retry_after, "cut_off": self.cut_off,
             "load_average": [round(x, 2) for x in self.load_average],
         }
 
@@ -93,15 +94,21 @@ def _record_status(result: PhaseResult, response: httpx.Response) -> None:
         result.missing_retry_after += 1
 
 
-async def _run(result: PhaseResult, clients: int, duration: float, one: Any) -> PhaseResult:
+async def _run(result: PhaseResult, clients: int, duration: float, one: Any, interval_s: float = 0.0
+               ) -> PhaseResult:
+    """Each client calls `one` again as soon as it returns, or (`interval_s`) at most every `interval_s` on a fixed
+    schedule, as a client that polls does: then a slow answer is not followed by a pause."""
     deadline = time.monotonic() + duration
     start = time.perf_counter()
 
     takes_client = "client" in inspect.signature(one).parameters
 
     async def loop(client: int) -> None:
+        due = time.monotonic()
         while time.monotonic() < deadline:
             await (one(client=client) if takes_client else one())
+            due += interval_s
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
 
     await asyncio.gather(*(loop(i) for i in range(clients)))
     result.duration_s = time.perf_counter() - start
@@ -110,9 +117,10 @@ async def _run(result: PhaseResult, clients: int, duration: float, one: Any) -> 
 
 
 async def poll_job(base_url: str, key: str, job_id: str, *, clients: int, duration: float,
-                   timeout: float = 30) -> PhaseResult:
-    """`GET /v1/fine_tuning/jobs/{id}` in a loop from `clients` concurrent clients."""
-    result = PhaseResult(f"poll job x{clients}", clients)
+                   timeout: float = 30, name: str | None = None, interval_s: float = 0.0) -> PhaseResult:
+    """`GET /v1/fine_tuning/jobs/{id}` in a loop from `clients` concurrent clients (each at most every
+    `interval_s`)."""
+    result = PhaseResult(name or f"poll job x{clients}", clients)
     async with _client(base_url, key, clients, timeout) as http:
         async def one() -> None:
             began = time.perf_counter()
@@ -125,7 +133,7 @@ async def poll_job(base_url: str, key: str, job_id: str, *, clients: int, durati
             if response.status_code == 200:
                 result.latencies_s.append(time.perf_counter() - began)
 
-        return await _run(result, clients, duration, one)
+        return await _run(result, clients, duration, one, interval_s)
 
 
 async def stream_completions(base_url: str, key: str, model: str | list[str], *, clients: int, duration: float,
@@ -187,3 +195,60 @@ async def stream_completions(base_url: str, key: str, model: str | list[str], *,
                 result.ttft_s.append(first - began)
 
         return await _run(result, clients, duration, one)
+
+
+FLOOD_KINDS = ("unauthenticated", "upload", "job", "completion")
+
+
+async def flood(base_url: str, key: str, model: str, *, clients: int, duration: float,
+                body_bytes: int = 16 * 2**20, kinds: tuple[str, ...] = FLOOD_KINDS) -> PhaseResult:
+    """One tenant misbehaving from `clients` connections at once, client i sending requests of `kinds[i % len]`
+    without pause, 429s or not: 16 MiB bodies without a key, cheap uploads, job creates (of the last uploaded file;
+    completions until there is one), completions. Its answers are 200s, then 429s past its limits, and 401s; a 5xx
+    or a transport error is a finding (but an unauthenticated body may be cut off mid-send: that is the point)."""
+    result = PhaseResult(f"flood x{clients}", clients)
+    row = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    blob = b"x" * body_bytes
+    async with _client(base_url, key, clients, 60) as http:
+        file_id: list[str] = []
+
+        async def one(client: int) -> None:
+            kind = kinds[client % len(kinds)]
+            began = time.perf_counter()
+            try:
+                if kind == "unauthenticated":  # as large as the body limit allows
+                    response = await http.post("/v1/chat/completions", content=blob,
+                                               headers={"Authorization": "", "Content-Type": "application/json"})
+                elif kind == "upload":
+                    response = await http.post("/v1/files", files={"file": ("f.jsonl", row * 4)},
+                                               data={"purpose": "fine-tune"})
+                    if response.status_code == 200:
+                        file_id[:] = [response.json()["id"]]
+                elif kind == "job" and file_id:
+                    response = await http.post("/v1/fine_tuning/jobs", json={"model": model,
+                                                                             "training_file": file_id[0]})
+                else:
+                    response = await http.post("/v1/completions", json={"model": model, "prompt": "flood",
+                                                                        "max_tokens": 16, "ignore_eos": True})
+            except httpx.HTTPError as e:
+                if kind == "unauthenticated":  # the server answered 401 and closed the connection mid-body
+                    result.cut_off += 1
+                else:
+                    result.errors.append(f"{type(e).__name__}: {e}")
+                return
+            _record_status(result, response)
+            result.latencies_s.append(time.perf_counter() - began)
+
+        return await _run(result, clients, duration, one)
+
+
+def flood_in_process(base_url: str, key: str, model: str, clients: int, duration: float,
+                     kinds: tuple[str, ...] = FLOOD_KINDS) -> PhaseResult:
+    """`flood` on an event loop of its own, for a process of its own: on the loop of the clients it is measured
+    against, its own work (16 MiB bodies, hundreds of answers a second) would be counted in their latency."""
+    return asyncio.run(flood(base_url, key, model, clients=clients, duration=duration, kinds=kinds))
+
+
+def ready() -> bool:
+    """Called once in a new worker process, so that its start-up (imports) is over before the clock starts."""
+    return True
