@@ -21,11 +21,11 @@ import torch
 
 from bench.kernels import kernel_rows
 from bench.report import Row, print_table
-from bench.serving import adapter_load_row, adapters_rows, served_step_row, streams_row
+from bench.serving import adapter_load_row, adapters_rows, long_prompt_row, served_step_row, streams_row
 from bench.workloads import Job, Progress, ceilings, decode, longest, loss_agreement, short, train
 
 WORKS = ("train", "loss", "longest", "decode", "ceilings", "kernels", "adapters", "streams", "served-step",
-         "adapter-load")
+         "adapter-load", "long-prompt")
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT_FILE = ROOT / "bench" / "COMMIT"  # written by `bash bench/gpu_check.sh stamp`: the device gets no .git
 
@@ -47,6 +47,7 @@ CPU_PLAN = [
     Job("served-step", "smollm2-135m", bsz=1, seq=32, new=64),
     Job("served-step", "smollm2-135m", bsz=8, seq=32, new=64),
     Job("adapter-load", "smollm2-135m", bsz=8, seq=32, new=128),
+    Job("long-prompt", "smollm2-135m", bsz=8, seq=32, new=128, long=2048),
 ]
 # Within each work the rows PERFORMANCE.md sets a target on come first (Llama-1B training with GC, the loss curve,
 # Llama-1B decode), so a run cut short by a time limit keeps them; rows are written out as each one finishes.
@@ -69,6 +70,7 @@ GPU_PLAN = [
     Job("served-step", "llama-1b", bsz=1, seq=128, new=64),
     Job("served-step", "llama-1b", bsz=32, seq=128, new=64),
     Job("adapter-load", "llama-1b", bsz=8, seq=128, new=256),
+    Job("long-prompt", "llama-1b", bsz=8, seq=128, new=256, long=16384),
     # A probe's attention work grows with the square of its length: the caps keep a probe under about a minute and a
     # half (an 8B step at 131,072 tokens takes about 70 s).
     Job("longest", "llama-8b", seq=8192, cap=131072),
@@ -211,6 +213,8 @@ def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str,
         return [served_step_row(job, device, dtype)]
     if job.work == "adapter-load":
         return [adapter_load_row(job, device, dtype)]
+    if job.work == "long-prompt":
+        return [long_prompt_row(job, device, dtype)]
     return [one_row(job, device, dtype, state, progress)]
 
 

@@ -11,6 +11,8 @@
   CPU the engine keeps whichever this row shows faster.
 - `adapter-load`: the p99 inter-token latency of B running streams while adapters load into their engine's pool,
   against their steady p99 before (target: at most 2x).
+- `long-prompt`: the longest inter-token gap of B running streams while a long prompt is prefilled, in chunks
+  between their decode steps against in one forward (the previous design).
 
 Greedy, no EOS, every stream `new` tokens after a `seq`-token prompt; each side warmed up once at its shapes first.
 The adapters are random (A ~ N(0, 1/in), B ~ N(0, 0.02)), written in PEFT's format and loaded as the server loads
@@ -25,6 +27,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +42,7 @@ from unsloth_core.generate import Delta
 from unsloth_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, load_adapter, peft_key
 from unsloth_core.model import Llama
 from unsloth_core.sampling import SamplingParams
-from unsloth_core.serving import BatchEngine, Stream
+from unsloth_core.serving import PREFILL_CHUNK, BatchEngine, Stream
 
 RANK = 16
 
@@ -185,16 +188,11 @@ def served_step_row(job: Job, device: torch.device, dtype: torch.dtype) -> Row:
                note=note if compiled else note + "; the compiled step failed and fell back to eager (see warnings)")
 
 
-def adapter_load_row(job: Job, device: torch.device, dtype: torch.dtype, loads: int = 4) -> Row:
-    """Inter-token latency of B running streams (on the base) while `loads` adapters load into their engine's pool
-    from disk: the gaps that overlap the loads against the same streams' steady gaps before them (target: p99 at
-    most 2x)."""
-    model = build_ours(job.shape, device, dtype, lora=False).eval()
-    rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
-    pool = AdapterPool(model, capacity=loads)
-    engine = BatchEngine(model, None, max_batch_size=job.bsz, max_seq_length=job.seq + job.new, adapters=pool)
-    _run([engine], rows, [None] * job.bsz, 4)  # warm-up
-    params = SamplingParams(temperature=0, max_new_tokens=job.new, stop_token_ids=[])
+def _gaps_while(engine: BatchEngine, rows: list[list[int]], new: int,
+                disturb: Callable[[], None]) -> tuple[list[float], list[float], float]:
+    """Inter-token gaps of one stream per row, steady (every stream past its prefill, before `disturb` starts) and
+    during `disturb` (called once the streams decode steadily); and how long `disturb` took."""
+    params = SamplingParams(temperature=0, max_new_tokens=new, stop_token_ids=[])
     arrivals: list[list[float]] = [[] for _ in rows]
     ended = threading.Semaphore(0)
 
@@ -207,31 +205,80 @@ def adapter_load_row(job: Job, device: torch.device, dtype: torch.dtype, loads: 
 
         return Stream(1, on_item)
 
+    for i, prompt in enumerate(rows):
+        engine.submit(prompt, params, stream=recorder(i))
+    while min(len(a) for a in arrivals) < new // 4:  # steady decoding first
+        time.sleep(0.001)
+    began = time.perf_counter()
+    disturb()
+    done = time.perf_counter()
+    for _ in rows:
+        ended.acquire(timeout=3600)
+    decoding = max(times[0] for times in arrivals)  # every stream past its prefill: the gaps are decode steps
+    steady = [b - a for times in arrivals for a, b in itertools.pairwise(times) if decoding <= a and b < began]
+    during = [b - a for times in arrivals for a, b in itertools.pairwise(times) if a < done and b > began]
+    return steady, during, done - began
+
+
+def adapter_load_row(job: Job, device: torch.device, dtype: torch.dtype, loads: int = 4) -> Row:
+    """Inter-token latency of B running streams (on the base) while `loads` adapters load into their engine's pool
+    from disk: the gaps that overlap the loads against the same streams' steady gaps before them (target: p99 at
+    most 2x)."""
+    model = build_ours(job.shape, device, dtype, lora=False).eval()
+    rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
+    pool = AdapterPool(model, capacity=loads)
+    engine = BatchEngine(model, None, max_batch_size=job.bsz, max_seq_length=job.seq + job.new, adapters=pool)
+    _run([engine], rows, [None] * job.bsz, 4)  # warm-up
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [random_adapter(model, Path(tmp) / f"adapter-{i}", seed=i) for i in range(loads)]
-        for i, prompt in enumerate(rows):
-            engine.submit(prompt, params, stream=recorder(i))
-        while min(len(a) for a in arrivals) < job.new // 4:  # steady decoding first
-            time.sleep(0.001)
-        began = time.perf_counter()
-        for i, d in enumerate(dirs):
-            pool.load(f"adapter-{i}", d)
-        loaded = time.perf_counter()
-        for _ in rows:
-            ended.acquire(timeout=3600)
+
+        def load(into: AdapterPool = pool) -> None:
+            for i, d in enumerate(dirs):
+                into.load(f"adapter-{i}", d)
+
+        steady, during, took = _gaps_while(engine, rows, job.new, load)
     engine.close()
     del engine, pool, model
     free_memory(device)
-    decoding = max(times[0] for times in arrivals)  # every stream past its prefill: the gaps are decode steps
-    steady = [b - a for times in arrivals for a, b in itertools.pairwise(times) if decoding <= a and b < began]
-    during = [b - a for times in arrivals for a, b in itertools.pairwise(times) if a < loaded and b > began]
-
     row = Row("adapter load", job.shape, f"{job.bsz} streams, {job.seq}+{job.new}, {loads} adapters load", "ms")
     if steady and during:
         row.ours, row.hf = 1e3 * p99(during), 1e3 * p99(steady)
         row.note = (f"p99 inter-token latency while loading (ours) against steady (peer); lower is better, "
-                    f"ratio target <= 2x; loads took {1e3 * (loaded - began):.0f} ms, {len(during)} gaps overlap them")
+                    f"ratio target <= 2x; loads took {1e3 * took:.0f} ms, {len(during)} gaps overlap them")
     else:
         row.errors["row"] = f"no gaps to compare ({len(steady)} steady, {len(during)} while loading)"
-    row.extra = {"load_s": loaded - began, "gaps_steady": len(steady), "gaps_during": len(during)}
+    row.extra = {"load_s": took, "gaps_steady": len(steady), "gaps_during": len(during)}
     return row
+
+
+def long_prompt_row(job: Job, device: torch.device, dtype: torch.dtype, chunk: int = PREFILL_CHUNK) -> Row:
+    """The worst inter-token gap of B running streams while a `long`-token prompt arrives and is prefilled: a chunk
+    a step (engine's `prefill_chunk`, ours) against the whole prompt in one forward (peer: the previous design)."""
+    model = build_ours(job.shape, device, dtype, lora=False).eval()
+    rows = prompts(model.config.vocab_size, job.bsz, job.seq).tolist()
+    long = prompts(model.config.vocab_size, 1, job.long).tolist()[0]
+    worst = {chunked: _longest_gap(model, rows, long, job, chunk if chunked else job.long)
+             for chunked in (True, False)}
+    del model
+    return Row("long prompt", job.shape, f"{job.bsz} streams, {job.seq}+{job.new}, a {job.long}-token prompt "
+               f"arrives", "ms", ours=1e3 * worst[True], hf=1e3 * worst[False],
+               note=f"the running streams' longest gap while it is prefilled: {chunk}-token chunks between "
+                    "their steps (ours) against one forward (peer); lower is better")
+
+
+def _longest_gap(model: Llama, rows: list[list[int]], long: list[int], job: Job, chunk: int) -> float:
+    """The running streams' longest gap while `long` is prefilled `chunk` tokens a step."""
+    engine = BatchEngine(model, None, max_batch_size=len(rows) + 1, max_seq_length=len(long) + job.new,
+                         prefill_chunk=chunk)
+    _run([engine], [*rows, long], [None] * (len(rows) + 1), 2)  # warm-up: the cache grown, the shapes seen
+    arrived = threading.Event()
+
+    def send() -> None:
+        engine.submit(long, SamplingParams(temperature=0, max_new_tokens=1, stop_token_ids=[]),
+                      stream=Stream(1, lambda item: arrived.set() if item is None else None))
+        arrived.wait(timeout=3600)
+
+    _, during, _ = _gaps_while(engine, rows, job.new, send)
+    engine.close()
+    free_memory(model.device)
+    return max(during)

@@ -64,6 +64,7 @@ class Job:
     cap: int = 0  # longest: the longest length probed
     granularity: int = 2048  # longest: lengths probed are multiples of this
     deadline: float = 0.0  # longest: seconds each side's search may take (0: no limit); see search_longest
+    long: int = 0  # long-prompt: the length of the prompt that arrives while the streams run
     compiled: bool | None = None  # decode: our step compiled (None: on a GPU only, as Generator defaults)
     nf4: bool = False  # train: our base in 4-bit NF4 (QLoRA), HF's in the compute dtype (no bitsandbytes here)
 

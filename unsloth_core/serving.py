@@ -128,6 +128,7 @@ class _Request:
     # from the caller's thread (the event loop) would wait there for the engine's queued GPU work.
     sampler: Sampler | None = None
     slot: int = BASE  # the adapter pool's slot this request's rows use (held from submit until it ends)
+    filled: int = 0  # prompt tokens in the cache so far (a prompt prefilled in chunks)
 
     @property
     def next_slot(self) -> int:
@@ -139,6 +140,9 @@ _ENGINES: weakref.WeakSet[BatchEngine] = weakref.WeakSet()
 # Waiting requests are prefilled together, right-padded to the longest, up to this many tokens in all (a request
 # longer than this goes alone): one forward for a burst of prompts, without an activation spike for long ones.
 MAX_PREFILL_TOKENS = 4096
+# A prompt longer than this that arrives while other rows decode is prefilled this many tokens a step, between their
+# decode steps, so a long prompt delays their next token by one chunk's forward, not by its whole prefill.
+PREFILL_CHUNK = 512
 
 
 @atexit.register
@@ -155,10 +159,14 @@ class BatchEngine:
     def __init__(self, model: Llama, tokenizer: Tokenizer | None, max_batch_size: int = 32,
                  max_seq_length: int | None = None, idle_free_s: float = 60.0,
                  adapters: AdapterPool | None = None, compile: bool | None = None, threaded: bool = True,
-                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, sync_every: int = 1) -> None:
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, sync_every: int = 1,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.threaded = threaded
         self.max_prefill_tokens = max_prefill_tokens  # padded prompt tokens prefilled in one forward
+        self.prefill_chunk = prefill_chunk
+        # The request being prefilled a chunk a step; its cache row is the one after the live rows.
+        self._prefilling: _Request | None = None
         # Decode steps between reads of the sampled tokens back to the host: the host queues the next step without
         # waiting for the device (Generator on a GPU: 8; served streams: 1, every token as it comes).
         self.sync_every = sync_every
@@ -255,10 +263,14 @@ class BatchEngine:
         self._wake.set()
 
     def _end_all(self, error: BaseException) -> None:
-        for r in self._live + self._drain_waiting():
+        for r in self._in_flight():
             r.stream._put(error)
             self._done(r)
-        self._live, self._pending, self._carry = [], [], None
+        self._live, self._pending, self._carry, self._prefilling = [], [], None, None
+
+    def _in_flight(self) -> list[_Request]:
+        """Every request not yet ended, taking the waiting ones off the queue."""
+        return self._live + ([self._prefilling] if self._prefilling else []) + self._drain_waiting()
 
     def _ensure_running(self) -> None:
         with self._lock:
@@ -293,11 +305,11 @@ class BatchEngine:
             self._admit()
             if self._live:
                 self._decode()
-            return bool(self._live) or not self._waiting.empty()
+            return bool(self._live) or self._prefilling is not None or not self._waiting.empty()
         except BaseException as e:
-            for r in self._live + self._drain_waiting():
+            for r in self._in_flight():
                 r.stream._put(e)
-            self._live, self._pending, self._carry = [], [], None
+            self._live, self._pending, self._carry, self._prefilling = [], [], None, None
             raise
 
     def _free_cache(self) -> None:
@@ -329,7 +341,8 @@ class BatchEngine:
         # Every layer's new cache is allocated before any replaces the old one: running out of memory half way
         # leaves the old caches whole, and only the request that asked for more fails.
         new = self.model.new_caches(new_rows, new_slots)
-        live, used = len(self._live), max((len(r.tokens) for r in self._live), default=0)
+        live = len(self._live) + (self._prefilling is not None)  # a row being prefilled is kept too
+        used = max([len(r.tokens) for r in self._live] + [len(self._prefilling.prompt) if self._prefilling else 0])
         for block, cache in zip(self.model.blocks(), new):
             old = block.self_attn.kv_cache
             if old is not None:
@@ -342,23 +355,35 @@ class BatchEngine:
         return [c for c in caches if c is not None]
 
     def _admit(self) -> None:
-        if not self._waiting.empty() and len(self._live) < self.max_batch_size:
+        if (self._prefilling or not self._waiting.empty()) and len(self._live) < self.max_batch_size:
             self._flush()  # the live rows' tokens on the host before new rows join them
-        admitted = False
-        while len(self._live) < self.max_batch_size and not self._waiting.empty():
+        prefilled = self._prefilling is not None
+        if self._prefilling is not None:
+            self._prefill_chunk(self._prefilling)  # one chunk a step; the waiting requests wait for it
+        while self._prefilling is None and len(self._live) < self.max_batch_size and not self._waiting.empty():
             group = self._ready(self._take_waiting(self.max_batch_size - len(self._live)))
-            admitted = self._admit_group(group) or admitted
-        if admitted and self._static is not None:
+            prefilled = prefilled or bool(group)
+            if len(group) == 1 and self._chunked(group[0]):
+                self._prefill_chunk(group[0])
+            else:
+                self._admit_group(group)
+        if prefilled and self._static is not None:
             self._static.check()  # a prefill may have grown the cache: graphs captured on the old one are stale
+
+    def _chunked(self, request: _Request) -> bool:
+        """Whether the request's prompt is prefilled a chunk a step: a long one, while other rows decode."""
+        return len(request.prompt) > self.prefill_chunk and bool(self._live)
 
     def _take_waiting(self, room: int) -> list[_Request]:
         """Waiting requests to prefill together, in order: at most `room`, and at most `max_prefill_tokens` once
         padded to the longest (the first one always)."""
         group = [self._waiting.get_nowait()]
+        if self._chunked(group[0]):
+            return group
         longest = len(group[0].prompt)
         with self._waiting.mutex:  # peek before taking: a request that would not fit waits for the next group
             pending = self._waiting.queue
-            while len(group) < room and pending:
+            while len(group) < room and pending and not self._chunked(pending[0]):
                 longer = max(longest, len(pending[0].prompt))
                 if longer * (len(group) + 1) > self.max_prefill_tokens:
                     break
@@ -375,7 +400,8 @@ class BatchEngine:
                 self._done(request)
                 continue
             try:
-                request.sampler = Sampler([request.params], self.model.config.vocab_size, self.model.device)
+                request.sampler = Sampler([request.params], self.model.config.vocab_size, self.model.device,
+                                          [request.state.stop_ids])
                 request.sampler.observe_prompt(0, request.prompt)
             except Exception as e:
                 request.stream._put(self._request_error(request, e))
@@ -417,6 +443,35 @@ class BatchEngine:
         """End one live request with an error and give its row back."""
         request.stream._put(self._request_error(request, e))
         self._retire(request)
+
+    def _prefill_chunk(self, request: _Request) -> bool:
+        """Prefill the request's next `prefill_chunk` prompt tokens into the row after the live ones; at its last
+        chunk it becomes live (True). A failure ends it alone."""
+        row, dev, done = len(self._live), self.model.device, request.filled
+        try:
+            if done == 0:
+                reserve = max(len(r.prompt) + r.params.max_new_tokens for r in [*self._live, request])
+                self._ensure_cache(row + 1, reserve)
+                self._prefilling = request
+            chunk = request.prompt[done:done + self.prefill_chunk]
+            ids = torch.tensor([chunk], device=dev)
+            pos = torch.arange(done, done + len(chunk), device=dev)[None]
+            with self._adapters_of([request], len(chunk)):
+                hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
+            request.filled = done + len(chunk)
+            if request.filled < len(request.prompt):
+                return False
+            logits = self.model.lm_head(hidden[:, -1]).float()
+        except Exception as e:
+            self._prefilling = None
+            request.stream._put(self._request_error(request, e))
+            self._done(request)
+            return False
+        self._prefilling = None
+        self._live.append(request)
+        self._carry = None
+        self._advance([request], logits)
+        return True
 
     def _prefill(self, requests: list[_Request]) -> Tensor:
         """Grow the cache for the requests, run their prompts into the next free rows (right-padded: the padding
@@ -609,6 +664,9 @@ class BatchEngine:
             self._flush()
         for r in [r for r in self._live if r.stream.cancelled.is_set()]:
             self._retire(r)
+        if self._prefilling is not None and self._prefilling.stream.cancelled.is_set():
+            self._done(self._prefilling)
+            self._prefilling = None
 
     def _retire(self, request: _Request) -> None:
         row = self._live.index(request)
@@ -619,6 +677,9 @@ class BatchEngine:
                 cache.move_row(last, row, len(moved.tokens))
             self._live[row] = moved
         self._live.pop()
+        if self._prefilling is not None:  # its row stays the one after the live rows
+            for cache in self._caches():
+                cache.move_row(last + 1, last, self._prefilling.filled)
         self._carry = None  # the batch's rows changed: the next step's inputs come from the rows' host state
         self._done(request)
 

@@ -3,8 +3,8 @@
 BatchEngine's eager step runs exactly its live rows and reads only the cache slots in use. On a GPU that is ~350
 kernel launches from Python per token: one served stream of Llama-1B made 63.8 tok/s on an H200 where `Generator`'s
 captured step made 653 (bench/RESULTS.md). Here the step has static shapes, so it can be compiled and captured:
-- the batch is padded to a power of two (at most the cache's rows). The padding rows feed token 0 at slot 0 of cache
-  rows no request holds; an admitted request's prefill writes its row from slot 0 before it is read;
+- the batch is padded to a power of two (at most the cache's rows). The padding rows feed token 0 at the last slot
+  of cache rows past the live ones, a slot every request writes before it reads it;
 - attention spans every slot of the cache, each row masked by its own position.
 torch.compile traces the step once with dynamic shapes; on a GPU each (batch bucket, cache slots) shape is then
 captured as its own CUDA graph (cuda_graphs.py), so a new shape costs a capture, not a compile.
@@ -69,7 +69,10 @@ class StaticStep:
             padded = self._inputs[bucket] = torch.zeros(2, bucket, 1, dtype=torch.long, device=self.model.device)
         padded[0, :b, 0] = tokens
         padded[1, :b, 0] = positions
-        padded[:, b:] = 0  # rows no request holds feed token 0 at slot 0
+        # Rows past the batch feed token 0 at the cache's last slot: a row being prefilled in chunks may be among
+        # them, and its slots from the next chunk's on are written before they are read (its last, by then, too).
+        padded[0, b:] = 0
+        padded[1, b:] = slots - 1
         mask = self._masks.get((bucket, slots))
         if mask is None:
             mask = self._masks[(bucket, slots)] = torch.ones(bucket, slots, dtype=torch.bool,

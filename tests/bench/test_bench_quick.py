@@ -330,3 +330,11 @@ def test_the_adapter_load_row_compares_gaps_around_the_loads() -> None:
     row = adapter_load_row(Job("adapter-load", "tiny", bsz=2, seq=4, new=400), CPU, torch.float32, loads=2)
     assert not row.errors and row.ours and row.hf, row.errors
     assert row.extra["gaps_during"] >= 2 and row.extra["gaps_steady"] > 0  # each stream spans the loads
+
+
+def test_the_long_prompt_row_compares_chunked_and_whole_prefill() -> None:
+    """bench/serving.py's long-prompt row runs both sides and reports each one's longest gap."""
+    from bench.serving import long_prompt_row
+
+    row = long_prompt_row(Job("long-prompt", "tiny", bsz=2, seq=4, new=40, long=400), CPU, torch.float32, chunk=64)
+    assert not row.errors and row.ours is not None and row.hf is not None and row.ours > 0 and row.hf > 0

@@ -442,3 +442,31 @@ def test_waiting_prompts_are_prefilled_together(monkeypatch: pytest.MonkeyPatch)
     gen.engine.max_prefill_tokens = 12  # two rows of six, then two of four
     assert [c.token_ids for c in gen.generate(prompts, params)] == alone
     assert prefills == [(2, 6), (2, 4)]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps() -> None:
+    """A prompt longer than `prefill_chunk` that arrives while rows decode is prefilled a chunk a step: the running
+    rows get a token after each chunk, a row that retires meanwhile moves the partly filled row down with it, and
+    every request gets the tokens it gets alone."""
+    model = tiny_model(seed=12, std=0.3)
+    params = {"running": SamplingParams(temperature=0, max_new_tokens=30, **NO_EOS),
+              "short": SamplingParams(temperature=0, max_new_tokens=3, **NO_EOS),  # retires after chunk 1
+              "long": SamplingParams(temperature=0, max_new_tokens=10, **NO_EOS)}
+    prompts = {"running": [1, 2, 3], "short": [9, 8], "long": [(7 * i) % 250 for i in range(150)]}
+    alone = {k: Generator(tiny_model(seed=12, std=0.3), None).generate([prompts[k]], params[k])[0].token_ids
+             for k in prompts}
+    engine = BatchEngine(model, None, max_batch_size=4, max_seq_length=512, threaded=False, prefill_chunk=32)
+    streams = {k: engine.submit(prompts[k], params[k]) for k in ("running", "short")}
+    engine.step()  # both live, one token each
+    streams["long"] = engine.submit(prompts["long"], params["long"])
+    got: dict[str, list[int]] = {k: [] for k in prompts}
+    while_filling = 0
+    with torch.inference_mode():
+        while engine.step():
+            for k, s in streams.items():
+                got[k] += [t for d in s.ready() for t in d.token_ids]
+            while_filling += engine._prefilling is not None
+    for k, s in streams.items():
+        got[k] += [t for d in s.ready() for t in d.token_ids]
+    assert while_filling == 4  # 150 tokens: chunks of 32 in five steps, the last one making it live
+    assert len(got["running"]) >= 6 and got == alone
