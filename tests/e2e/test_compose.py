@@ -66,7 +66,15 @@ def test_deployment_shape(compose: dict[str, Any]) -> None:
 
 def test_dockerfile_is_slim_non_root_with_a_torch_build_argument() -> None:
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim", text, re.M)
+    # A Python minor on a named Debian release: a rebuild cannot move the image to another OS release.
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?$", text, re.M)
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\}$", text, re.M)
+    # Everything the image copies gets past .dockerignore (which excludes all but what is named).
+    allowed = {line[1:].removesuffix("/**") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    copied = {name for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for name in line.split()}
+    assert copied <= allowed, copied - allowed
+    assert "--require-hashes -r requirements/default-model.txt" in text  # the default model pinned by hash
     assert re.search(r"^ARG TORCH_VARIANT=", text, re.M) and "TORCH_VERSION" in text
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0")
