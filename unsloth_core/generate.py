@@ -9,7 +9,8 @@ once.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -135,25 +136,90 @@ def generate(model: Llama, tokenizer: Tokenizer | None, prompts: Prompt | Sequen
     return Generator(model, tokenizer).generate(prompts, params or SamplingParams())
 
 
-def generate_ids(model: Llama, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+# transformers' `generate` arguments we cannot honour, with the value that means "off": that value is accepted
+# (notebooks pass some of them explicitly), any other is refused by name, never silently ignored.
+NEUTRAL_GENERATE_ARGS: dict[str, Any] = {
+    "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "early_stopping": False, "length_penalty": 1.0,
+    "diversity_penalty": 0.0, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "output_scores": False, "output_logits": False, "output_attentions": False,
+    "output_hidden_states": False, "return_dict_in_generate": False, "generation_config": None,
+    "logits_processor": None, "stopping_criteria": None, "bad_words_ids": None, "force_words_ids": None,
+    "prefix_allowed_tokens_fn": None, "assistant_model": None, "synced_gpus": False, "penalty_alpha": None,
+    "token_type_ids": None,
+}
+
+
+def generate_ids(model: Llama, input_ids: Tensor | Mapping[str, Tensor], attention_mask: Tensor | None = None, *,
+                 max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int = 0,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
                  min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, seed: int | None = None, tokenizer: Tokenizer | None = None
-                 ) -> Tensor:
+                 pad_token_id: int | None = None, use_cache: bool = True,  # noqa: ARG001 (see the docstring)
+                 streamer: Any = None,
+                 seed: int | None = None, tokenizer: Tokenizer | None = None, **unsupported: Any) -> Tensor:
     """transformers-style `generate`: (B, T) ids in (left padding marked by `attention_mask`), (B, T + new) out,
-    rows that stop early padded with `pad_token_id` (default: the first EOS id)."""
-    rows = [ids[mask.bool()].tolist() if attention_mask is not None else ids.tolist()
-            for ids, mask in zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
+    each row's stop token kept as transformers keeps it, rows that stop early padded with `pad_token_id` (default:
+    the first EOS id). transformers' defaults: greedy unless `do_sample`, `top_k` 50 when sampling, 20 new tokens
+    unless `max_new_tokens` (or the total `max_length`) says otherwise; with `do_sample` and no `seed`, the seed is
+    drawn from torch's generator, so `torch.manual_seed` makes a run repeatable as it does there. `input_ids` may be
+    the mapping `tokenizer(...)` / `apply_chat_template(..., return_dict=True)` return. `use_cache` changes nothing
+    (the KV cache is always used). `streamer`: transformers' protocol (`put` the prompt, then each token; `end`)."""
+    _refuse(unsupported)
+    if isinstance(input_ids, Mapping):
+        mapping = input_ids
+        input_ids, attention_mask = mapping["input_ids"], mapping.get("attention_mask", attention_mask)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if streamer is not None and input_ids.size(0) != 1:
+        raise ValueError("a streamer takes one sequence: generate with a batch of one")
+    new = max_new_tokens if max_new_tokens is not None else (max_length - input_ids.size(1) if max_length else 20)
+    if new < 1:
+        raise ValueError(f"max_length={max_length} leaves no room after the prompt's {input_ids.size(1)} tokens")
+    if do_sample and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
     stop = [eos_token_id] if isinstance(eos_token_id, int) else (list(eos_token_id) if eos_token_id is not None
                                                                  else None)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                            top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                            stop_token_ids=stop)
-    out = _generator_for(model, tokenizer).generate(rows, params)
-    eos_ids = stop if stop is not None else model.config.eos_token_ids
+    params = SamplingParams(max_new_tokens=new, min_new_tokens=min_new_tokens, top_p=top_p, top_k=top_k if do_sample
+                            else 0, temperature=temperature if do_sample else 0.0, min_p=min_p, seed=seed,
+                            repetition_penalty=repetition_penalty, stop_token_ids=stop)
+    gen = _generator_for(model, tokenizer)
+    out = _run(gen, _prompt_rows(input_ids, attention_mask), params, streamer, input_ids)
+    eos_ids = stop if stop is not None else sorted(gen.engine.eos | set(tokenizer.eos_token_ids if tokenizer else ()))
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    width = max(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
-    new = [c.token_ids + ([eos_ids[0]] if c.finish_reason == "stop" and eos_ids else []) for c in out]
-    tail = torch.tensor([n + [pad] * (width - len(n)) for n in new], dtype=input_ids.dtype, device=input_ids.device)
+    width = max(len(ids) for ids in out)
+    tail = torch.tensor([ids + [pad] * (width - len(ids)) for ids in out], dtype=input_ids.dtype,
+                        device=input_ids.device)
     return torch.cat([input_ids, tail], dim=1)
 
+
+def _refuse(unsupported: dict[str, Any]) -> None:
+    unknown = sorted(set(unsupported) - NEUTRAL_GENERATE_ARGS.keys())
+    if unknown:
+        raise TypeError(f"generate got unsupported argument(s): {', '.join(unknown)}")
+    for name, value in unsupported.items():
+        if value != NEUTRAL_GENERATE_ARGS[name]:
+            raise ValueError(f"generate: {name}={value!r} is not supported by this engine (only "
+                             f"{NEUTRAL_GENERATE_ARGS[name]!r}: greedy or sampled decoding of one sequence per row)")
+
+
+def _prompt_rows(input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:
+    if attention_mask is None:
+        return [row.tolist() for row in input_ids]
+    return [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+
+
+def _run(gen: Generator, rows: list[list[int]], params: SamplingParams, streamer: Any, input_ids: Tensor
+         ) -> list[list[int]]:
+    """Each row's new ids, its stop token included when it stopped on one; the streamer hears them as they come."""
+    new: list[list[int]] = [[] for _ in rows]
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    for deltas in gen.stream(rows, params):
+        for d in deltas:
+            ids = d.token_ids + ([d.stop_token_id] if d.finish_reason == "stop" and d.stop_token_id is not None
+                                 else [])
+            new[d.index].extend(ids)
+            if streamer is not None and ids:
+                streamer.put(torch.tensor(ids))
+    if streamer is not None:
+        streamer.end()
+    return new

@@ -436,10 +436,17 @@ class Llama(nn.Module):
 
     # ---- transformers / Unsloth conveniences (the work is done in generate.py, checkpoint.py and lora.py) ----
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """transformers-style: returns prompt + new token ids; see `unsloth_core.generate.generate_ids`."""
+    def generate(self, input_ids: Any = None, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """transformers-style: returns prompt + new token ids; see `unsloth_core.generate.generate_ids`. The prompt
+        may also come as `inputs=` (transformers' name) or as the mapping a tokenizer returns."""
         from unsloth_core.generate import generate_ids
 
+        if "inputs" in kwargs:
+            if input_ids is not None:
+                raise ValueError("give the prompt as input_ids or as inputs, not both")
+            input_ids = kwargs.pop("inputs")
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (a (batch, tokens) tensor of the prompt's ids)")
         return generate_ids(self, input_ids, attention_mask, **kwargs)
 
     def save_pretrained(self, directory: str, tokenizer: Any = None) -> None:

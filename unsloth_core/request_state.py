@@ -39,6 +39,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None  # the EOS / stop token that ended the row (not in token_ids)
 
 
 @dataclass
@@ -66,9 +67,11 @@ class RowState:
         self.emitted = 0  # characters of self.text already handed out
         self.token_ids: list[int] = []
         self.finish: FinishReason | None = None
+        self.stop_token_id: int | None = None
 
     def push(self, token_id: int) -> None:
         if token_id in self.stop_ids:
+            self.stop_token_id = token_id
             self.text += self.decoder.flush() if self.decoder else ""
             self.finish = "stop"  # an EOS / stop token ends the text and is not part of it
             return

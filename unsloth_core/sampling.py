@@ -10,7 +10,7 @@ its own generator, so a seed reproduces a row's sample whatever else shares the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +22,7 @@ class SamplingParams:
     """What a caller may ask of one generation (OpenAI's and HF's knobs, with their defaults)."""
 
     max_new_tokens: int = 256
+    min_new_tokens: int = 0  # HF's: the stop token ids (EOS) cannot be chosen before this many tokens
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 means no limit
     top_p: float = 1.0
@@ -39,6 +40,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -65,9 +67,13 @@ class SamplingParams:
 
 
 class Sampler:
-    """Per-row sampling state for a batch: parameters as tensors, token counts for the penalties, generators."""
+    """Per-row sampling state for a batch: parameters as tensors, token counts for the penalties, generators.
 
-    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> None:
+    `stop_ids`: each row's ids that end it (its EOS and stop tokens), masked while the row has generated fewer than
+    its `min_new_tokens`; needed when any row asks for a minimum."""
+
+    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device,
+                 stop_ids: Sequence[Collection[int]] | None = None) -> None:
         def col(values: list[float]) -> Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # (B, 1)
 
@@ -95,6 +101,17 @@ class Sampler:
         self.counts = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)  # generated tokens
         self.seen = torch.zeros(b, vocab_size, dtype=torch.bool, device=device)  # prompt + generated
         self.generators = [self._generator(p.seed, device) for p in params]
+        self.steps = 0  # tokens chosen so far: `sample` is called once per token for every row
+        self.min_new = max((p.min_new_tokens for p in params), default=0)
+        self.stop_mask: Tensor | None = None  # (B, V): each row's stop ids, while some row is under its minimum
+        self.min_new_col = col([float(p.min_new_tokens) for p in params])
+        if self.min_new:
+            if stop_ids is None or len(stop_ids) != b:
+                raise ValueError("min_new_tokens needs each row's stop token ids")
+            self.stop_mask = torch.zeros(b, vocab_size, dtype=torch.bool)
+            for row, ids in enumerate(stop_ids):
+                self.stop_mask[row, [i for i in ids if 0 <= i < vocab_size]] = True
+            self.stop_mask = self.stop_mask.to(device)
 
     @staticmethod
     def _generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -116,6 +133,10 @@ class Sampler:
         self.seen.scatter_(1, tokens[:, None], True)
 
     def penalize(self, logits: Tensor) -> Tensor:
+        if self.stop_mask is not None and self.steps < self.min_new:
+            # As transformers' MinNewTokensLengthLogitsProcessor: the stop ids' logits are -inf while under minimum.
+            under = self.min_new_col > self.steps  # (B, 1)
+            logits = logits.masked_fill(self.stop_mask & under, float("-inf"))
         if self.bias is not None:
             logits = logits + self.bias
         if self.any_repetition:
@@ -152,9 +173,11 @@ class Sampler:
             choice = torch.where(self.greedy[:, 0], choice, sampled)
         if self.any_count_penalty or self.any_repetition:
             self.observe(choice)
+        self.steps += 1
         return choice
 
     @property
     def plain_greedy(self) -> bool:
         """Every row takes the argmax of the raw logits (no temperature, filters or penalties)."""
-        return not (self.any_sampling or self.any_count_penalty or self.any_repetition or self.bias is not None)
+        return not (self.any_sampling or self.any_count_penalty or self.any_repetition or self.bias is not None
+                    or self.steps < self.min_new)

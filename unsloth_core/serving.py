@@ -656,7 +656,7 @@ class BatchEngine:
                 new and lps is not None) else []
         text = r.state.take()
         if text or new or r.state.finish is not None:
-            r.stream._put(Delta(r.state.index, text, new, new_lps, r.state.finish))
+            r.stream._put(Delta(r.state.index, text, new, new_lps, r.state.finish, r.state.stop_token_id))
 
     def drop_cancelled(self) -> None:
         """Free the rows of cancelled requests (their clients went away)."""

@@ -16,6 +16,18 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from unsloth_core.batch_encoding import (
+    PADDING,
+    SIDES,
+    TRUNCATION,
+    BatchEncoding,
+    as_tensors,
+    check_choice,
+    one_row,
+    pad,
+    rows_of,
+    truncate,
+)
 from unsloth_core.errors import ModelFormatError
 
 Message = dict[str, Any]
@@ -49,6 +61,9 @@ class Tokenizer:
         self.pad_token = _token_text(self.config.get("pad_token")) or self.eos_token
         self.unk_token = _token_text(self.config.get("unk_token"))
         self._extra_eos = list(eos_token_ids)
+        # transformers' settable attributes: which side `padding=True` and `truncation=True` work on.
+        self.padding_side = self.config.get("padding_side", "right")
+        self.truncation_side = self.config.get("truncation_side", "right")
 
     # ---- loading and saving ----
 
@@ -125,16 +140,51 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [list(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: int | Sequence[int] | Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
+        """Text of one sequence of ids (a list, a 1-D tensor or one id), as transformers' `decode`."""
+        _check_decode_kwargs(kwargs)
+        return self.backend.decode(one_row(ids), skip_special_tokens=skip_special_tokens)
 
-    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True) -> dict[str, Any]:
-        """transformers-style: {"input_ids": [...], "attention_mask": [...]} (lists of lists for a batch)."""
-        if isinstance(text, str):
-            ids = self.encode(text, add_special_tokens)
-            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
-        batch = self.encode_batch(text, add_special_tokens)
-        return {"input_ids": batch, "attention_mask": [[1] * len(ids) for ids in batch]}
+    def batch_decode(self, sequences: Sequence[Sequence[int]] | Any, skip_special_tokens: bool = False,
+                     **kwargs: Any) -> list[str]:
+        """Text of each row of a (B, T) tensor or a list of id lists."""
+        _check_decode_kwargs(kwargs)
+        return self.backend.decode_batch(rows_of(sequences), skip_special_tokens=skip_special_tokens)
+
+    def __call__(self, text: str | Sequence[str], text_pair: Any = None, *, add_special_tokens: bool = True,
+                 padding: bool | str = False, truncation: bool | str | None = None, max_length: int | None = None,
+                 return_tensors: str | None = None, return_attention_mask: bool | None = None,
+                 padding_side: str | None = None, pad_to_multiple_of: int | None = None,
+                 return_token_type_ids: bool | None = None, **kwargs: Any) -> BatchEncoding:
+        """transformers' call: `input_ids` and `attention_mask` for a text or a batch, padded (`padding=True` to
+        the longest, `"max_length"`), truncated (to `max_length`, default the model's), as lists or, with
+        `return_tensors="pt"`, (B, T) tensors."""
+        if kwargs:
+            raise TypeError(f"Tokenizer.__call__ got unsupported argument(s): {', '.join(sorted(kwargs))}")
+        if text_pair is not None:
+            raise ValueError("text_pair is not supported: Llama tokenizers encode one text per row")
+        if return_token_type_ids:
+            raise ValueError("return_token_type_ids=True is not supported: Llama models take no token type ids")
+        batched = not isinstance(text, str)
+        if batched and not all(isinstance(t, str) for t in text):
+            raise TypeError("Tokenizer.__call__ takes a string or a list of strings")
+        rows = self.encode_batch([text] if isinstance(text, str) else text, add_special_tokens)
+        if check_choice("truncation", truncation or False, TRUNCATION):
+            rows = truncate(rows, max_length or self.model_max_length, self.truncation_side)
+        side = check_choice("padding_side", padding_side or self.padding_side, dict(zip(SIDES, SIDES)))
+        mode = check_choice("padding", padding, PADDING)
+        masks = [[1] * len(r) for r in rows]
+        if mode is not None:
+            rows, masks = pad(rows, mode, max_length, self.pad_token_id, side, pad_to_multiple_of)
+        data = {"input_ids": rows}
+        if return_attention_mask is not False:
+            data["attention_mask"] = masks
+        return BatchEncoding(as_tensors(data, return_tensors, batched))
+
+    @property
+    def model_max_length(self) -> int | None:
+        value = self.config.get("model_max_length")
+        return int(value) if isinstance(value, int | float) and value < 1e12 else None  # HF writes 1e30 for "none"
 
     # ---- chat ----
 
@@ -149,17 +199,49 @@ class Tokenizer:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         return env.from_string(self.chat_template)
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = False,
-                            tokenize: bool = True, **kwargs: Any) -> str | list[int]:
-        """Render messages with the model's template; token ids by default, as transformers does."""
-        text = self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+    def apply_chat_template(self, conversation: Sequence[Message] | Sequence[Sequence[Message]],
+                            tools: Sequence[Any] | None = None, *, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, tokenize: bool = True, padding: bool | str = False,
+                            truncation: bool = False, max_length: int | None = None,
+                            return_tensors: str | None = None, return_dict: bool = False, **kwargs: Any) -> Any:
+        """Render messages with the model's template: token ids by default (a list; a (1, T) tensor with
+        `return_tensors="pt"`; the `tokenizer(...)` mapping with `return_dict=True`), the text with
+        `tokenize=False`. A list of conversations gives one row each. Other keyword arguments reach the template
+        (`enable_thinking=...`), as in transformers.
+
+        `return_dict` defaults to False as in transformers 4, which is what Unsloth's notebooks are written for
+        (`model.generate(input_ids=tokenizer.apply_chat_template(..., return_tensors="pt"))`); transformers 5
+        defaults it to True, and `model.generate` takes that mapping as `input_ids` too."""
+        if continue_final_message:
+            raise ValueError("continue_final_message=True is not supported; render with tokenize=False and cut "
+                             "the text after the last message instead")
+        batched = bool(conversation) and not isinstance(conversation[0], dict)
+        conversations = list(conversation) if batched else [conversation]
+        extra = {"tools": list(tools)} if tools is not None else {}
+        texts = [self._template.render(messages=list(c), add_generation_prompt=add_generation_prompt,
+                                       bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                       **extra, **kwargs) for c in conversations]
+        if not tokenize:
+            return texts if batched else texts[0]
+        encoded = self(texts if batched else texts[0], add_special_tokens=False,
+                       padding=padding, truncation=truncation, max_length=max_length, return_tensors=return_tensors)
+        return encoded if return_dict else encoded["input_ids"]
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False, **kwargs: Any) -> str:
-        text = self.apply_chat_template(messages, add_generation_prompt, tokenize=False, **kwargs)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                        **kwargs)
         assert isinstance(text, str)
         return text
+
+
+def _check_decode_kwargs(kwargs: dict[str, Any]) -> None:
+    """transformers' decode options we honour by default; anything else is refused by name."""
+    if kwargs.get("clean_up_tokenization_spaces"):
+        raise ValueError("clean_up_tokenization_spaces=True is not supported (the text is decoded as the "
+                         "tokenizer's decoder writes it)")
+    unknown = set(kwargs) - {"clean_up_tokenization_spaces"}
+    if unknown:
+        raise TypeError(f"decode got unsupported argument(s): {', '.join(sorted(unknown))}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

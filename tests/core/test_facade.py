@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import peft
 import pytest
@@ -14,6 +15,8 @@ from tests.helpers import tiny_model, tiny_model_dir
 from unsloth_core.checkpoint import load_model
 from unsloth_core.facade import FastLanguageModel
 from unsloth_core.lora import LoRALinear
+from unsloth_core.sampling import Sampler, SamplingParams
+from unsloth_core.streamer import TextStreamer
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +113,91 @@ def test_gradient_checkpointing_changes_nothing_but_memory() -> None:
         assert other.keys() == grads[0].keys()
         for n in grads[0]:
             assert torch.allclose(other[n], grads[0][n], atol=1e-6), n
+
+
+ALPACA = "Below is an instruction.\n\n### Instruction:\n{}\n\n### Input:\n{}\n\n### Response:\n{}"
+
+
+def notebook_inference_cells(model: Any, tokenizer: Any, text_streamer_cls: Any) -> list[Any]:
+    """The inference cells of Unsloth's Llama-3 conversational and Alpaca notebooks, as written there (`"cuda"`
+    made `"cpu"`): chat template to a tensor, generate, batch_decode, and the same with a streamer."""
+    out = []
+    messages = [{"role": "user", "content": "Continue the fibonnaci sequence: 1, 1, 2, 3, 5, 8,"}]
+    inputs = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=False).to("cpu")
+    outputs = model.generate(input_ids=inputs, max_new_tokens=12, use_cache=True, temperature=1.5, min_p=0.1)
+    out += [outputs, tokenizer.batch_decode(outputs)]
+    text_streamer = text_streamer_cls(tokenizer, skip_prompt=True)
+    out.append(model.generate(input_ids=inputs, streamer=text_streamer, max_new_tokens=16, use_cache=True,
+                              temperature=1.5, min_p=0.1))
+    inputs = tokenizer([ALPACA.format("Continue the fibonnaci sequence.", "1, 1, 2, 3, 5, 8", "")],
+                       return_tensors="pt").to("cpu")
+    outputs = model.generate(**inputs, max_new_tokens=12, use_cache=True)
+    out += [outputs, tokenizer.batch_decode(outputs)]
+    out.append(model.generate(**inputs, streamer=text_streamer_cls(tokenizer), max_new_tokens=16))
+    return out
+
+
+def test_notebook_inference_cells_match_transformers(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, tokenizer = FastLanguageModel.from_pretrained(str(model_dir))
+    FastLanguageModel.for_inference(model)
+    ours = notebook_inference_cells(model, tokenizer, TextStreamer)
+    printed = capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    theirs = notebook_inference_cells(hf, hf_tok, transformers.TextStreamer)
+    assert printed == capsys.readouterr().out and printed.count("\n") >= 2
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    # transformers' own streamer objects drive the same way from our generate
+    notebook_inference_cells(model, tokenizer, transformers.TextStreamer)
+    assert capsys.readouterr().out == printed
+
+
+def test_min_new_tokens_masks_eos_as_transformers_does(model_dir: Path) -> None:
+    model, tokenizer = FastLanguageModel.from_pretrained(str(model_dir))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    x = tokenizer(["hello there", "hi"], padding=True, padding_side="left", return_tensors="pt")
+    free = model.generate(**x, max_new_tokens=10, eos_token_id=[])
+    eos = int(free[0, x.input_ids.size(1) + 2])  # a token row 0 picks third: as its EOS it ends the row early
+    t = x.input_ids.size(1)
+    for minimum in (0, 6):
+        kw: dict[str, Any] = dict(max_new_tokens=10, min_new_tokens=minimum, eos_token_id=eos, pad_token_id=0)
+        ours = model.generate(**x, **kw)
+        assert torch.equal(ours, hf.generate(**x, **kw, do_sample=False)), minimum
+        if minimum == 0:
+            assert ours[0, t + 2] == eos
+        else:
+            assert (ours[:, t:t + minimum] != eos).all()
+
+
+def test_sampler_min_new_tokens_is_per_row() -> None:
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, min_new_tokens=3)]
+    sampler = Sampler(params, vocab_size=5, device=torch.device("cpu"), stop_ids=[{4}, {4}])
+    logits = torch.tensor([[0.0, 1.0, 0.0, 0.0, 9.0]] * 2)
+    assert not sampler.plain_greedy
+    chosen = [sampler.sample(logits).tolist() for _ in range(4)]
+    assert chosen == [[4, 1], [4, 1], [4, 1], [4, 4]]
+    assert sampler.plain_greedy  # past every minimum: the engine's shared argmax again
+    with pytest.raises(ValueError, match="stop token ids"):
+        Sampler(params, vocab_size=5, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(min_new_tokens=-1)
+
+
+def test_generate_refuses_what_it_cannot_honour(model_dir: Path) -> None:
+    model, tokenizer = FastLanguageModel.from_pretrained(str(model_dir))
+    x = tokenizer("hi", return_tensors="pt")
+    with pytest.raises(ValueError, match="num_beams=4"):
+        model.generate(**x, num_beams=4)
+    with pytest.raises(TypeError, match="watermarking_config"):
+        model.generate(**x, watermarking_config={})
+    with pytest.raises(ValueError, match="batch of one"):
+        model.generate(**tokenizer(["a", "b"], return_tensors="pt"), streamer=TextStreamer(tokenizer))
+    assert model.generate(**x, num_beams=1, return_dict_in_generate=False, max_new_tokens=2).shape == (1, 4)
+    assert model.generate(inputs=x.input_ids, max_length=5).shape == (1, 5)
+    # transformers 5's apply_chat_template mapping goes in as input_ids too
+    mapping = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], return_tensors="pt",
+                                            return_dict=True)
+    assert torch.equal(model.generate(input_ids=mapping, max_new_tokens=3),
+                       model.generate(**mapping, max_new_tokens=3))
