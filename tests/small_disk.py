@@ -1,11 +1,12 @@
 """A small filesystem of its own (a tmpfs) mounted over a directory for a test: storage that really fills up, so
-writes fail with the kernel's own ENOSPC. Mounting needs root with CAP_SYS_ADMIN; where that is not permitted, the
-test is skipped with the reason."""
+writes fail with the kernel's own ENOSPC (and SQLite's with SQLITE_FULL, "database or disk is full"). Mounting needs
+root with CAP_SYS_ADMIN; where that is not permitted, the test is skipped with the reason."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,3 +45,13 @@ def fill(directory: Path, leave: int = 0) -> Path:
         while (room := free_bytes(directory) - leave) > 0:
             f.write(chunk[:room])
     return filler
+
+
+def fill_database(database: Path) -> Path:
+    """Fill the disk a SQLite database (WAL mode) lives on, so that its next write fails with SQLITE_FULL. Its
+    write-ahead log is emptied first: a write reuses the log's space already allocated, and would otherwise succeed
+    on a full disk for a while."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0, f"{database}: a reader kept the write-ahead log from being emptied"
+    return fill(database.parent)

@@ -3,10 +3,10 @@ concerns. Anything else is an internal error: logged with its traceback, reporte
 
 from __future__ import annotations
 
-import errno
-import re
 from dataclasses import dataclass
 from typing import Any
+
+from app.core.disk_full import is_storage_full as is_storage_full  # the API's answer too (507): one test of "full"
 
 
 @dataclass
@@ -36,31 +36,14 @@ def file_unreadable(param: str, file_id: str, error: OSError) -> JobFailure:
                                          "upload it again and create the job again.", param)
 
 
-FULL = (errno.ENOSPC, errno.EDQUOT)
-# Rust libraries (safetensors, tokenizers) raise their own exception types; the OS error is in the message.
-FULL_IN_MESSAGE = re.compile(rf"\(os error ({'|'.join(str(n) for n in FULL)})\)")
-
-
-def is_storage_full(error: BaseException) -> bool:
-    """A write that failed because the disk (or the user's quota on it) is full, here or in what caused it."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in FULL:
-            return True
-        if not isinstance(seen, OSError) and FULL_IN_MESSAGE.search(str(seen)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 def storage_full(job_id: str, checkpoint_step: int | None) -> JobFailure:
     """What a job paused for a full disk says: it is not the user's fault, and resuming it is all there is to do."""
     where = (f"from its last checkpoint (step {checkpoint_step})" if checkpoint_step else
              "from the beginning (it had saved no checkpoint)")
     return JobFailure("storage_full", "The server's storage is full: the job's checkpoint or adapter could not be "
-                                      "written (no space left on device). The job is paused with what it had saved; "
-                                      f"once space is freed, resume it (POST /v1/fine_tuning/jobs/{job_id}/resume) "
-                                      f"and it continues {where}.", None)
+                                      "written or recorded (no space left on device). The job is paused with what it "
+                                      "had saved; once space is freed, resume it (POST /v1/fine_tuning/jobs/"
+                                      f"{job_id}/resume) and it continues {where}.", None)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -7,10 +7,12 @@ import os
 from datetime import timedelta
 
 from sqlalchemy import or_, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.core import ids
 from app.core.config import Settings
+from app.core.disk_full import is_storage_full
 from app.core.security import generate_key, hash_key, shown_prefix
 from app.db.base import utcnow
 from app.db.models import ApiKey
@@ -56,7 +58,12 @@ def authenticate(*, session: Session, token: str) -> ApiKey | None:
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
         row.last_used_at = now
-        session.commit()
+        try:
+            session.commit()
+        except OperationalError as e:
+            if not is_storage_full(e):
+                raise
+            session.rollback()  # a full disk costs the stamp, not the request: a read is still served
     return row
 
 
