@@ -152,6 +152,14 @@ class InferenceEngine:
         self.in_flight = 0  # only touched on the event loop
         self.in_flight_by_key: collections.Counter[str] = collections.Counter()
 
+    @staticmethod
+    def warm_up() -> None:
+        """Import the generation stack (torch among it) now, at startup. Imported at the first completion instead,
+        on a loader thread, torch's extension modules initialise holding the GIL: the event loop then stood still
+        for about 1.5 s, every other request and stream with it."""
+        import unsloth_core.adapters
+        import unsloth_core.serving  # noqa: F401
+
     @property
     def per_key_limit(self) -> int:
         return per_key_share(self.settings.max_concurrent_generations, self.settings.max_generations_per_key)

@@ -67,7 +67,10 @@ def check_quota(*, session: Session, settings: Settings, key: ApiKey, incoming_b
 
 
 def _quota(message: str) -> APIError:
-    return APIError(429, message, type="insufficient_quota", code="insufficient_quota", param="file")
+    # Waiting does not cure a full quota, deleting does: no Retry-After, and `x-should-retry: false` tells the openai
+    # SDKs not to retry it (they retry a 429 otherwise).
+    return APIError(429, message, type="insufficient_quota", code="insufficient_quota", param="file",
+                    headers={"x-should-retry": "false"})
 
 
 def create_file(*, session: Session, settings: Settings, owner: ApiKey, upload: Upload, staged: Path,

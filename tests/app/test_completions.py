@@ -4,6 +4,8 @@ checkpoint ids served as adapters on the shared base."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -524,3 +526,20 @@ def test_a_fault_in_one_request_ends_it_alone_on_the_app(backend: Backend, monke
     assert "".join(text) == alone
     assert backend.ctx.inference.in_flight == 0 or wait_until(lambda: backend.ctx.inference.in_flight == 0) is None
     assert chat(client, max_tokens=2).choices
+
+
+def test_the_generation_stack_is_imported_at_startup_not_at_the_first_completion(tmp_path: Path) -> None:
+    """torch's extension modules initialise holding the GIL: imported by the first completion's loader thread, they
+    stopped the event loop (every request and stream) for about 1.5 s. The app imports them before it serves."""
+    code = ("import sys\n"
+            "from fastapi.testclient import TestClient\n"
+            "from app.core.config import Settings\n"
+            "from app.main import create_app\n"
+            f"app = create_app(Settings(data_dir={str(tmp_path)!r}, default_model=''))\n"
+            "assert 'torch' not in sys.modules, 'imported before startup'\n"
+            "with TestClient(app) as c:\n"
+            "    assert 'unsloth_core.serving' in sys.modules and 'torch' in sys.modules\n"
+            "    assert c.get('/health').status_code == 200\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -202,6 +202,7 @@ def test_a_key_cannot_fill_the_disk(backend: Backend, monkeypatch: pytest.Monkey
     with pytest.raises(openai.RateLimitError) as e:
         upload(client, content)
     assert e.value.code == "insufficient_quota" and "2 files" in e.value.message
+    assert e.value.response.headers["x-should-retry"] == "false"  # the SDK does not retry what waiting cannot cure
     client.files.delete(first.id)
     with pytest.raises(openai.RateLimitError) as e:
         upload(client, content + content)  # the count has room, the bytes have not
