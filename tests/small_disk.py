@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 FILLER = ".filler"
 
@@ -45,6 +46,10 @@ def fill(directory: Path, leave: int = 0) -> Path:
         while (room := free_bytes(directory) - leave) > 0:
             f.write(chunk[:room])
     return filler
+
+
+def sqlite_file(database_url: str) -> Path:
+    return Path(str(make_url(database_url).database))
 
 
 def fill_database(database: Path) -> Path:

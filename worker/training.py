@@ -5,6 +5,12 @@ model and files -> the engine's `finetune`, resuming from the checkpoint the dat
 request (cancel, pause, preempt); every N steps: a metrics event; per checkpoint: a row, servable at once -> the end:
 succeeded, cancelled, paused, requeued (preempted by a shutdown), or failed with a code. Every write is fenced by
 job id + attempt + lease owner; a lost lease stops the attempt without writing anything more.
+
+A full disk pauses the job (error `storage_full`), whether a checkpoint's files or its row could not be written (the
+embedded mode's SQLite database shares the data dir's disk): what was written but cannot be recorded is deleted, which
+gives the pause's write room. When even that write fails, the attempt ends unrecorded: the job stays `running` until
+its lease expires, then the reaper requeues it (once the database can be written) and it resumes from its last
+recorded checkpoint.
 """
 
 from __future__ import annotations
@@ -61,8 +67,9 @@ class Plan:
 
 
 def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
-    """Run one attempt; returns how it ended: dropped, lost, succeeded, failed, cancelled, paused or requeued. The
-    attempt run may be another key's job, the one that has waited longest (app/services/fair_queue.py)."""
+    """Run one attempt; returns how it ended: dropped, lost, succeeded, failed, cancelled, paused, requeued or
+    unrecorded (the database's disk is full). The attempt run may be another key's job, the one that has waited
+    longest (app/services/fair_queue.py)."""
     job_id, attempt = take_turn(ctx, job_id, attempt)
     with ctx.sessions() as session:
         job = lifecycle.claim_job(session=session, job_id=job_id, attempt=attempt, owner=owner, lease=ctx.lease)
@@ -77,6 +84,13 @@ def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
     except LeaseLost:
         log.warning("job %s attempt %d: lease lost; stopped without writing", job_id, attempt)
         return "lost"
+    except OperationalError as e:
+        if not failures.is_storage_full(e):
+            raise
+        log.error("job %s attempt %d: the database's disk is full, so the attempt's end could not be recorded; the "
+                  "job stays running until its lease expires, then it is requeued and resumes from its last recorded "
+                  "checkpoint", job_id, attempt)
+        return "unrecorded"
     finally:
         preempted.clear()
         _release_memory()
@@ -211,9 +225,14 @@ def _finetune(ctx: WorkerContext, plan: Plan, callbacks: JobCallbacks) -> tuple[
 
 def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, callbacks: JobCallbacks) -> str:
     if result.status in ("completed", "early_stopped"):
-        model = _final_write(ctx, lease, lambda session: lifecycle.complete_job(
-            session=session, settings=ctx.settings, adapter_dir=final, trained_tokens=result.trained_tokens,
-            **lease.fence))
+        try:
+            model = _final_write(ctx, lease, lambda session: lifecycle.complete_job(
+                session=session, settings=ctx.settings, adapter_dir=final, trained_tokens=result.trained_tokens,
+                **lease.fence))
+        except OperationalError as e:
+            if not failures.is_storage_full(e):
+                raise
+            return _pause_unrecorded(ctx, lease, final, result.step, callbacks)
         return "succeeded" if model else _lost(lease)
     if result.status == "paused" and callbacks.stop_reason == "preempt":
         reason = f"The worker is shutting down; checkpoint saved at step {result.step}"
@@ -239,6 +258,15 @@ def _pause(ctx: WorkerContext, lease: Lease, step: int, failure: JobFailure) -> 
     return written or _lost(lease)
 
 
+def _pause_unrecorded(ctx: WorkerContext, lease: Lease, directory: Path, step: int, callbacks: JobCallbacks) -> str:
+    """The final adapter is written but the database's disk is full: as if its write had failed. Unrecorded, it is
+    garbage; deleting it gives its space back (to the pause's write, where the database shares the disk), and the
+    resume trains again from the last checkpoint."""
+    log.error("job %s attempt %d: the database's disk is full; pausing the job", lease.job_id, lease.attempt)
+    shutil.rmtree(directory, ignore_errors=True)
+    return _pause(ctx, lease, step, failures.storage_full(lease.job_id, callbacks.checkpoint_step))
+
+
 def _fail(ctx: WorkerContext, lease: Lease, failure: JobFailure) -> str:
     ok = _final_write(ctx, lease, lambda session: lifecycle.fail_job(
         session=session, code=failure.code, message=failure.message, param=failure.param, **lease.fence))
@@ -247,7 +275,8 @@ def _fail(ctx: WorkerContext, lease: Lease, failure: JobFailure) -> str:
 
 def _final_write(ctx: WorkerContext, lease: Lease, write: Callable[[Session], T]) -> T:
     """The attempt's last write, retried through a short database outage for as long as the lease surely holds
-    (the heartbeat stops once the attempt ends; the write clears the lease itself)."""
+    (the heartbeat stops once the attempt ends; the write clears the lease itself). A full disk is not retried:
+    seconds do not free space, and the caller may (by deleting what cannot be recorded)."""
     lease.released.set()
     deadline = time.monotonic() + ctx.settings.lease_s / 2
     delay = 0.2
@@ -256,7 +285,7 @@ def _final_write(ctx: WorkerContext, lease: Lease, write: Callable[[Session], T]
             with ctx.sessions() as session:
                 return write(session)
         except OperationalError as e:
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + delay > deadline or failures.is_storage_full(e):
                 raise
             log.warning("job %s: the final write failed (%s); retrying", lease.job_id, type(e).__name__)
             time.sleep(delay)
@@ -325,6 +354,9 @@ class JobCallbacks:
                 row = lifecycle.record_checkpoint(session=session, settings=self.ctx.settings, step=step,
                                                   metrics=kept, adapter_dir=path, **self.lease.fence)
         except OperationalError as e:  # not recorded: a resume starts from the one before
+            if failures.is_storage_full(e):  # as if its write had failed: deleted (giving its space back), and paused
+                shutil.rmtree(path, ignore_errors=True)
+                raise
             log.warning("job %s: checkpoint of step %d not recorded (%s)", self.lease.job_id, step, type(e).__name__)
             return
         if row is None:

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import openai
 import pytest
-from sqlalchemy.engine import make_url
 
-from app.core.config import Settings
 from tests.app.conftest import TINY, Backend, _link_models, chat_rows, jsonl, served_app, upload
-from tests.small_disk import fill_database, small_disk
+from tests.small_disk import fill_database, small_disk, sqlite_file
 
 
 @pytest.fixture
@@ -28,15 +26,11 @@ def small_backend(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Backend]:
             yield Backend("sqlite", settings, ctx, url, admin_key, user_key, other_key)
 
 
-def database_file(settings: Settings) -> Path:
-    return Path(str(make_url(settings.database_url).database))
-
-
 def test_a_write_to_a_full_database_is_507_storage_full_and_reads_are_still_served(small_backend: Backend) -> None:
     client = small_backend.client()
     training = upload(client, jsonl(chat_rows(12)))
     unused_key = small_backend.new_key()  # its first request would record its last use: a write
-    filler = fill_database(database_file(small_backend.settings))
+    filler = fill_database(sqlite_file(small_backend.settings.database_url))
 
     with pytest.raises(openai.APIStatusError) as e:
         client.fine_tuning.jobs.create(model=TINY, training_file=training.id)
