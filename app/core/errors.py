@@ -2,8 +2,9 @@
 
 Services raise `APIError` (or a helper below); handlers turn it, FastAPI's validation errors, unknown routes, wrong
 methods and anything unexpected into the envelope. No stack trace ever leaves the server: unexpected errors are
-logged with their traceback and answered with a generic 500. A write refused because the disk is full (a file's, or
-the database's, wherever it was raised) is 507 `storage_full`, never a 500 or a 503.
+logged with their traceback and answered with a generic 500. A commit refused because the database's disk is full is
+507 `storage_full` (as an upload that fills the disk is), not 503 `database_unavailable`: the database answers,
+its disk has no room.
 """
 
 from __future__ import annotations
@@ -166,24 +167,17 @@ def database_unavailable() -> APIError:
                     code="database_unavailable", headers={"Retry-After": "5"})
 
 
-def storage_full(param: str | None = None) -> APIError:
+def storage_full() -> APIError:
     """The server's storage is full: nothing the client can change in its request, so 507 (Insufficient Storage),
     and the same request may succeed once space is freed. A database write that failed rolled back with it."""
     return APIError(507, "The server's storage is full; the request could not be saved. Try again later.",
-                    type="server_error", param=param, code="storage_full", headers={"Retry-After": "60"})
-
-
-def _storage_full_response(exc: Exception) -> JSONResponse:
-    log.error("storage full: %s", exc)
-    error = storage_full()
-    return json_error(error.status, error.body(), error.headers)
+                    type="server_error", code="storage_full", headers={"Retry-After": "60"})
 
 
 async def _database_error_handler(_: Request, exc: Exception) -> JSONResponse:
-    if is_storage_full(exc):  # SQLite's "database or disk is full" is an OperationalError, as is an outage
-        return _storage_full_response(exc)
-    log.error("database unavailable: %s", exc)
-    error = database_unavailable()
+    full = is_storage_full(exc)  # SQLite's "database or disk is full" is an OperationalError, as an outage is
+    log.error("%s: %s", "storage full" if full else "database unavailable", exc)
+    error = storage_full() if full else database_unavailable()
     return json_error(error.status, error.body(), error.headers)
 
 
@@ -200,8 +194,6 @@ async def _pool_timeout_handler(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_handler(_: Request, exc: Exception) -> JSONResponse:
-    if is_storage_full(exc):  # a file's ENOSPC, or a database error raised outside the routes (in a middleware)
-        return _storage_full_response(exc)
     log.exception("unhandled error", exc_info=exc)
     return json_error(500, error_body("The server had an error while processing your request.", type="server_error",
                                       code="internal_error"))

@@ -1,18 +1,25 @@
-"""A full disk under the embedded mode's database (issue 15): the API on SQLite in a data dir that is a small tmpfs of
-its own, filled up, so a commit fails with SQLite's own SQLITE_FULL ("database or disk is full"). A write is answered
-507 `storage_full` with Retry-After (never a 500), a read is still served, and writes work again once there is room."""
+"""A full disk under the database (issue 15). The embedded mode: the API on SQLite in a data dir that is a small tmpfs
+of its own, filled up, so a commit fails with SQLite's own SQLITE_FULL ("database or disk is full"). A write is
+answered 507 `storage_full` with Retry-After (not 503 `database_unavailable`), a read is still served, and writes work
+again once there is room. PostgreSQL's disk_full the same, with a table in a tablespace on a full tmpfs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
+import psycopg
 import pytest
+from sqlalchemy import text
 
-from tests.app.conftest import TINY, Backend, _link_models, chat_rows, jsonl, served_app, upload
-from tests.small_disk import fill_database, small_disk, sqlite_file
+from tests.app.conftest import PG_ADMIN_URL, TINY, Backend, _link_models, chat_rows, jsonl, served_app, upload
+from tests.small_disk import fill, fill_database, small_disk, sqlite_file
 
 
 @pytest.fixture
@@ -45,3 +52,56 @@ def test_a_write_to_a_full_database_is_507_storage_full_and_reads_are_still_serv
 
     filler.unlink()  # room again
     assert client.fine_tuning.jobs.create(model=TINY, training_file=training.id).status == "queued"
+
+
+@contextlib.contextmanager
+def postgres_backend(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Backend]:
+    """The API on a private PostgreSQL database (dropped on the way out, before the tablespace can be)."""
+    data_dir = tmp_path / "data"
+    _link_models(data_dir, tiny_model_dir, {})
+    admin_key = "sk-test-admin-" + secrets.token_hex(8)
+    with served_app("postgresql", "full", {"data_dir": data_dir, "api_key": admin_key}) as (
+            settings, ctx, url, user_key, other_key):
+        yield Backend("postgresql", settings, ctx, url, admin_key, user_key, other_key)
+
+
+@contextlib.contextmanager
+def small_tablespace() -> Iterator[tuple[str, Path]]:
+    """A PostgreSQL tablespace on a 1 MB tmpfs of its own: (its name, its directory). The server must run here, as
+    the `postgres` user; the directory is in the system's temp dir, whose parents that user can traverse."""
+    try:
+        server_user = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no postgres user here: the PostgreSQL server cannot be given a directory of this machine")
+    name = "small_" + secrets.token_hex(4)
+    directory = Path(tempfile.mkdtemp(prefix="unsloth-tablespace-"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(directory.rmdir)
+        cleanup.enter_context(small_disk(directory, "1m"))
+        os.chown(directory, server_user.pw_uid, server_user.pw_gid)
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            try:
+                conn.execute(f"CREATE TABLESPACE {name} LOCATION '{directory}'")
+            except psycopg.Error as e:
+                pytest.skip(f"the PostgreSQL server cannot use {directory} ({e}): it does not run on this machine")
+        try:
+            yield name, directory
+        finally:
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f"DROP TABLESPACE IF EXISTS {name}")
+
+
+def test_a_write_to_a_full_postgresql_disk_is_507_storage_full(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """PostgreSQL's disk_full (SQLSTATE 53100, "could not extend file"): the jobs table moved to a full tablespace."""
+    with small_tablespace() as (tablespace, directory), postgres_backend(tmp_path, tiny_model_dir) as backend:
+        client = backend.client()
+        training = upload(client, jsonl(chat_rows(12)))
+        with backend.ctx.engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE jobs SET TABLESPACE {tablespace}"))  # empty: its first row extends it
+        filler = fill(directory)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.fine_tuning.jobs.create(model=TINY, training_file=training.id)
+        assert e.value.status_code == 507, e.value.response.text
+        assert (e.value.code, e.value.type) == ("storage_full", "server_error")
+        filler.unlink()
+        assert client.fine_tuning.jobs.create(model=TINY, training_file=training.id).status == "queued"
