@@ -21,13 +21,19 @@ DESCRIPTIONS = {"400": "Invalid request", "401": "Missing or wrong API key", "40
                 "404": "Not found (or another key's)", "409": "Changing state; retry", "413": "Body too large",
                 "422": "Idempotency-Key reused with another body",
                 "429": "Too many requests, generations or stored objects for this key; retry after",
-                "500": "Server error", "503": "Database or broker unavailable"}
+                "500": "Server error", "503": "Database or broker unavailable",
+                "507": "The server's storage is full; retry after"}
 V1_ERRORS = ("400", "401", "404", "413", "429", "500", "503")  # 429: the key's request rate (any /v1 route)
 EXTRA: list[tuple[str, str, tuple[str, ...]]] = [  # (method, path pattern, statuses)
     ("post", r"^/v1/fine_tuning/jobs$", ("422",)),
     ("post", r"^/v1/fine_tuning/jobs/\{job_id\}/(cancel|pause|resume)$", ("409",)),
     ("delete", r"^/v1/models/", ("403",)),
     ("get", r"^/ready$", ("503",)),
+    # 507: a write meets a full disk (an upload's file, or any commit). Every POST and DELETE writes; of the GETs,
+    # only the models' (a base model directory found on disk gets its row then). A key's last-use stamp is skipped.
+    ("post", r"^/v1/", ("507",)),
+    ("delete", r"^/v1/", ("507",)),
+    ("get", r"^/v1/models", ("507",)),
 ]
 
 
@@ -47,6 +53,8 @@ HEADERS = {
     "401": {"WWW-Authenticate": {"description": "Bearer (RFC 6750)", "required": True,
                                  "schema": {"type": "string"}}},
     "429": {"Retry-After": {"description": "Seconds to wait before retrying", "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+    "507": {"Retry-After": {"description": "Seconds to wait before retrying (once space is freed)", "required": True,
                             "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
 }
 

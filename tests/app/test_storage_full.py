@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import psycopg
 import pytest
@@ -105,3 +106,17 @@ def test_a_write_to_a_full_postgresql_disk_is_507_storage_full(tmp_path: Path, t
         assert (e.value.code, e.value.type) == ("storage_full", "server_error")
         filler.unlink()
         assert client.fine_tuning.jobs.create(model=TINY, training_file=training.id).status == "queued"
+
+
+def test_the_openapi_document_declares_507_where_a_write_can_meet_a_full_disk(backend: Backend) -> None:
+    paths = httpx.get(f"{backend.base_url}/openapi.json").json()["paths"]
+    declared = {f"{method.upper()} {path}" for path, operations in paths.items()
+                for method, operation in operations.items() if "507" in operation["responses"]}
+    writes = {"POST /v1/files", "DELETE /v1/files/{file_id}", "POST /v1/fine_tuning/jobs",
+              "POST /v1/fine_tuning/jobs/{job_id}/resume", "DELETE /v1/models/{model_id}", "GET /v1/models",
+              "GET /v1/models/{model_id}", "POST /v1/completions", "POST /v1/chat/completions"}
+    assert writes <= declared
+    assert not {"GET /v1/files", "GET /v1/fine_tuning/jobs/{job_id}/events", "GET /health", "GET /ready"} & declared
+    response = paths["/v1/fine_tuning/jobs"]["post"]["responses"]["507"]
+    assert response["headers"]["Retry-After"]["required"]
+    assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
