@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.core.config import Settings
+from app.core.errors import APIError
 from app.services.models import Servable
 
 if TYPE_CHECKING:
@@ -109,16 +110,30 @@ class ModelCache:
         base = self._base(servable.base_id, servable.base_path)
         if servable.adapter_path is None:
             return Served(servable.id, servable.kind, servable.base_id, base.engine, base.tokenizer)
+        from unsloth_core.checkpoint import is_complete
+
+        try:
+            return self._load_adapter(servable, servable.adapter_path, base)
+        except Exception:  # whichever file it was reading went first (a missing file's error differs by reader)
+            # Its row was found, then its files went: a checkpoint pruned (or a model deleted) meanwhile. Gone, as
+            # for a request that came a moment later; a load that fails on files all there is the server's error.
+            if is_complete(servable.adapter_path):
+                raise
+            log.warning("model %s: its files went while it was being loaded (pruned or deleted)", servable.id)
+            raise APIError(404, f"The model '{servable.id}' does not exist: it was deleted (a checkpoint pruned) "
+                                "while this request was loading it.", param="model", code="model_not_found") from None
+
+    def _load_adapter(self, servable: Servable, path: Path, base: _Base) -> Served:
         from unsloth_core.lora import load_adapter, read_adapter_config
         from unsloth_core.serving import BatchEngine
 
-        tokenizer = self._adapter_tokenizer(servable.adapter_path, base.tokenizer)
-        if not read_adapter_config(servable.adapter_path).modules_to_save:
+        tokenizer = self._adapter_tokenizer(path, base.tokenizer)
+        if not read_adapter_config(path).modules_to_save:
             log.info("loading adapter %s into the pool of %s", servable.id, servable.base_id)
-            base.pool.load(servable.id, servable.adapter_path)
+            base.pool.load(servable.id, path)
             return Served(servable.id, servable.kind, servable.base_id, base.engine, tokenizer, adapter=servable.id)
         log.info("loading adapter %s with its own embeddings or head", servable.id)
-        model = load_adapter(base.model, servable.adapter_path)  # shares the base's frozen weights
+        model = load_adapter(base.model, path)  # shares the base's frozen weights
         engine = BatchEngine(model, tokenizer, max_batch_size=self.settings.max_batch_size,
                              compile=self._compile_decode)
         return Served(servable.id, servable.kind, servable.base_id, engine, tokenizer)
