@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unsloth_core.merged import merged_projections
 from unsloth_core.model import Llama
 from unsloth_core.request_state import (  # noqa: F401  (re-exported: the names callers import from here)
     Completion,
@@ -96,12 +97,13 @@ class Generator:
         was_training = self.model.training
         self.model.eval()  # no dropout in generation, even from a model straight out of training
         try:
-            while not out.finished:
-                with torch.inference_mode():  # per step: the caller's code between deltas runs as it would
-                    self.engine.step()
-                deltas = out.ready()
-                if deltas:
-                    yield deltas
+            with merged_projections(self.model):  # checked once for the run; the engine's steps re-enter it
+                while not out.finished:
+                    with torch.inference_mode():  # per step: the caller's code between deltas runs as it would
+                        self.engine.step()
+                    deltas = out.ready()
+                    if deltas:
+                        yield deltas
         finally:
             out.cancel()
             self.engine.drop_cancelled()

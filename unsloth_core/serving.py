@@ -286,7 +286,7 @@ class BatchEngine:
             torch.cuda.set_device(device)  # Triton launches on this thread's current device, whatever the tensors'
         with torch.inference_mode():
             while not self._stop.is_set():
-                if self.step():
+                if self._busy():
                     continue
                 if self._retiring.is_set():
                     self._free_cache()
@@ -295,6 +295,15 @@ class BatchEngine:
                     self._free_cache()
                 else:
                     self._wake.clear()
+
+    def _busy(self) -> bool:
+        """Step while there is work; False once there is none. The merged projections are checked once for the
+        whole busy spell, not at every step."""
+        with merged_projections(self.model):
+            ran = False
+            while not self._stop.is_set() and self.step():
+                ran = True
+            return ran
 
     def step(self) -> bool:
         """One turn of the loop: drop cancelled rows, admit waiting requests, decode one token for every live row.

@@ -3,12 +3,15 @@ and never a stale weight after the parameters change."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 
 from tests.helpers import tiny_model
 from unsloth_core.generate import Generator
 from unsloth_core.lora import apply_lora
-from unsloth_core.merged import merged_projections
+from unsloth_core.merged import MergedProjections, merge_groups, merged_projections
 from unsloth_core.model import Llama
 from unsloth_core.quant import quantize_model
 from unsloth_core.sampling import SamplingParams
@@ -104,3 +107,24 @@ def test_generation_reads_merged_weights_and_gives_the_same_tokens() -> None:
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
         want.append(ids[len(prompt):])
     assert [c.token_ids for c in got] == want
+
+
+def test_a_nested_context_checks_nothing_again_and_leaves_the_outer_one_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's step enters the context inside a driver's whole run (or a served busy spell): the inner entry
+    costs no checks (about 2 ms a step on SmolLM2) and its exit does not switch the outer run's merge off."""
+    model = tiny_model(seed=3)
+    checks = []
+    switch_on = MergedProjections.switch_on
+
+    def counting(self: MergedProjections, layers: Any) -> bool:
+        checks.append(1)
+        return switch_on(self, layers)
+
+    monkeypatch.setattr(MergedProjections, "switch_on", counting)
+    with torch.no_grad(), merged_projections(model) as outer:
+        assert len(checks) == outer == 2 * len(model.blocks())
+        with merged_projections(model) as inner:
+            assert inner == outer
+        assert len(checks) == outer  # no second check
+        assert all(merged.active() for merged, _ in merge_groups(model))  # still on after the inner exit
+    assert not any(merged.active() for merged, _ in merge_groups(model))
