@@ -1,1 +1,11 @@
-"""Preference optimisation on top of the trainer: DPO (sigmoid loss), with GRPO and others to come."""
+"""Preference and reinforcement optimisation on top of the trainer: DPO (sigmoid loss) and the GRPO objective."""
+
+from unsloth_core.rl.grpo_loss import (
+    GRPOLossConfig,
+    combine_rewards,
+    completion_mask,
+    group_advantages,
+    grpo_loss,
+)
+
+__all__ = ["GRPOLossConfig", "combine_rewards", "completion_mask", "group_advantages", "grpo_loss"]
