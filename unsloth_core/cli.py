@@ -163,17 +163,40 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    """peft: the adapter as it is; merged: adapter folded in, HF directory; gguf: merged, one verified GGUF file
+    per --quantization (and an Ollama Modelfile with --ollama)."""
     import torch
 
     from unsloth_core.checkpoint import load_model, save_model
+    from unsloth_core.export import save_gguf
+    from unsloth_core.export_gguf import quantization_type
+    from unsloth_core.export_verify import summary
     from unsloth_core.facade import resolve_model_dir
-    from unsloth_core.lora import load_adapter, strip_lora
+    from unsloth_core.lora import load_adapter, save_adapter, strip_lora
+    from unsloth_core.tokenizer import Tokenizer
 
+    quantizations = [quantization_type(q) for q in a.quantization or ["q8_0"]]  # refused before any loading
+    if a.format != "gguf" and (a.quantization or a.ollama):
+        raise UnslothError("--quantization and --ollama apply to --format gguf only")
+    if a.format == "peft" and not a.adapter:
+        raise UnslothError("--format peft exports an adapter: give --adapter")
     base_dir = resolve_model_dir(a.model)
-    model = load_adapter(load_model(base_dir, dtype=torch.float32), a.adapter)
-    tokenizer_dir = Path(a.adapter) if (Path(a.adapter) / "tokenizer.json").is_file() else base_dir
-    out = save_model(strip_lora(model), a.out, tokenizer_dir=tokenizer_dir, dtype=a.dtype)
-    print(f"merged model written to {out}")
+    model = load_model(base_dir, dtype=torch.float32)
+    if a.adapter:
+        model = load_adapter(model, a.adapter)
+    tokenizer_dir = Path(a.adapter) if a.adapter and (Path(a.adapter) / "tokenizer.json").is_file() else base_dir
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    if a.format == "peft":
+        save_adapter(model, a.out)
+        tokenizer.save_pretrained(a.out)
+        print(f"adapter written to {a.out}")
+    elif a.format == "merged":
+        merged = strip_lora(model) if model.lora_config is not None else model
+        print(f"merged model written to {save_model(merged, a.out, tokenizer_dir=tokenizer_dir, dtype=a.dtype)}")
+    else:
+        for report in save_gguf(model, a.out, tokenizer, quantizations, ollama=a.ollama):
+            print(f"verified {summary(report)}")
+        print(f"GGUF written to {a.out}" + (" (with an Ollama Modelfile)" if a.ollama else ""))
     return 0
 
 
@@ -191,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  unsloth import-gguf model.gguf models/my-model\n"
                "  unsloth generate --model smollm2-135m-instruct --chat --prompt 'What is the capital of France?'\n"
                "  unsloth train --model smollm2-135m-instruct --data train.jsonl --output-dir runs/demo\n"
+               "  unsloth export --model smollm2-135m-instruct --adapter runs/demo/final --format gguf "
+               "--quantization q8_0 --ollama --out gguf/demo\n"
                "  unsloth serve                      # API + worker on 127.0.0.1:8000\n")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -226,11 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     field_flags(p, LoRAConfig, skip={"base_model_name_or_path", "bias"}, prefix="lora_")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="merge an adapter into its base and write a Hugging Face model directory")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True)
+    p = sub.add_parser("export", help="write a model (and adapter) as a PEFT adapter, a merged Hugging Face "
+                                      "directory, or verified GGUF files for llama.cpp / Ollama")
+    p.add_argument("--model", required=True, help="base model directory, .gguf file, or smollm2-135m-instruct")
+    p.add_argument("--adapter", help="a LoRA adapter directory (PEFT format), merged into the base")
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--format", default="merged", choices=["peft", "merged", "gguf"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="weights of --format merged")
+    p.add_argument("--quantization", action="append", default=None,
+                   help="GGUF type, repeatable (default q8_0): f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile (GGUF only)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks against HF transformers + PEFT (see bench/)", add_help=False)

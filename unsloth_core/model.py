@@ -482,3 +482,16 @@ class Llama(nn.Module):
         save_model(merged, directory, dtype=dtypes[save_method])
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
+
+    def save_pretrained_gguf(self, directory: str, tokenizer: Any,
+                             quantization_method: str | list[str] = "fast_quantized",
+                             ollama: bool = True) -> list[dict[str, Any]]:
+        """Unsloth's GGUF export: `directory/model.<TYPE>.gguf` per quantization method (f32, f16, bf16, q8_0,
+        q5_1, q5_0, q4_1, q4_0; Unsloth's "not_quantized" is f16, "fast_quantized" q8_0), adapters merged first,
+        an Ollama `Modelfile` and `verification.json`. Every file is read back and compared with this model before
+        the directory appears; returns those reports (see export_verify.py)."""
+        from unsloth_core.export import save_gguf
+
+        if tokenizer is None:
+            raise ValueError("save_pretrained_gguf needs the tokenizer: the GGUF file carries it")
+        return save_gguf(self, directory, tokenizer, quantization_method, ollama=ollama)
