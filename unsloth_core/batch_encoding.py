@@ -6,15 +6,25 @@ batch of token id lists live here too: they are what turns ragged lists into one
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: None, "do_not_pad": None}
 TRUNCATION = {True: True, "longest_first": True, "only_first": True, False: False, "do_not_truncate": False}
 SIDES = ("left", "right")
+
+
+def _is_tensor(value: Any) -> bool:
+    # torch is imported only once a caller asks for tensors: the data validators import the tokenizer and must
+    # stay torch-free (they run in the API process before any model is loaded).
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor)
 
 
 class BatchEncoding(dict[str, Any]):
@@ -28,7 +38,7 @@ class BatchEncoding(dict[str, Any]):
 
     def to(self, device: str | torch.device) -> BatchEncoding:
         for key, value in self.items():
-            if isinstance(value, torch.Tensor):
+            if _is_tensor(value):
                 self[key] = value.to(device)
         return self
 
@@ -77,13 +87,18 @@ def as_tensors(data: dict[str, list[list[int]]], return_tensors: str | None, bat
             raise ValueError("the texts have different lengths: pass padding=True (or truncation=True with "
                              "max_length) to make one tensor of them")
         array = np.array(rows, dtype=np.int64).reshape(len(rows), -1)
-        out[key] = torch.from_numpy(array) if return_tensors == "pt" else array
+        if return_tensors == "pt":
+            import torch
+
+            out[key] = torch.from_numpy(array)
+        else:
+            out[key] = array
     return out
 
 
 def rows_of(ids: Any) -> list[list[int]]:
     """Token id rows from a (B, T) tensor / array or a list of lists."""
-    if isinstance(ids, torch.Tensor | np.ndarray):
+    if _is_tensor(ids) or isinstance(ids, np.ndarray):
         if ids.ndim != 2:
             raise ValueError(f"expected token ids of shape (batch, tokens), got {tuple(ids.shape)}")
         return [list(map(int, r)) for r in ids.tolist()]
@@ -92,7 +107,7 @@ def rows_of(ids: Any) -> list[list[int]]:
 
 def one_row(ids: Any) -> list[int]:
     """Token ids from an int, a 1-D tensor / array, or a sequence of ints."""
-    if isinstance(ids, torch.Tensor | np.ndarray):
+    if _is_tensor(ids) or isinstance(ids, np.ndarray):
         if ids.ndim > 1:
             raise ValueError(f"decode takes one sequence of token ids, got shape {tuple(ids.shape)}; "
                              f"use batch_decode for a batch")
