@@ -73,6 +73,7 @@ class Generator:
         texts: dict[int, list[str]] = {i: [] for i in range(len(batch))}
         token_ids: dict[int, list[int]] = {i: [] for i in range(len(batch))}
         logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(batch))}
+        prompt_lps: dict[int, list[TokenLogprob | None]] = {}
         done: dict[int, Completion] = {}
         for deltas in self.stream(batch, params):
             for d in deltas:
@@ -80,10 +81,13 @@ class Generator:
                 token_ids[d.index].extend(d.token_ids)
                 if d.logprobs is not None:
                     logprobs[d.index].extend(d.logprobs)
+                if d.prompt_logprobs is not None:
+                    prompt_lps[d.index] = d.prompt_logprobs
                 if d.finish_reason is not None:
                     done[d.index] = Completion(d.index, "".join(texts[d.index]), token_ids[d.index], d.finish_reason,
                                                len(batch[d.index]),
-                                               logprobs[d.index] if d.logprobs is not None else None)
+                                               logprobs[d.index] if d.logprobs is not None else None,
+                                               prompt_lps.get(d.index))
         return [done[i] for i in range(len(batch))]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],

@@ -6,7 +6,7 @@ tokens) cut it, and text that could still begin a stop string is held back until
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +40,8 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None  # the EOS / stop token that ended the row (not in token_ids)
+    # On the row's first event, when its params ask for prompt_logprobs: one per prompt token (None for the first)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -129,6 +132,21 @@ def step_logprobs(logits: Tensor, chosen: Tensor, top: int | None) -> Tensor | N
         vals, idx = lp.topk(top, dim=-1)
         parts += [idx.to(lp.dtype), vals]
     return torch.cat(parts, dim=-1)
+
+
+def prompt_token_logprobs(lm_head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Sequence[int],
+                          top: int, tokenizer: Tokenizer | None, piece: int = 256) -> list[TokenLogprob]:
+    """Each target token's logprob given the hidden state (T, C) before it, and the `top` most likely there: a
+    prompt scored from its prefill's hidden states. The head runs `piece` positions at a time, so scoring a long
+    prompt holds (piece, vocab) logits, never (T, vocab)."""
+    out: list[TokenLogprob] = []
+    for start in range(0, len(targets), piece):
+        chosen = torch.tensor(targets[start:start + piece], device=hidden.device)
+        logits = lm_head(hidden[start:start + len(chosen)]).float()
+        values = step_logprobs(logits, chosen, top)
+        assert values is not None
+        out += [token_logprob(tokenizer, tok, row, top) for tok, row in zip(chosen.tolist(), values.tolist())]
+    return out
 
 
 def token_logprob(tokenizer: Tokenizer | None, tok: int, values: list[float], top: int) -> TokenLogprob:

@@ -34,12 +34,15 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)
     stop_token_ids: Sequence[int] | None = None  # None: the model's EOS ids
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
+    # vLLM's: each prompt token's logprob given the tokens before it (the first has none), and the n most likely
+    # there; with max_new_tokens 0 the request only scores its prompt (log-likelihood evaluation)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: Mapping[int, float] | None = None  # OpenAI's: added to a token's logit before sampling, -100..100
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
             (self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
@@ -49,6 +52,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "prompt_logprobs must be between 0 and 20"),
             (self.seed is None or -2**63 <= self.seed < 2**64, "seed must fit in 64 bits"),
             (all(t >= 0 and -100 <= b <= 100 for t, b in (self.logit_bias or {}).items()),
              "logit_bias must map token ids to values between -100 and 100"),

@@ -32,8 +32,10 @@ from unsloth_core.request_state import (
     Delta,
     Prompt,
     RowState,
+    TokenLogprob,
     check_context,
     encode_prompt,
+    prompt_token_logprobs,
     step_logprobs,
     token_logprob,
 )
@@ -129,6 +131,9 @@ class _Request:
     sampler: Sampler | None = None
     slot: int = BASE  # the adapter pool's slot this request's rows use (held from submit until it ends)
     filled: int = 0  # prompt tokens in the cache so far (a prompt prefilled in chunks)
+    tokenizer: Tokenizer | None = None  # this request's (an adapter's own, or the engine's)
+    # Scored as the prompt is prefilled (params.prompt_logprobs), handed out with the request's first event
+    prompt_lps: list[TokenLogprob | None] | None = None
 
     @property
     def next_slot(self) -> int:
@@ -143,6 +148,11 @@ MAX_PREFILL_TOKENS = 4096
 # A prompt longer than this that arrives while other rows decode is prefilled this many tokens a step, between their
 # decode steps, so a long prompt delays their next token by one chunk's forward, not by its whole prefill.
 PREFILL_CHUNK = 512
+
+
+def _only_scored(request: _Request) -> bool:
+    """A request that generates nothing: it ends at its prefill (scoring its prompt) and never takes a row."""
+    return request.params.max_new_tokens == 0
 
 
 @atexit.register
@@ -207,7 +217,10 @@ class BatchEngine:
         stream = stream or Stream()
         eos = self.eos | set(tokenizer.eos_token_ids if tokenizer else ())
         stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else eos
-        request = _Request(list(prompt), params, stream, RowState(index, tokenizer, params, stop_ids), list(prompt))
+        request = _Request(list(prompt), params, stream, RowState(index, tokenizer, params, stop_ids), list(prompt),
+                           tokenizer=tokenizer)
+        if params.prompt_logprobs is not None:
+            request.prompt_lps = [None]  # the first token has nothing before it
         if adapter is not None and self.adapters is not None:
             request.slot = self.adapters.acquire(adapter)
         if self.threaded:
@@ -408,6 +421,9 @@ class BatchEngine:
             if request.stream.cancelled.is_set():
                 self._done(request)
                 continue
+            if request.params.max_new_tokens == 0 and request.prompt_lps is None:
+                self._end_scored(request)  # nothing to generate and nothing to score
+                continue
             try:
                 request.sampler = Sampler([request.params], self.model.config.vocab_size, self.model.device,
                                           [request.state.stop_ids])
@@ -424,6 +440,7 @@ class BatchEngine:
         request is prefilled alone, so the failure ends only the request it belongs to (it never took a row)."""
         if not group:
             return False
+        group.sort(key=_only_scored)  # those ending at their prefill take the rows after the ones that go live
         try:
             logits = self._prefill(group)
         except Exception as e:
@@ -433,10 +450,31 @@ class BatchEngine:
             group[0].stream._put(self._request_error(group[0], e))
             self._done(group[0])
             return False
-        self._live.extend(group)
+        live = [r for r in group if not _only_scored(r)]
+        for request in group[len(live):]:
+            self._end_scored(request)
+        if not live:
+            return False
+        self._live.extend(live)
         self._carry = None
-        self._advance(group, logits)
+        self._advance(live, logits[:len(live)])
         return True
+
+    def _score_prompt(self, request: _Request, hidden: Tensor, start: int) -> None:
+        """Score the prompt tokens after positions start .. start + T - 1 from those positions' hidden states
+        (T, C), where the request asked for its prompt's logprobs."""
+        if request.prompt_lps is None or request.params.prompt_logprobs is None:
+            return
+        targets = request.prompt[start + 1:start + 1 + hidden.size(0)]
+        request.prompt_lps += prompt_token_logprobs(self.model.lm_head, hidden[:len(targets)], targets,
+                                                    request.params.prompt_logprobs, request.tokenizer)
+
+    def _end_scored(self, request: _Request) -> None:
+        """A request for no new tokens ends once its prompt is scored: one event with the prompt's logprobs."""
+        request.state.finish = "length"
+        request.stream._put(Delta(request.state.index, "", [], [] if request.params.logprobs is not None else None,
+                                  "length", prompt_logprobs=request.prompt_lps))
+        self._done(request)
 
     def _request_error(self, request: _Request, e: Exception) -> Exception:
         """What the request's caller is told: running out of memory is capacity (retry later), anything else the
@@ -467,9 +505,14 @@ class BatchEngine:
             pos = torch.arange(done, done + len(chunk), device=dev)[None]
             with self._adapters_of([request], len(chunk)):
                 hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
+            self._score_prompt(request, hidden[0], done)
             request.filled = done + len(chunk)
             if request.filled < len(request.prompt):
                 return False
+            if _only_scored(request):
+                self._prefilling = None
+                self._end_scored(request)
+                return True
             logits = self.model.lm_head(hidden[:, -1]).float()
         except Exception as e:
             self._prefilling = None
@@ -494,6 +537,8 @@ class BatchEngine:
         pos = torch.arange(t, device=dev).expand(len(requests), t)
         with self._adapters_of(requests, t):
             hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
+        for i, r in enumerate(requests):
+            self._score_prompt(r, hidden[i, :len(r.prompt)], 0)
         last = torch.tensor([len(r.prompt) - 1 for r in requests], device=dev)
         return self.model.lm_head(hidden[torch.arange(len(requests), device=dev), last]).float()
 
@@ -661,11 +706,13 @@ class BatchEngine:
         new = r.state.token_ids[before:]
         new_lps = None
         if r.params.logprobs is not None:
-            new_lps = [token_logprob(self.tokenizer, tok, lps[0].tolist(), r.params.logprobs)] if (
+            new_lps = [token_logprob(r.tokenizer, tok, lps[0].tolist(), r.params.logprobs)] if (
                 new and lps is not None) else []
         text = r.state.take()
-        if text or new or r.state.finish is not None:
-            r.stream._put(Delta(r.state.index, text, new, new_lps, r.state.finish, r.state.stop_token_id))
+        prompt_lps, r.prompt_lps = r.prompt_lps, None
+        if text or new or r.state.finish is not None or prompt_lps is not None:
+            r.stream._put(Delta(r.state.index, text, new, new_lps, r.state.finish, r.state.stop_token_id,
+                                prompt_logprobs=prompt_lps))
 
     def drop_cancelled(self) -> None:
         """Free the rows of cancelled requests (their clients went away)."""

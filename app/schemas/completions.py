@@ -65,6 +65,8 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] | \
         Annotated[list[TokenIds], Field(min_length=1)]
+    # 0 with echo (and logprobs): score the prompt only, as log-likelihood evaluations ask
+    max_tokens: Annotated[Int, Field(ge=0, le=INT32)] | None = None
     logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
     echo: bool = False
     best_of: Annotated[Int, Field(ge=1, le=128)] | None = None
@@ -107,8 +109,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token: nothing comes before it
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

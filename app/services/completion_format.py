@@ -47,6 +47,7 @@ class Choice:
     n_tokens: int = 0
     logprobs: list[EngineLogprob] = field(default_factory=list)
     finish: str | None = None
+    prompt_logprobs: list[EngineLogprob | None] | None = None  # an echoed, scored prompt's
 
 
 @dataclass
@@ -120,8 +121,14 @@ class ChatFormatter(Formatter):
 
 
 class CompletionFormatter(Formatter):
-    def __init__(self, header: Header, echo: Sequence[str] | None = None, n_choices: int = 0) -> None:
+    """Text completions. With `echo`, each choice's prompt comes first; with echo and logprobs (`first_tokens`: each
+    choice's first prompt token, which has no logprob), the prompt's tokens carry logprobs too, so its text is sent
+    with the first event from the engine (the one holding them) rather than before it."""
+
+    def __init__(self, header: Header, echo: Sequence[str] | None = None, n_choices: int = 0,
+                 first_tokens: Sequence[str] | None = None) -> None:
         super().__init__(header, echo)
+        self.first_tokens = first_tokens
         # Each choice's logprobs `text_offset` continues from the text already sent (the echoed prompt first).
         self.offsets = [len(e) for e in echo] if echo else [0] * n_choices
 
@@ -130,15 +137,20 @@ class CompletionFormatter(Formatter):
                                **self._fields(usage))  # type: ignore[arg-type]
 
     def opening(self, index: int) -> list[BaseModel]:
-        if not self.echo:
+        if not self.echo or self.first_tokens is not None:
             return []
         return [CompletionChunkChoice(index=index, text=self.echo[index], logprobs=None, finish_reason=None)]
 
     def delta(self, d: Delta) -> list[BaseModel]:
+        out: list[BaseModel] = []
+        if self.echo and self.first_tokens is not None and d.prompt_logprobs is not None:
+            out.append(CompletionChunkChoice(index=d.index, text=self.echo[d.index], finish_reason=None,
+                                             logprobs=self._prompt_logprobs(d.index, d.prompt_logprobs)))
         lps = d.logprobs if self.header.logprobs is not None else None
         logprobs = completion_logprobs(lps, self.offsets[d.index]) if lps is not None else None
         self.offsets[d.index] += len(d.text)
-        return [CompletionChunkChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason)]
+        out.append(CompletionChunkChoice(index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason))
+        return out
 
     def response(self, choices: Sequence[Choice], usage: Usage) -> Completion:
         h = self.header
@@ -146,9 +158,27 @@ class CompletionFormatter(Formatter):
                           usage=usage, choices=[
                               CompletionChoice(index=i, text=(self.echo[i] if self.echo else "") + "".join(c.text),
                                                finish_reason=c.finish or "length",  # type: ignore[arg-type]
-                                               logprobs=completion_logprobs(c.logprobs, 0) if h.logprobs is not None
-                                               else None)
+                                               logprobs=self._logprobs(i, c) if h.logprobs is not None else None)
                               for i, c in enumerate(choices)])
+
+    def _logprobs(self, index: int, c: Choice) -> CompletionLogprobs:
+        completion = completion_logprobs(c.logprobs, self.offsets[index] if self.echo else 0)
+        if self.first_tokens is None or c.prompt_logprobs is None:
+            return completion
+        prompt = self._prompt_logprobs(index, c.prompt_logprobs)
+        return CompletionLogprobs(tokens=prompt.tokens + completion.tokens,
+                                  token_logprobs=prompt.token_logprobs + completion.token_logprobs,
+                                  top_logprobs=(prompt.top_logprobs or []) + (completion.top_logprobs or []),
+                                  text_offset=prompt.text_offset + completion.text_offset)
+
+    def _prompt_logprobs(self, index: int, items: Sequence[EngineLogprob | None]) -> CompletionLogprobs:
+        """The prompt's tokens: the first with no logprob (null, as OpenAI and vLLM send it), then the engine's."""
+        assert self.first_tokens is not None
+        scored = [t for t in items if t is not None]
+        tail = completion_logprobs(scored, len(self.first_tokens[index]))
+        return CompletionLogprobs(tokens=[self.first_tokens[index], *tail.tokens],
+                                  token_logprobs=[None, *tail.token_logprobs],
+                                  top_logprobs=[None, *(tail.top_logprobs or [])], text_offset=[0, *tail.text_offset])
 
 
 # ---- logprobs ----

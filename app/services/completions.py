@@ -63,9 +63,8 @@ def _check_completion(body: CompletionRequest, settings: Settings) -> None:
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of other than n is not supported by this server.", param="best_of",
                           code="unsupported_parameter")
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo with logprobs is not supported by this server.", param="echo",
-                          code="unsupported_parameter")
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens must be at least 1, or 0 with echo (to score the prompt).", param="max_tokens")
 
 
 def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
@@ -173,7 +172,7 @@ def _max_new_tokens(requested: int | None, default: int | None, n_prompt: int, s
                           "tokens per choice.", param=param)
     room = served.max_len - n_prompt
     max_new = requested if requested is not None else min(default or room, room, settings.max_tokens)
-    if max_new < 1 or n_prompt + max_new > served.max_len:
+    if (max_new < 1 and requested != 0) or n_prompt + max_new > served.max_len:
         raise APIError(400, f"This model's maximum context length is {served.max_len} tokens. However, you requested "
                             f"{n_prompt + (requested or 1)} tokens ({n_prompt} in the prompt, {requested or 1} for the "
                             f"completion). Please reduce the length of the prompt or the {param}.",
@@ -182,7 +181,7 @@ def _max_new_tokens(requested: int | None, default: int | None, n_prompt: int, s
 
 
 def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int,
-              logit_bias: dict[int, float] | None = None) -> SamplingParams:
+              logit_bias: dict[int, float] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     from unsloth_core.sampling import SamplingParams
 
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -197,7 +196,7 @@ def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
             seed=None if body.seed is None else (body.seed + row) % 2**64, stop=stop, logprobs=logprobs,
-            stop_token_ids=[] if body.ignore_eos else None, logit_bias=logit_bias)
+            stop_token_ids=[] if body.ignore_eos else None, logit_bias=logit_bias, prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         raise bad_request(f"Invalid sampling parameters: {e}.", param=str(e).split(" ", 1)[0]) from None
 
@@ -234,15 +233,18 @@ async def _prepare(engine: InferenceEngine, servable: Servable, body: Completion
             longest = max(len(p) for p in prompts)
             max_new = _max_new_tokens(body.max_tokens, 16, longest, served, settings, "max_tokens", "prompt")
             logprobs = body.logprobs
+        # echo with logprobs: the prompt's tokens are scored too (OpenAI's legacy API, vLLM, lm-eval's loglikelihood)
+        scored = logprobs if isinstance(body, CompletionRequest) and body.echo else None
         if len(prompts) * body.n > MAX_ROWS:
             raise bad_request(f"At most {MAX_ROWS} choices per request (prompts x n).", param="n")
         rows = [p for p in prompts for _ in range(body.n)]
-        params = [_sampling(body, max_new, logprobs, i, logit_bias) for i in range(len(rows))]
+        params = [_sampling(body, max_new, logprobs, i, logit_bias, scored) for i in range(len(rows))]
         header = Header(id=ids.new_id(ids.CHAT_COMPLETION if kind == "chat" else ids.COMPLETION),
                         created=int(time.time()), model=body.model, logprobs=logprobs,
                         include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
+        first_tokens = [served.tokenizer.decode(row[:1]) for row in rows] if scored is not None else None
         output: Formatter = (ChatFormatter(header) if kind == "chat" else CompletionFormatter(
-            header, [e for e in echo for _ in range(body.n)] if echo else None, len(rows)))
+            header, [e for e in echo for _ in range(body.n)] if echo else None, len(rows), first_tokens))
         plan = Plan(model=body.model, served=served, rows=rows, params=params,
                     prompt_tokens=sum(len(p) for p in prompts), output=output)
         run = engine.start(served, rows, params, key_id)
@@ -288,6 +290,7 @@ async def _collect(plan: Plan, run: GenerationRun, request: Request) -> Completi
                 c.text.append(d.text)
                 c.n_tokens += len(d.token_ids)
                 c.logprobs.extend(d.logprobs or [])
+                c.prompt_logprobs = d.prompt_logprobs if d.prompt_logprobs is not None else c.prompt_logprobs
                 c.finish = d.finish_reason or c.finish
     finally:
         watcher.cancel()

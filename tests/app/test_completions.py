@@ -543,3 +543,56 @@ def test_the_generation_stack_is_imported_at_startup_not_at_the_first_completion
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_echo_with_logprobs_scores_the_prompt(backend: Backend, tiny_model_dir: Path) -> None:
+    """Log-likelihoods as lm-eval's `local-completions` asks for them (echo, logprobs, max_tokens 0 or 1, token-id
+    prompts): every prompt token but the first carries the model's own log-softmax of its logits, and the top
+    alternatives; streamed, the echoed prompt comes with its logprobs before the completion's."""
+    import json
+
+    from unsloth_core.checkpoint import load_model
+    from unsloth_core.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    model = load_model(tiny_model_dir, dtype=torch.float32).eval()
+    prompt = tok.encode("The cat sat on")
+    with torch.no_grad():
+        lp = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    expected = [lp[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    client = backend.client()
+
+    scored = client.completions.create(model=TINY, prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    choice = scored.choices[0]
+    lps = choice.logprobs
+    assert choice.text == tok.decode(prompt) and choice.finish_reason == "length"
+    assert lps is not None and lps.token_logprobs is not None and lps.top_logprobs is not None
+    assert lps.tokens == [tok.decode([t]) for t in prompt] and lps.text_offset is not None
+    assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    assert lps.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) <= 3 for top in lps.top_logprobs[1:])  # distinct texts: byte tokens may share one
+    assert lps.text_offset == [sum(len(t) for t in lps.tokens[:i]) for i in range(len(prompt))]
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+
+    # lm-eval's request: one greedy token after the echoed prompt; the prompt's logprobs are the same
+    out = client.completions.create(model=TINY, prompt=[prompt], max_tokens=1, echo=True, logprobs=1,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    lps = out.choices[0].logprobs
+    assert lps is not None and lps.token_logprobs is not None and len(lps.token_logprobs) == len(prompt) + 1
+    assert lps.token_logprobs[1:-1] == pytest.approx(expected, abs=1e-4)
+    assert lps.token_logprobs[-1] == pytest.approx(lp[-1].max().item(), abs=1e-4)  # greedy: the likeliest
+
+    with httpx.stream("POST", backend.base_url + "/v1/completions", timeout=60,
+                      json={"model": TINY, "prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 0,
+                            "stream": True, "ignore_eos": True},
+                      headers={"Authorization": f"Bearer {backend.user_key}"}) as r:
+        chunks = [json.loads(x.removeprefix("data: ")) for x in r.iter_lines()
+                  if x.startswith("data: ") and x != "data: [DONE]"]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == tok.decode(prompt) and first["logprobs"]["token_logprobs"][0] is None
+    assert first["logprobs"]["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+    assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks[1:]) == 2
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=TINY, prompt="abc", max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"  # type: ignore[index]

@@ -151,7 +151,7 @@ def test_prompt_longer_than_context_is_refused(model: Llama, tok: Tokenizer) -> 
 
 
 def test_bad_sampling_params_are_refused() -> None:
-    for kw in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(stop=[""]), dict(logprobs=21)):
+    for kw in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=-1), dict(stop=[""]), dict(logprobs=21)):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
 

@@ -470,3 +470,56 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps() -> None:
         got[k] += [t for d in s.ready() for t in d.token_ids]
     assert while_filling == 4  # 150 tokens: chunks of 32 in five steps, the last one making it live
     assert len(got["running"]) >= 6 and got == alone
+
+
+def _reference_prompt_logprobs(model: Llama, prompt: list[int], top: int) -> list[tuple[float, list[int]]]:
+    """Each prompt token's logprob after the ones before it, and the top ids there: the model's own log-softmax of
+    its logits over the whole prompt, no cache."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0].float()
+    lp = logits.log_softmax(-1)
+    return [(lp[i - 1, prompt[i]].item(), lp[i - 1].topk(top).indices.tolist()) for i in range(1, len(prompt))]
+
+
+@pytest.mark.parametrize("max_new", [0, 3])
+def test_prompt_logprobs_equal_the_models_log_softmax(model: Llama, tok: Tokenizer, max_new: int) -> None:
+    """Scoring prompts (echo + logprobs, lm-eval's log-likelihoods): batched with a prompt that generates, a long
+    prompt prefilled in chunks while others decode, and with no new tokens at all (the request ends at its
+    prefill and never takes a row)."""
+    engine = BatchEngine(model, tok, max_batch_size=4, max_seq_length=256, prefill_chunk=16)
+    chunks: list[int] = []
+    chunk = engine._prefill_chunk
+    engine._prefill_chunk = lambda r: chunks.append(len(r.prompt)) or chunk(r)  # type: ignore[method-assign]
+    running = engine.submit([5, 6, 7], SamplingParams(temperature=0, max_new_tokens=40, **NO_EOS))
+    wait_until(lambda: engine._live)  # so the long prompt below is prefilled in chunks between decode steps
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], list(range(40, 90)), [7, 7]]
+    params = SamplingParams(temperature=0, max_new_tokens=max_new, prompt_logprobs=3, logprobs=2, **NO_EOS)
+    streams = [engine.submit(p, params, index=i) for i, p in enumerate(prompts)]
+    results = [list(s) for s in streams]
+    assert len(collect(list(running))[1]) == 40  # the neighbour ran to its end
+    engine.close()
+    assert chunks.count(50) == 4  # the 50-token prompt went in 16-token chunks
+    for prompt, deltas in zip(prompts, results):
+        scored = deltas[0].prompt_logprobs
+        assert scored is not None and scored[0] is None and len(scored) == len(prompt)
+        assert all(d.prompt_logprobs is None for d in deltas[1:])  # only on the first event
+        for got, (logprob, top) in zip(scored[1:], _reference_prompt_logprobs(model, prompt, 3)):
+            assert got is not None
+            assert got.logprob == pytest.approx(logprob, abs=1e-4)
+            assert [i for i, _, _ in got.top] == top
+        _, ids, finish = collect(deltas)
+        assert len(ids) == max_new and finish == "length"
+
+
+def test_zero_new_tokens_without_scoring_ends_at_once(model: Llama, tok: Tokenizer) -> None:
+    engine = BatchEngine(model, tok, max_batch_size=2, max_seq_length=64)
+    deltas = list(engine.submit([1, 2, 3], SamplingParams(max_new_tokens=0)))
+    engine.close()
+    assert [(d.text, d.token_ids, d.finish_reason, d.prompt_logprobs) for d in deltas] == [("", [], "length", None)]
+
+
+def test_generator_returns_prompt_logprobs(model: Llama, tok: Tokenizer) -> None:
+    out = Generator(model, tok).generate([[9, 8, 7, 6]], SamplingParams(max_new_tokens=0, prompt_logprobs=0))[0]
+    assert out.token_ids == [] and out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
+    expected = _reference_prompt_logprobs(model, [9, 8, 7, 6], 1)
+    assert [p.logprob for p in out.prompt_logprobs[1:] if p] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
