@@ -87,6 +87,12 @@ class RowState:
             self._cut_at_stop_string()
             self.finish = self.finish or "length"
 
+    def end(self) -> None:
+        """Finish now, as a stop: the text so far is all of it (a grammar that is complete allows nothing more)."""
+        if self.finish is None:
+            self.text += self.decoder.flush() if self.decoder else ""
+            self.finish = "stop"
+
     def _cut_at_stop_string(self) -> bool:
         # A stop string may straddle tokens; search from just before the unemitted text.
         start = max(0, self.emitted - max((len(s) for s in self.params.stop), default=0))

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from unsloth_core.constrained import Constraint
+
 
 @dataclass
 class SamplingParams:
@@ -37,6 +39,7 @@ class SamplingParams:
     # vLLM's: each prompt token's logprob given the tokens before it (the first has none), and the n most likely
     # there; with max_new_tokens 0 the request only scores its prompt (log-likelihood evaluation)
     prompt_logprobs: int | None = None
+    constraint: Constraint | None = None  # a grammar the output must match (constrained.py)
     skip_special_tokens: bool = True
     logit_bias: Mapping[int, float] | None = None  # OpenAI's: added to a token's logit before sampling, -100..100
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from unsloth_core.adapters import BASE, AdapterPool
+from unsloth_core.constrained import RowConstraint, apply_masks
 from unsloth_core.errors import CapacityError, EngineClosedError
 from unsloth_core.memory import release_memory
 from unsloth_core.merged import merged_projections
@@ -134,6 +135,7 @@ class _Request:
     tokenizer: Tokenizer | None = None  # this request's (an adapter's own, or the engine's)
     # Scored as the prompt is prefilled (params.prompt_logprobs), handed out with the request's first event
     prompt_lps: list[TokenLogprob | None] | None = None
+    constraint: RowConstraint | None = None  # its grammar's matcher (made at admission, on the engine's thread)
 
     @property
     def next_slot(self) -> int:
@@ -428,12 +430,20 @@ class BatchEngine:
                 request.sampler = Sampler([request.params], self.model.config.vocab_size, self.model.device,
                                           [request.state.stop_ids])
                 request.sampler.observe_prompt(0, request.prompt)
+                request.constraint = self._constraint_of(request)
             except Exception as e:
                 request.stream._put(self._request_error(request, e))
                 self._done(request)
                 continue
             ready.append(request)
         return ready
+
+    def _constraint_of(self, request: _Request) -> RowConstraint | None:
+        if request.params.constraint is None:
+            return None
+        if request.tokenizer is None:
+            raise ValueError("constrained decoding needs a tokenizer")
+        return RowConstraint(request.params.constraint, request.tokenizer, sorted(request.state.stop_ids))
 
     def _admit_group(self, group: list[_Request]) -> bool:
         """Prefill the group into the next free rows and make them live; when the batched prefill fails, each
@@ -575,6 +585,7 @@ class BatchEngine:
         reserved cache slots), a request waits for a free row, or one was cancelled."""
         steps = len(self._pending)
         return ((not self._waiting.empty() and len(live) < self.max_batch_size)
+                or any(r.constraint is not None for r in live)  # its next mask needs this token taken
                 or any(len(r.state.token_ids) + steps >= r.params.max_new_tokens or r.stream.cancelled.is_set()
                        for r in live))
 
@@ -670,7 +681,11 @@ class BatchEngine:
     def _choose(self, requests: list[_Request], logits: Tensor
                 ) -> tuple[Tensor, list[Tensor | None], dict[int, Exception]]:
         """Each row's next token (B,) on the device, its logprobs where asked, and the rows whose sampling failed.
-        Plain greedy rows share one argmax; the others sample with their own state (seeds, penalties)."""
+        Plain greedy rows share one argmax; the others sample with their own state (seeds, penalties). Rows held
+        to a grammar have the tokens it does not allow masked first."""
+        constrained = [(i, r.constraint) for i, r in enumerate(requests) if r.constraint is not None]
+        if constrained:
+            apply_masks(logits, [i for i, _ in constrained], [c for _, c in constrained])
         chosen = logits.argmax(-1)
         sampled: list[tuple[int, Tensor]] = []
         lps: list[Tensor | None] = [None] * len(requests)
@@ -701,7 +716,11 @@ class BatchEngine:
 
     def _emit(self, r: _Request, tok: int, lps: Tensor | None) -> None:
         before = len(r.state.token_ids)
+        if r.constraint is not None:
+            r.constraint.accept(tok)
         r.state.push(tok)
+        if r.constraint is not None and r.constraint.done:
+            r.state.end()
         r.tokens.append(tok)
         new = r.state.token_ids[before:]
         new_lps = None
