@@ -8,20 +8,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from unsloth_core.checkpoint import TOKENIZER_FILES, atomic_directory, copy_tokenizer_files, load_model, save_model
-from unsloth_core.data import (
-    PreferenceExample,
-    epoch_order,
-    load_examples,
-    pack,
-    tokenize_preference,
-    tokenize_sft,
-)
+from unsloth_core.data import epoch_order
 from unsloth_core.lora import LoRAConfig, inject, write_adapter_files
+from unsloth_core.method import Method, method_for
 from unsloth_core.model import Llama
 from unsloth_core.tokenizer import Tokenizer
 from unsloth_core.trainer import Callbacks, TrainArgs, Trainer, TrainResult, resolve_dtype
@@ -43,32 +37,24 @@ def default_device() -> torch.device:
 
 
 def prepare_datasets(tokenizer: Tokenizer, args: TrainArgs, train_file: str | Path,
-                     validation_file: str | Path | None = None) -> Datasets:
-    """Validate (every bad line reported at once, see data.validation), tokenize, split and pack."""
-    purpose: Literal["sft", "dpo"] = args.method
-    examples = load_examples(train_file, purpose=purpose, tokenizer=tokenizer, max_seq_length=args.max_seq_length)
+                     validation_file: str | Path | None = None, method: Method | None = None) -> Datasets:
+    """Validate (every bad line reported at once, see data.validation), tokenize, split and pack, as the method
+    (default: the one args.method names) reads its data."""
+    method = method or method_for(args)
+    examples = method.load(train_file, tokenizer, args)
     held_out: Sequence[Any] = []
     if validation_file is not None:
-        held_out = load_examples(validation_file, purpose=purpose, tokenizer=tokenizer,
-                                 max_seq_length=args.max_seq_length, role="validation")
+        held_out = method.load(validation_file, tokenizer, args, role="validation")
     elif args.validation_split > 0 and len(examples) > 1:
         order = epoch_order(len(examples), args.seed, -1)  # epoch -1: a split independent of training order
         n_eval = max(1, int(len(examples) * args.validation_split))
         held_out = [examples[i] for i in order[:n_eval]]
         examples = [examples[i] for i in order[n_eval:]]
-    train, evaluation = (tokenize(examples, tokenizer, args), tokenize(held_out, tokenizer, args))
+    train, evaluation = method.tokenize(examples, tokenizer, args), method.tokenize(held_out, tokenizer, args)
     n_truncated = sum(x.truncated for x in train)
-    n_tokens = sum(sum(len(ids) for ids in x) if args.method == "dpo" else len(x) for x in train)
-    if args.packing and args.method == "sft":
-        train, evaluation = pack(train, args.max_seq_length), pack(evaluation, args.max_seq_length)
+    n_tokens = sum(method.n_tokens(x) for x in train)
+    train, evaluation = method.finalize(train, args), method.finalize(evaluation, args)
     return Datasets(train, evaluation, len(examples), n_truncated, n_tokens)
-
-
-def tokenize(examples: Sequence[Any], tokenizer: Tokenizer, args: TrainArgs) -> list[Any]:
-    if args.method == "dpo":
-        return [tokenize_preference(e, tokenizer, args.max_seq_length) for e in examples
-                if isinstance(e, PreferenceExample)]
-    return [tokenize_sft(e, tokenizer, args.max_seq_length, args.train_on_inputs) for e in examples]
 
 
 def load_base(model_path: str | Path, device: torch.device | None = None, load_in_4bit: bool = False,
@@ -84,11 +70,14 @@ def load_base(model_path: str | Path, device: torch.device | None = None, load_i
 
 def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lora: LoRAConfig | None,
              validation_file: str | Path | None = None, callbacks: Callbacks | None = None,
-             resume: str | Path | None = "latest", device: torch.device | None = None) -> tuple[TrainResult, Path]:
+             resume: str | Path | None = "latest", device: torch.device | None = None,
+             method: Method | None = None) -> tuple[TrainResult, Path]:
     """Train and write `<output_dir>/final` (a PEFT adapter, or a full model when `lora` is None).
 
-    `lora` None trains every weight. Returns the trainer's result and the final directory, which is written only
-    when training ran to its end (after a cancel or pause, the result's checkpoint is where to resume from).
+    `lora` None trains every weight. `method` None: the one `args.method` names; GRPO is given as an object, since
+    its reward functions are code (`rl.grpo.GRPO(reward_funcs, GRPOArgs(...))`, with `args.method="grpo"`).
+    Returns the trainer's result and the final directory, which is written only when training ran to its end
+    (after a cancel or pause, the result's checkpoint is where to resume from).
     """
     if lora is None and args.load_in_4bit:
         raise ValueError("load_in_4bit trains LoRA adapters on a frozen 4-bit base; full fine-tuning needs the "
@@ -98,7 +87,8 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
     # casts it); weights that train are fp32 masters, so full fine-tuning loads fp32.
     dtype = resolve_dtype(args.dtype, device) if lora is not None else torch.float32
     model, tokenizer = load_base(model_path, device, args.load_in_4bit, dtype)
-    data = prepare_datasets(tokenizer, args, train_file, validation_file)
+    method = method or method_for(args)
+    data = prepare_datasets(tokenizer, args, train_file, validation_file, method)
     base_name = str(model_path)
     if lora is not None:
         inject(model, lora, seed=args.seed)
@@ -110,7 +100,7 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
         tokenizer.save_pretrained(tokenizer_dir)
     artifacts = {name: tokenizer_dir / name for name in TOKENIZER_FILES}
     trainer = Trainer(model, args, data.train, data.eval, callbacks, pad_id=tokenizer.pad_token_id or 0,
-                      artifact_files=artifacts, base_model=base_name)
+                      artifact_files=artifacts, base_model=base_name, method=method)
     result = trainer.train(resume_from=resume)
     final = output / FINAL_DIR
     if result.status in ("completed", "early_stopped"):

@@ -2,7 +2,8 @@
 
 A checkpoint directory is a servable artifact first (a PEFT adapter, or a full HF model directory) plus the state
 to continue training: `optimizer.safetensors` (AdamW moments, flattened by parameter name), `rng.safetensors`
-(torch CPU/CUDA generator states), and `trainer_state.json` (step, data position, Python RNG, metric history).
+(torch CPU/CUDA generator states), `trainer_state.json` (step, data position, Python RNG, metric history), and
+`method_state.safetensors` where the training method keeps state of its own (GRPO's rollout between iterations).
 It is written atomically with a manifest last (see checkpoint.atomic_directory); a directory without a complete
 manifest is torn and never resumed from.
 """
@@ -24,11 +25,13 @@ from safetensors.torch import load_file, save_file
 from unsloth_core.checkpoint import atomic_directory, is_complete, save_state_dict
 from unsloth_core.errors import ModelFormatError
 from unsloth_core.lora import ADAPTER_CONFIG, load_adapter_weights, write_adapter_files
+from unsloth_core.method import MethodState
 from unsloth_core.model import Llama
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
+METHOD_STATE_FILE = "method_state.safetensors"  # tensors, and JSON data in the file's metadata under "state"
 CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -79,7 +82,8 @@ def remove_torn(directory: str | Path) -> list[Path]:
 
 
 def save_checkpoint(directory: Path, model: Llama, optimizer: torch.optim.Optimizer, state: TrainerState,
-                    extra_files: Mapping[str, Path] | None = None, base_model: str | None = None) -> Path:
+                    extra_files: Mapping[str, Path] | None = None, base_model: str | None = None,
+                    method_state: MethodState | None = None) -> Path:
     """Write the checkpoint for `state.step` under `directory` atomically and return its path."""
     final = directory / checkpoint_name(state.step)
     with atomic_directory(final, manifest={"step": state.step}) as tmp:
@@ -91,6 +95,10 @@ def save_checkpoint(directory: Path, model: Llama, optimizer: torch.optim.Optimi
                              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}, tmp)
         save_file(optimizer_tensors(model, optimizer), str(tmp / OPTIMIZER_FILE))
         save_file(rng_tensors(), str(tmp / RNG_FILE))
+        if method_state is not None:
+            tensors, data = method_state
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / METHOD_STATE_FILE),
+                      metadata={"state": json.dumps(data)})
         trainer_state = {**asdict(state), "python_rng": _python_rng_state(),
                          "optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
                                               for g in optimizer.param_groups]}
@@ -119,6 +127,18 @@ def load_checkpoint(path: Path, model: Llama, optimizer: torch.optim.Optimizer) 
         group.update(saved)
     restore_rng(load_file(str(path / RNG_FILE)), data.pop("python_rng"))
     return TrainerState(**data)
+
+
+def load_method_state(path: Path) -> MethodState | None:
+    """The training method's own state in a checkpoint (tensors on the CPU), None when it kept none."""
+    file = path / METHOD_STATE_FILE
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        data = json.loads((f.metadata() or {}).get("state", "{}"))
+    return load_file(str(file)), data
 
 
 # ---- optimizer state as named tensors ----

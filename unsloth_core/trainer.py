@@ -1,8 +1,8 @@
-"""The training loop (SFT and DPO), its arguments, and the hooks a driver (CLI, Celery worker) plugs into.
+"""The training loop every method shares, its arguments, and the hooks a driver (CLI, Celery worker) plugs into.
 
-The loop reads as the algorithm: lr for this step, gradient-accumulation micro-steps whose summed token losses are
-divided by the number of target tokens in the whole window (so micro batch 4 x 1 equals 1 x 4), clip, step,
-zero_grad, then logging, evaluation and checkpointing as calls at the edges.
+The loop reads as the algorithm: lr for this step, one accumulation window's forward and backward (the method's:
+SFT in sft_method.py, DPO and GRPO in rl/), clip, step, zero_grad, then logging, evaluation and checkpointing as
+calls at the edges. What a method is and owns: method.py.
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
 
 from unsloth_core.checkpoint import parse_dtype
-from unsloth_core.data import IGNORE_INDEX, collate, collate_preference, iter_batches, num_batches
+from unsloth_core.data import iter_batches, num_batches
+from unsloth_core.method import METHODS, Method, method_for
 from unsloth_core.model import Llama
 from unsloth_core.train_checkpoint import (
     TrainerState,
     list_checkpoints,
     load_checkpoint,
+    load_method_state,
     prune_checkpoints,
     remove_torn,
     save_checkpoint,
@@ -39,10 +40,10 @@ class TrainArgs:
     """Everything that shapes a training run. Defaults follow Unsloth's notebooks where they have one."""
 
     output_dir: str = "outputs"
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo", "grpo"] = "sft"  # grpo: give the Trainer its method (rl.grpo.GRPO)
     num_epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides num_epochs when set
-    micro_batch_size: int = 2
+    micro_batch_size: int = 2  # rows per micro-batch: examples, preference pairs, or GRPO's completions
     gradient_accumulation_steps: int = 4
     learning_rate: float = 2e-4
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -79,7 +80,7 @@ class TrainArgs:
             (0 <= self.validation_split < 1, "validation_split must be in [0, 1)"),
             (self.beta > 0, "beta must be positive"),
             (self.logging_steps >= 1, "logging_steps must be at least 1"),
-            (self.method in ("sft", "dpo"), "method must be 'sft' or 'dpo'"),
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
             (isinstance(self.load_in_4bit, bool), "load_in_4bit must be true or false"),
             (self.lr_scheduler in ("linear", "cosine", "constant"), "lr_scheduler must be linear, cosine or constant"),
         ]
@@ -122,6 +123,13 @@ class Callbacks(Protocol):
     def should_stop(self) -> StopRequest: ...
 
 
+@runtime_checkable
+class RolloutCallbacks(Protocol):
+    """Callbacks that also take an RL method's sampled rollouts (opt-in: a driver without it is never called)."""
+
+    def on_rollouts(self, step: int, rollouts: list[dict[str, Any]]) -> None: ...
+
+
 class TrainerCallbacks:
     """No-op callbacks; override what you need."""
 
@@ -133,6 +141,9 @@ class TrainerCallbacks:
 
     def on_epoch_end(self, epoch: int) -> None:
         pass
+
+    def on_rollouts(self, step: int, rollouts: list[dict[str, Any]]) -> None:
+        """RL methods: a few sampled rollouts of the step about to be logged (see rl.grpo.GRPO for the shape)."""
 
     def should_stop(self) -> StopRequest:
         return None
@@ -150,16 +161,21 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains `model` (LoRA-adapted or fully trainable) on tokenized examples.
+    """Trains `model` (LoRA-adapted or fully trainable) with a method on its training items.
 
-    `train_data` holds `TokenizedExample`/`PackedRow`s for SFT, `TokenizedPreference`s for DPO.
+    `train_data` holds what the method's `tokenize` makes: `TokenizedExample`/`PackedRow`s for SFT,
+    `TokenizedPreference`s for DPO, `PromptExample`s for GRPO. `method` None: the one `args.method` names (GRPO
+    needs its reward functions, so it is always given).
     """
 
     def __init__(self, model: Llama, args: TrainArgs, train_data: Sequence[Any], eval_data: Sequence[Any] = (),
                  callbacks: Callbacks | None = None, pad_id: int = 0, artifact_files: dict[str, Path] | None = None,
-                 base_model: str | None = None) -> None:
+                 base_model: str | None = None, method: Method | None = None) -> None:
         if not train_data:
             raise ValueError("no training examples")
+        self.method = method or method_for(args)
+        if self.method.name != args.method:
+            raise ValueError(f"args.method is {args.method!r} but the method given is {self.method.name!r}")
         self.model, self.args = model, args
         self.train_data, self.eval_data = list(train_data), list(eval_data)
         self.callbacks: Callbacks = callbacks or TrainerCallbacks()
@@ -168,18 +184,18 @@ class Trainer:
         self.compute_dtype = resolve_dtype(args.dtype, self.device)
         self.output_dir = Path(args.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.batches_per_epoch = num_batches(len(self.train_data), args.micro_batch_size)
+        self.batch_items, self.batches_per_window = self.method.batch_shape(args)
+        self.batches_per_epoch = num_batches(len(self.train_data), self.batch_items)
         if args.max_steps:
             self.total_steps = args.max_steps
         else:
-            self.total_steps = max(1, math.ceil(self.batches_per_epoch * args.num_epochs /
-                                                args.gradient_accumulation_steps))
+            windows = max(1, math.ceil(self.batches_per_epoch * args.num_epochs / self.batches_per_window))
+            self.total_steps = windows * self.method.steps_per_window
         self.warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio *
                                                                                   self.total_steps)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (apply LoRA, or unfreeze for full fine-tuning)")
-        self.reference: Llama | None = None  # DPO without LoRA compares against a frozen copy
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=args.adam_betas,
                                            weight_decay=args.weight_decay)
         self.state = TrainerState()
@@ -200,7 +216,7 @@ class Trainer:
             lr = lr_at(s.step, self.total_steps, self.warmup, a.learning_rate, a.lr_scheduler)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            window = next(window_stream)
+            window = next(window_stream) if self.method.needs_window(s.step) else None
             metrics = self._train_window(window)
             grad_norm = self._clip()
             self.optimizer.step()
@@ -218,55 +234,10 @@ class Trainer:
                 self._checkpoint()
         return self._finish("completed")
 
-    def _train_window(self, window: list[dict[str, Tensor]]) -> dict[str, Any]:
+    def _train_window(self, window: list[Any] | None) -> dict[str, Any]:
         """One optimizer step's worth of micro-batches; gradients are left in .grad."""
         self.model.train()
-        if self.args.method == "dpo":
-            return self._dpo_window(window)
-        # The counts come from the host copies (see _collate), and the sums are read back once at the window's end:
-        # a read after each micro-batch's backward would leave a GPU idle while the host queues the next forward.
-        counts = [(int(mb["n_targets"]), int(mb["n_tokens"])) for mb in window]
-        n_targets = sum(targets for targets, _ in counts)
-        track = (self.state.step + 1) % self.args.logging_steps == 0  # accuracy (an argmax): log steps only
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for mb in window:
-            with self._autocast():
-                # No attention mask: batches are right-padded, so causal attention is exact for the real tokens.
-                out = self.model(mb["input_ids"], position_ids=self._positions(mb), labels=mb["labels"],
-                                 return_logits=False, accuracy=track)
-            assert out.loss_sum is not None
-            (out.loss_sum / max(n_targets, 1)).backward()
-            loss_sum += out.loss_sum.detach()
-            if out.n_correct is not None:
-                correct += out.n_correct
-        self.state.tokens_seen += sum(tokens for _, tokens in counts)
-        self.state.trained_tokens += n_targets
-        metrics: dict[str, Any] = {"loss": float(loss_sum) / max(n_targets, 1)}
-        if track:
-            metrics["mean_token_accuracy"] = int(correct) / max(n_targets, 1)
-        return metrics
-
-    def _positions(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """Packed rows' own positions; None for plain right-padded rows, whose positions are 0..T-1 anyway. The
-        model looks for packed samples (a position 0 after the start) only when given positions: on a GPU that
-        look is a host sync per micro-batch."""
-        return batch["position_ids"] if self.args.packing else None
-
-    def _dpo_window(self, window: list[dict[str, Tensor]]) -> dict[str, Any]:
-        from unsloth_core.rl.dpo import dpo_step
-
-        pairs = sum(mb["input_ids"].size(0) // 2 for mb in window)
-        totals: dict[str, float] = {}
-        for mb in window:
-            with self._autocast():
-                loss, m = dpo_step(self.model, mb, self.args.beta, self.reference)
-            (loss * (mb["input_ids"].size(0) // 2) / pairs).backward()
-            for k, v in m.items():
-                totals[k] = totals.get(k, 0.0) + v * (mb["input_ids"].size(0) // 2)
-            self.state.tokens_seen += int(mb["n_tokens"])
-            self.state.trained_tokens += int(mb["n_targets"])
-        return {k: v / pairs for k, v in totals.items()}
+        return self.method.train_window(self, window)
 
     def _clip(self) -> float:
         if self.args.max_grad_norm is None:
@@ -276,16 +247,16 @@ class Trainer:
 
     # ---- data ----
 
-    def _windows(self) -> Iterator[list[dict[str, Tensor]]]:
-        """Micro-batches grouped by accumulation window, continuing across epochs from the recorded position."""
-        window: list[dict[str, Tensor]] = []
+    def _windows(self) -> Iterator[list[Any]]:
+        """Data batches grouped by accumulation window, continuing across epochs from the recorded position."""
+        window: list[Any] = []
         while True:
             s = self.state
-            for items in iter_batches(self.train_data, self.args.micro_batch_size, seed=self.args.seed,
+            for items in iter_batches(self.train_data, self.batch_items, seed=self.args.seed,
                                       epoch=s.epoch, start=s.batch_in_epoch):
                 s.batch_in_epoch += 1
-                window.append(self._collate(items))
-                if len(window) == self.args.gradient_accumulation_steps:
+                window.append(self.method.collate(self, items))
+                if len(window) == self.batches_per_window:
                     yield window
                     window = []
             self.callbacks.on_epoch_end(s.epoch)
@@ -293,17 +264,6 @@ class Trainer:
             if window and s.epoch >= math.ceil(self.args.num_epochs) and not self.args.max_steps:
                 yield window  # the short last window of the run
                 window = []
-
-    def _collate(self, items: list[Any]) -> dict[str, Tensor]:
-        """The micro-batch on the device, plus its token counts ("n_tokens", "n_targets") kept on the host, where
-        reading them costs no device sync. To a GPU the tensors go from pinned memory without blocking the host."""
-        fn = collate_preference if self.args.method == "dpo" else collate
-        batch = fn(items, self.pad_id)
-        cuda = self.device.type == "cuda"
-        out = {k: (v.pin_memory() if cuda else v).to(self.device, non_blocking=cuda) for k, v in batch.items()}
-        out["n_tokens"] = batch["attention_mask"].sum()
-        out["n_targets"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        return out
 
     # ---- evaluation ----
 
@@ -315,39 +275,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
         self.model.eval()
-        loss_sum, n, correct = 0.0, 0, 0
-        metrics: dict[str, float] = {}
-        for items in iter_batches(self.eval_data, self.args.micro_batch_size, seed=0, epoch=0, shuffle=False):
-            batch = self._collate(items)
-            if self.args.method == "dpo":
-                from unsloth_core.rl.dpo import dpo_step
-
-                with self._autocast():
-                    loss, m = dpo_step(self.model, batch, self.args.beta, self.reference)
-                pairs = batch["input_ids"].size(0) // 2
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + v * pairs
-                loss_sum, n = loss_sum + float(loss) * pairs, n + pairs
-                continue
-            with self._autocast():
-                out = self.model(batch["input_ids"], position_ids=self._positions(batch), labels=batch["labels"],
-                                 return_logits=False, accuracy=True)
-            assert out.loss_sum is not None and out.n_tokens is not None
-            loss_sum, n = loss_sum + float(out.loss_sum), n + int(out.n_tokens)
-            correct += int(out.n_correct) if out.n_correct is not None else 0
-        result = {"eval_loss": loss_sum / max(n, 1)}
-        if self.args.method == "dpo":
-            result.update({f"eval_{k}": v / max(n, 1) for k, v in metrics.items()})
-        else:
-            result["eval_mean_token_accuracy"] = correct / max(n, 1)
-        return result
+        try:
+            return self.method.evaluate(self)
+        finally:
+            self.model.train(was_training)
 
     def _evaluate(self) -> None:
         metrics = self.evaluate()
-        s = self.state
-        if s.best_eval_loss is None or metrics["eval_loss"] < s.best_eval_loss:
-            s.best_eval_loss, s.evals_without_improvement = metrics["eval_loss"], 0
+        s, score = self.state, self.method.eval_score(metrics)
+        if s.best_eval_loss is None or score < s.best_eval_loss:
+            s.best_eval_loss, s.evals_without_improvement = score, 0
         else:
             s.evals_without_improvement += 1
         self._log(metrics)
@@ -367,12 +306,10 @@ class Trainer:
             elif not p.requires_grad and self.compute_dtype != torch.float32:
                 p.data = p.data.to(self.compute_dtype)  # frozen ones in the compute dtype; autocast does the matmuls
         self.model.gradient_checkpointing = self.args.gradient_checkpointing
-        if self.args.method == "dpo" and self.model.lora_config is None and self.reference is None:
-            import copy
+        self.method.setup(self)
 
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-
-    def _autocast(self) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
+        """The compute dtype's autocast (off in fp32), for the methods' forwards."""
         enabled = self.compute_dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
 
@@ -384,11 +321,12 @@ class Trainer:
         if resume_from is None:
             return
         self.state = load_checkpoint(Path(resume_from), self.model, self.optimizer)
+        self.method.load_state_dict(load_method_state(Path(resume_from)))
         self.last_checkpoint = Path(resume_from)
 
     def _checkpoint(self) -> Path:
         path = save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.state, self.artifact_files,
-                               self.base_model)
+                               self.base_model, method_state=self.method.state_dict())
         self.last_checkpoint = path
         prune_checkpoints(self.checkpoint_dir, self.args.save_total_limit, protect=path)
         last = self.state.log_history[-1] if self.state.log_history else {}

@@ -7,13 +7,30 @@ second copy of the weights), or a frozen copy when training all weights.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unsloth_core.data import (
+    PreferenceExample,
+    collate_preference,
+    iter_batches,
+    load_examples,
+    tokenize_preference,
+)
 from unsloth_core.kernels import IGNORE_INDEX
 from unsloth_core.lora import disable_adapters
+from unsloth_core.method import Method, to_device
 from unsloth_core.model import Llama
+
+if TYPE_CHECKING:
+    from unsloth_core.tokenizer import Tokenizer
+    from unsloth_core.trainer import TrainArgs, Trainer
 
 
 def sequence_logps(model: Llama, batch: dict[str, Tensor]) -> Tensor:
@@ -56,3 +73,71 @@ def dpo_step(model: Llama, batch: dict[str, Tensor], beta: float, reference: Lla
             with disable_adapters(model):
                 ref = sequence_logps(model, batch)
     return dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta)
+
+
+class DPO(Method):
+    """DPO as a training method: preference pairs in, the sigmoid loss averaged over the window's pairs."""
+
+    name = "dpo"
+
+    def __init__(self, beta: float = 0.1) -> None:
+        self.beta = beta
+        self.reference: Llama | None = None  # a frozen copy, when training all weights (no adapters to disable)
+
+    @classmethod
+    def from_args(cls, args: TrainArgs) -> DPO:
+        return cls(beta=args.beta)
+
+    # ---- data ----
+
+    def load(self, source: str | Path, tokenizer: Tokenizer, args: TrainArgs, role: str = "training") -> list[Any]:
+        return load_examples(source, purpose="dpo", tokenizer=tokenizer, max_seq_length=args.max_seq_length,
+                             role=role)
+
+    def tokenize(self, examples: Sequence[Any], tokenizer: Tokenizer, args: TrainArgs) -> list[Any]:
+        return [tokenize_preference(e, tokenizer, args.max_seq_length) for e in examples
+                if isinstance(e, PreferenceExample)]
+
+    def n_tokens(self, item: Any) -> int:
+        return sum(len(ids) for ids in item)
+
+    # ---- training ----
+
+    def setup(self, trainer: Trainer) -> None:
+        if trainer.model.lora_config is None and self.reference is None:
+            self.reference = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+
+    def collate(self, trainer: Trainer, items: list[Any]) -> dict[str, Tensor]:
+        batch = collate_preference(items, trainer.pad_id)
+        out = to_device(batch, trainer.device)
+        out["n_tokens"] = batch["attention_mask"].sum()
+        out["n_targets"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return out
+
+    def train_window(self, trainer: Trainer, window: list[Any] | None) -> dict[str, Any]:
+        assert window is not None
+        pairs = sum(mb["input_ids"].size(0) // 2 for mb in window)
+        totals: dict[str, float] = {}
+        for mb in window:
+            n = mb["input_ids"].size(0) // 2
+            with trainer.autocast():
+                loss, m = dpo_step(trainer.model, mb, self.beta, self.reference)
+            (loss * n / pairs).backward()
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+            trainer.state.tokens_seen += int(mb["n_tokens"])
+            trainer.state.trained_tokens += int(mb["n_targets"])
+        return {k: v / pairs for k, v in totals.items()}
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        loss_sum, n = 0.0, 0
+        for items in iter_batches(trainer.eval_data, trainer.args.micro_batch_size, seed=0, epoch=0, shuffle=False):
+            batch = self.collate(trainer, items)
+            with trainer.autocast():
+                loss, m = dpo_step(trainer.model, batch, self.beta, self.reference)
+            pairs = batch["input_ids"].size(0) // 2
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v * pairs
+            loss_sum, n = loss_sum + float(loss) * pairs, n + pairs
+        return {"eval_loss": loss_sum / max(n, 1), **{f"eval_{k}": v / max(n, 1) for k, v in totals.items()}}
