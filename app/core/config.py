@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_files_per_key: int = Field(10_000, ge=1)
     max_file_bytes_per_key: int = Field(100 * 2**30, ge=1)
     max_active_jobs_per_key: int = Field(100, ge=1)  # queued, running or paused
+    max_active_exports_per_key: int = Field(4, ge=1)  # queued or running (429 too_many_active_exports)
+    max_exports_per_key: int = Field(100, ge=1)  # kept (not deleted), whatever their status (429 insufficient_quota)
     # Requests per API key per window (a minute), per route family (0: none); past one, 429 rate_limit_exceeded.
     # Far above what a person or a polling script sends, and 6x or more what the project's fuzzers and CI load test
     # sent with one key in their busiest minute on 2 cores (files 354, fine_tuning 1749, models 94, completions 684):
@@ -168,6 +170,10 @@ class Settings(BaseSettings):
         return self.data_dir / "jobs"
 
     @cached_property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    @cached_property
     def api_key_file(self) -> Path:
         return self.data_dir / "api_key"
 
@@ -186,7 +192,7 @@ class Settings(BaseSettings):
                 self.data_dir.mkdir()
             except OSError as e:
                 raise SettingsError(f"{ENV_PREFIX}DATA_DIR={self.data_dir}: cannot create it ({e.strerror})") from None
-        for d in (self.models_dir, self.files_dir, self.jobs_dir):
+        for d in (self.models_dir, self.files_dir, self.jobs_dir, self.exports_dir):
             try:
                 d.mkdir(exist_ok=True)
             except OSError as e:

@@ -13,6 +13,10 @@ FULL = (errno.ENOSPC, errno.EDQUOT)
 # Rust libraries (safetensors, tokenizers) raise their own exception types; the OS error is in the message.
 FULL_IN_MESSAGE = re.compile(rf"\(os error ({'|'.join(str(n) for n in FULL)})\)")
 PG_DISK_FULL = "53100"  # SQLSTATE disk_full: "could not extend file ...: No space left on device"
+# numpy's `ndarray.tofile` (the gguf package writes a GGUF's tensors with it) reports a short write as an OSError
+# without an errno: "20480 requested and 6384 written". Writing a regular file, that only happens when the disk (or a
+# quota) has no room left.
+SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
 
 
 def is_storage_full(error: BaseException) -> bool:
@@ -28,7 +32,7 @@ def is_storage_full(error: BaseException) -> bool:
 
 def _full(error: BaseException) -> bool:
     if isinstance(error, OSError):
-        return error.errno in FULL
+        return error.errno in FULL or (error.errno is None and bool(SHORT_WRITE.match(str(error))))
     if isinstance(error, sqlite3.Error):  # the primary code: SQLITE_FULL has no extended codes today, but may
         return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
     if getattr(error, "sqlstate", None) == PG_DISK_FULL:  # psycopg's errors, without importing psycopg here

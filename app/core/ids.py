@@ -31,5 +31,5 @@ def id_floor(prefix: str, ms: int) -> str:
     return f"{prefix}{max(ms, 0):012x}"
 
 
-FILE, JOB, EVENT, CHECKPOINT, KEY = "file-", "ftjob-", "ft-event-", "ftckpt_", "key_"
+FILE, JOB, EVENT, CHECKPOINT, KEY, EXPORT = "file-", "ftjob-", "ft-event-", "ftckpt_", "key_", "export-"
 COMPLETION, CHAT_COMPLETION = "cmpl-", "chatcmpl-"

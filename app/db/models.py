@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, utcnow
@@ -34,6 +34,9 @@ TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 FILE_STATUSES = ("uploaded", "processed", "error")
 MODEL_KINDS = ("base", "fine_tune", "checkpoint")
 STOP_REQUESTS = ("cancel", "pause", "preempt")
+# A file's size: 64-bit (an exported GGUF is gigabytes; PostgreSQL's INTEGER stops at 2 GiB). SQLite's INTEGER is
+# 64-bit already, and stays as it was created.
+FILE_BYTES = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -68,7 +71,7 @@ class File(Base):
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
     filename: Mapped[str] = mapped_column(String(255))  # the client's name: a label, never a path
     purpose: Mapped[str] = mapped_column(String(32))
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(FILE_BYTES)
     status: Mapped[str] = mapped_column(String(16))
     status_details: Mapped[str | None] = mapped_column(Text)
     validation: Mapped[dict[str, Any] | None]  # unsloth_core ValidationReport.to_dict(), its errors capped
@@ -181,4 +184,57 @@ class Model(Base):
     checkpoint_id: Mapped[str | None] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(512))  # model or adapter dir, relative to the data dir
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None]
+
+
+class ExportStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+EXPORT_STATUSES = tuple(s.value for s in ExportStatus)
+EXPORT_FORMATS = ("gguf", "merged", "peft")
+
+
+class Export(Base):
+    """An export of a model (a fine-tune, a checkpoint or a base model) to GGUF, a merged Hugging Face directory or a
+    PEFT adapter, run by a worker. Its artifacts are `File` rows (purpose `export`), recorded in the transaction that
+    marks it succeeded. `attempt` fences the worker's writes as a job's does."""
+
+    __tablename__ = "exports"
+    __table_args__ = (
+        CheckConstraint(_in("status", EXPORT_STATUSES), name="status"),
+        CheckConstraint(_in("format", EXPORT_FORMATS), name="format"),
+        UniqueConstraint("owner_id", "idempotency_key"),
+        Index(None, "owner_id", "id"),
+        Index(None, "owner_id", "request_hash"),
+        Index(None, "status", "resend_at"),
+        Index(None, "status", "lease_expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str] = mapped_column(String(512))  # the model id exported, as the request named it
+    format: Mapped[str] = mapped_column(String(16))
+    quantization: Mapped[str | None] = mapped_column(String(16))  # the GGUF type, or a merged model's dtype
+    ollama: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(16))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)  # lease expiries recovered (capped)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None]
+    send_count: Mapped[int] = mapped_column(Integer, default=0)  # messages sent for this attempt
+    resend_at: Mapped[datetime | None]  # when the re-send loop may send it again
+    result_files: Mapped[list[Any] | None]  # file ids: the artifact first, then the Modelfile
+    verification: Mapped[dict[str, Any] | None]  # what the read-back check compared and measured
+    error: Mapped[dict[str, Any] | None]  # {"code", "message", "param"}
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]

@@ -6,6 +6,8 @@
                                                       `.pull-<name>` while one downloads)
 <data dir>/jobs/<job id>/attempt-<n>/                 what one attempt of a job writes:
     checkpoints/step-<N>/  final/  tokenizer/
+<data dir>/exports/<export id>/attempt-<n>/           what one attempt of an export writes: gguf/ (the engine's
+    atomic directory: model.<TYPE>.gguf, Modelfile, verification.json), or <name>.tar (a merged or PEFT directory)
 <data dir>/celerybeat-schedule                        the housekeeping worker's beat schedule
 ```
 
@@ -50,19 +52,20 @@ def file_relative(file_id: str) -> Path:
 
 
 def file_content(settings: Settings, relative: str) -> Path:
-    """Where a file row's bytes are, resolved. A path that resolves outside the files dir (a symlink planted there)
-    raises FileNotFoundError, as if the bytes were gone."""
+    """Where a file row's bytes are, resolved: an upload in the files dir, or an export's artifact in the exports
+    dir. A path that resolves outside both (a symlink planted there) raises FileNotFoundError, as if the bytes were
+    gone."""
     path = (settings.data_dir / relative).resolve()
-    if not _inside(path, settings.files_dir):
-        log.error("the content path %s leads outside the files dir; refusing it", path)
-        raise FileNotFoundError(errno.ENOENT, "file content outside the files dir", str(path))
+    if not (_inside(path, settings.files_dir) or _inside(path, settings.exports_dir)):
+        log.error("the content path %s leads outside the files and exports dirs; refusing it", path)
+        raise FileNotFoundError(errno.ENOENT, "file content outside the files and exports dirs", str(path))
     return path
 
 
 def remove_file_entry(settings: Settings, relative: str) -> None:
     """Delete a stored file's directory entry: the entry itself, so a planted symlink goes, never its target."""
     entry = settings.data_dir / relative
-    if entry.parent == settings.files_dir:
+    if entry.parent == settings.files_dir or (entry.parent.is_dir() and _inside(entry.parent, settings.exports_dir)):
         entry.unlink(missing_ok=True)
 
 
@@ -122,8 +125,12 @@ def attempt_dir(settings: Settings, job_id: str, attempt: int) -> Path:
 
 
 def _inside_jobs_dir(settings: Settings, path: Path) -> Path:
-    if (path.is_symlink() or path.exists()) and not _inside(path, settings.jobs_dir):
-        raise PermissionError(errno.EACCES, "the job's directory leads outside the data dir's jobs directory",
+    return _inside_dir(settings.jobs_dir, path)
+
+
+def _inside_dir(root: Path, path: Path) -> Path:
+    if (path.is_symlink() or path.exists()) and not _inside(path, root):
+        raise PermissionError(errno.EACCES, f"the directory leads outside the data dir's {root.name} directory",
                               str(path))
     return path
 
@@ -164,3 +171,44 @@ def remove_artifact(settings: Settings, relative: str) -> None:
     path = (settings.data_dir / relative).resolve()
     if _inside(path, settings.jobs_dir) and path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- exports ----
+
+
+def export_dir(settings: Settings, export_id: str) -> Path:
+    """`<data dir>/exports/<export id>`. Raises PermissionError when it leads out of the exports dir (a symlink
+    planted there)."""
+    return _inside_dir(settings.exports_dir, settings.exports_dir / export_id)
+
+
+def export_attempt_dir(settings: Settings, export_id: str, attempt: int) -> Path:
+    """Where one attempt of an export writes: a worker whose lease was taken over never touches the files of the
+    attempt that replaced it. Raises PermissionError as `export_dir` does."""
+    return _inside_dir(settings.exports_dir, export_dir(settings, export_id) / f"attempt-{attempt}")
+
+
+def export_relative(settings: Settings, path: Path) -> str:
+    """An export's artifact, as its file row records it. Raises ValueError for one outside the exports dir."""
+    path = path.resolve()
+    if not _inside(path, settings.exports_dir):
+        raise ValueError(f"{path} is not inside the exports dir {settings.exports_dir}")
+    return str(path.relative_to(settings.data_dir.resolve()))
+
+
+def remove_export_dir(settings: Settings, export_id: str, keep: Path | None = None) -> None:
+    """Delete what an export wrote (every attempt's directory but `keep`), only ever inside the exports dir."""
+    try:
+        root = export_dir(settings, export_id)
+    except PermissionError:
+        log.error("export %s: its directory leads outside the exports dir; not deleting through it", export_id)
+        return
+    if keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for entry in root.iterdir() if root.is_dir() else ():
+        if entry.resolve() != keep.resolve():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from app.db.base import Base
 from app.db.session import make_engine
 from tests.app.conftest import PG_ADMIN_URL
 
-TABLES = {"api_keys", "files", "jobs", "job_events", "checkpoints", "models"}
+TABLES = {"api_keys", "files", "jobs", "job_events", "checkpoints", "models", "exports"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -79,5 +79,25 @@ def test_files_stored_before_0002_get_their_summaries(database_url: str) -> None
 
             summary = json.loads(summary)
         assert summary == {"ok": False, "n_errors": 2, "error_counts": {"invalid_json": 2}}
+    finally:
+        engine.dispose()
+
+
+def test_a_file_row_holds_a_size_past_2_gib(database_url: str) -> None:
+    """0004: an exported GGUF is gigabytes; PostgreSQL's INTEGER stopped at 2 GiB (SQLite's is 64-bit already)."""
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    try:
+        migrate.upgrade(database_url)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (id, name, prefix, key_hash, is_admin, source, created_at) "
+                              "VALUES ('k1', 'k', 'sk-', 'h', false, 'cli', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO files (id, owner_id, filename, purpose, bytes, status, path, sha256, "
+                              "created_at) VALUES ('file-1', 'k1', 'model.F16.gguf', 'export', :n, 'processed', "
+                              "'exports/e/attempt-0/gguf/model.F16.gguf', 'x', CURRENT_TIMESTAMP)"),
+                         {"n": 16 * 2**30})
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT bytes FROM files")).scalar_one() == 16 * 2**30
     finally:
         engine.dispose()
