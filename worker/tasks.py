@@ -1,6 +1,6 @@
-"""The Celery tasks: thin. Ids in, the work done by `worker.training` and `app.services`, status in the database.
-No result is stored (the job row is the result), nothing is retried by Celery (a dead attempt is recovered by the
-reaper, with an attempt cap, from the database)."""
+"""The Celery tasks: thin. Ids in, the work done by `worker.training`, `worker.exporting` and `app.services`, status
+in the database. No result is stored (the row is the result), nothing is retried by Celery (a dead attempt is
+recovered by the reaper, with an attempt cap, from the database)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.worker.request import Request
 from celery.worker.state import task_ready
+from sqlalchemy.orm import Session
 
-from app.core.broker import PRUNE_TASK, REAP_TASK, RESEND_TASK, TRAIN_TASK
-from app.services import dispatch, lifecycle
-from worker import context, training
+from app.core.broker import EXPORT_TASK, PRUNE_TASK, REAP_TASK, RESEND_TASK, TRAIN_TASK
+from app.services import dispatch, export_lifecycle, lifecycle, storage
+from worker import context, exporting, training
 
 log = logging.getLogger("worker.tasks")
 
@@ -52,31 +53,46 @@ class TrainRequest(Request):
     process, which a training worker replaces after every task (a torch import, seconds, per dropped message).
     The pool process's claim stays the authority: when the database cannot be asked, the message goes on to it."""
 
+    kind = "job"
     _stale: bool | None = None
+
+    @staticmethod
+    def claimable(session: Session, object_id: str, attempt: int) -> bool:
+        return lifecycle.claimable(session=session, job_id=object_id, attempt=attempt)
 
     def revoked(self) -> bool:
         if super().revoked():
             return True
         if self._stale is None:
-            self._stale = _stale_delivery(*self.args[:2]) if len(self.args) >= 2 else False
+            self._stale = self._stale_delivery(*self.args[:2]) if len(self.args) >= 2 else False
         if self._stale:
             task_ready(self)
             self.acknowledge()
             return True
         return False
 
+    def _stale_delivery(self, object_id: str, attempt: int) -> bool:
+        try:
+            with context.current().sessions() as session:
+                stale = not self.claimable(session, object_id, int(attempt))
+        except Exception as e:  # the database is down: let the pool process try (and the re-sender cover a failure)
+            log.warning("%s %s attempt %s: cannot check the message is current (%s)", self.kind, object_id, attempt,
+                        type(e).__name__)
+            return False
+        if stale:
+            log.info("%s %s attempt %s: not queued with this attempt (a duplicate or stale message); dropped",
+                     self.kind, object_id, attempt)
+        return stale
 
-def _stale_delivery(job_id: str, attempt: int) -> bool:
-    try:
-        with context.current().sessions() as session:
-            stale = not lifecycle.claimable(session=session, job_id=job_id, attempt=int(attempt))
-    except Exception as e:  # the database is down: let the pool process try (and the re-sender cover a failure)
-        log.warning("job %s attempt %s: cannot check the message is current (%s)", job_id, attempt, type(e).__name__)
-        return False
-    if stale:
-        log.info("job %s attempt %s: not queued with this attempt (a duplicate or stale message); dropped", job_id,
-                 attempt)
-    return stale
+
+class ExportRequest(TrainRequest):
+    """An export message, dropped in the main process the same way when it can no longer claim its export."""
+
+    kind = "export"
+
+    @staticmethod
+    def claimable(session: Session, object_id: str, attempt: int) -> bool:
+        return export_lifecycle.claimable(session=session, export_id=object_id, attempt=attempt)
 
 
 @shared_task(name=TRAIN_TASK, bind=True, ignore_result=True, acks_late=True, Request=TrainRequest)
@@ -90,15 +106,34 @@ def train(self: Task, job_id: str, attempt: int) -> str:
     return outcome
 
 
+@shared_task(name=EXPORT_TASK, bind=True, ignore_result=True, acks_late=True, Request=ExportRequest)
+def export_model(self: Task, export_id: str, attempt: int) -> str:
+    if training.stopping.is_set():  # this worker is shutting down: give the message back for another one
+        raise Reject("the worker is shutting down", requeue=True)
+    outcome = exporting.run_export(context.current(), export_id, int(attempt), lease_owner(self.request.hostname))
+    log.info("export %s attempt %s: %s", export_id, attempt, outcome)
+    return outcome
+
+
 @shared_task(name=REAP_TASK, ignore_result=True)
 def reap_expired_leases() -> int:
-    """Requeue (or fail, past the cap) the jobs whose worker stopped renewing its lease, and send them again."""
+    """Requeue (or fail, past the cap) the jobs and exports whose worker stopped renewing its lease, and send them
+    again."""
     ctx = context.current()
     with ctx.sessions() as session:
         requeued = lifecycle.reap_expired(session=session, settings=ctx.settings)
         for job_id, attempt in requeued:
             dispatch.send_train(session=session, broker=ctx.broker, job_id=job_id, attempt=attempt)
-    return len(requeued)
+        return len(requeued) + reap_exports(session, ctx)
+
+
+def reap_exports(session: Session, ctx: context.WorkerContext) -> int:
+    requeued, ended = export_lifecycle.reap_expired(session=session, settings=ctx.settings)
+    for export_id, attempt in requeued:
+        dispatch.send_export(session=session, broker=ctx.broker, export_id=export_id, attempt=attempt)
+    for export_id in ended:  # failed or cancelled with a dead worker's files left: never recorded, never served
+        storage.remove_export_dir(ctx.settings, export_id)
+    return len(requeued) + len(ended)
 
 
 @shared_task(name=PRUNE_TASK, ignore_result=True)
@@ -110,7 +145,8 @@ def prune_broker() -> int:
 
 @shared_task(name=RESEND_TASK, ignore_result=True)
 def resend_unclaimed() -> int:
-    """Send the message again for queued jobs nobody claimed in time (the first one was lost)."""
+    """Send the message again for queued jobs and exports nobody claimed in time (the first one was lost)."""
     ctx = context.current()
     with ctx.sessions() as session:
-        return len(dispatch.resend_unclaimed(session=session, broker=ctx.broker))
+        return (len(dispatch.resend_unclaimed(session=session, broker=ctx.broker))
+                + len(dispatch.resend_unclaimed_exports(session=session, broker=ctx.broker)))

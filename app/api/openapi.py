@@ -19,7 +19,7 @@ ERROR_SCHEMA = {
 }
 DESCRIPTIONS = {"400": "Invalid request", "401": "Missing or wrong API key", "403": "Not allowed",
                 "404": "Not found (or another key's)", "409": "Changing state; retry", "413": "Body too large",
-                "422": "Idempotency-Key reused with another body",
+                "416": "Range not satisfiable (outside the file)", "422": "Idempotency-Key reused with another body",
                 "429": "Too many requests, generations or stored objects for this key; retry after",
                 "500": "Server error", "503": "Database or broker unavailable",
                 "507": "The server's storage is full; retry after"}
@@ -27,6 +27,9 @@ V1_ERRORS = ("400", "401", "404", "413", "429", "500", "503")  # 429: the key's 
 EXTRA: list[tuple[str, str, tuple[str, ...]]] = [  # (method, path pattern, statuses)
     ("post", r"^/v1/fine_tuning/jobs$", ("422",)),
     ("post", r"^/v1/fine_tuning/jobs/\{job_id\}/(cancel|pause|resume)$", ("409",)),
+    ("post", r"^/v1/exports$", ("422",)),
+    ("post", r"^/v1/exports/\{export_id\}/cancel$", ("409",)),
+    ("get", r"^/v1/files/\{file_id\}/content$", ("416",)),
     ("delete", r"^/v1/models/", ("403",)),
     ("get", r"^/ready$", ("503",)),
     # 507: a write meets a full disk (an upload's file, or any commit). Every POST and DELETE writes; of the GETs,
@@ -54,6 +57,8 @@ HEADERS = {
                                  "schema": {"type": "string"}}},
     "429": {"Retry-After": {"description": "Seconds to wait before retrying", "required": True,
                             "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+    "416": {"Content-Range": {"description": "bytes */<the file's size>", "required": True,
+                              "schema": {"type": "string", "pattern": "^bytes \\*/[0-9]+$"}}},
     "507": {"Retry-After": {"description": "Seconds to wait before retrying (once space is freed)", "required": True,
                             "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
 }

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Path, Query, Request, Response
+from fastapi import Header, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator
 from starlette.convertors import Convertor, register_url_convertor
@@ -82,3 +82,8 @@ PathId = Annotated[str, Path(json_schema_extra=_ID_SCHEMA), AfterValidator(check
 # An id-like query value (a cursor, a filter): compared with ids, never used as a name.
 QueryId = Annotated[str | None, Query(json_schema_extra=_ID_SCHEMA),
                     AfterValidator(lambda v: v if v is None else check_identifier(v))]
+
+# A create's de-duplication: the client's own key, or the openai SDK's retry count (a retry of the same body is the
+# same object).
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
+RetryCount = Annotated[int | None, Header(alias="x-stainless-retry-count", include_in_schema=False)]

@@ -4,8 +4,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-FilePurpose = Literal["fine-tune", "fine-tune-results", "assistants", "batch", "vision", "user_data", "evals"]
+FilePurpose = Literal["fine-tune", "fine-tune-results", "export", "assistants", "batch", "vision", "user_data",
+                      "evals"]
 UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
+EXPORT_PURPOSE = "export"  # an export's artifacts (a GGUF, a Modelfile, a .tar), written by a worker, never uploaded
 
 
 class FileObject(BaseModel):

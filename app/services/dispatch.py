@@ -1,4 +1,5 @@
-"""Sending train messages: always after the job row is committed, and again for queued jobs whose message was lost.
+"""Sending train (and export) messages: always after the row is committed, and again for queued jobs (and exports)
+whose message was lost.
 
 The message is only a wake-up call carrying `(job_id, attempt)`; the worker's conditional claim makes duplicates
 harmless, so re-sending is safe. Re-sends back off exponentially (`resend_after_s`, doubling, capped at
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.core.broker import Broker
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Job, JobStatus
+from app.db.models import Export, ExportStatus, Job, JobStatus
 
 log = logging.getLogger("app.dispatch")
 
@@ -56,4 +57,38 @@ def resend_unclaimed(*, session: Session, broker: Broker, now: datetime | None =
             sent.append(job_id)
     if sent:
         log.info("re-sent %d unclaimed job(s): %s", len(sent), ", ".join(sent))
+    return sent
+
+
+# ---- exports: the same wake-up calls, `export_model(export_id, attempt)` on the gpu queue ----
+
+
+def send_export(*, session: Session, broker: Broker, export_id: str, attempt: int) -> bool:
+    """Send `export_model(export_id, attempt)`; record when. False (logged) when the broker is unreachable: the
+    re-send loop tries again, the export stays queued."""
+    try:
+        broker.send_export(export_id, attempt)
+    except Exception as e:
+        log.warning("could not send export %s (attempt %d) to the broker: %s", export_id, attempt, e)
+        return False
+    sends = session.scalar(select(Export.send_count).where(Export.id == export_id)) or 0
+    session.execute(update(Export).where(Export.id == export_id, Export.attempt == attempt,
+                                         Export.status == ExportStatus.QUEUED)
+                    .values(send_count=Export.send_count + 1,
+                            resend_at=utcnow() + resend_wait(broker.settings, sends + 1)))
+    session.commit()
+    return True
+
+
+def resend_unclaimed_exports(*, session: Session, broker: Broker, now: datetime | None = None,
+                             limit: int = 100) -> list[str]:
+    """Re-send the message of every queued export not claimed in time, the longest overdue first."""
+    now = now or utcnow()
+    query = (select(Export.id, Export.attempt).where(Export.status == ExportStatus.QUEUED,
+                                                     or_(Export.resend_at.is_(None), Export.resend_at <= now))
+             .order_by(Export.resend_at.is_not(None), Export.resend_at, Export.id).limit(limit))
+    sent = [export_id for export_id, attempt in list(session.execute(query))
+            if send_export(session=session, broker=broker, export_id=export_id, attempt=attempt)]
+    if sent:
+        log.info("re-sent %d unclaimed export(s): %s", len(sent), ", ".join(sent))
     return sent

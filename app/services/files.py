@@ -15,7 +15,7 @@ from app.core.config import Settings
 from app.core.errors import APIError, bad_request, not_found
 from app.db.base import unix, utcnow
 from app.db.models import TERMINAL_STATUSES, ApiKey, File, Job
-from app.schemas.files import UPLOAD_PURPOSES, FileList, FileObject
+from app.schemas.files import EXPORT_PURPOSE, UPLOAD_PURPOSES, FileList, FileObject
 from app.services import storage
 from app.services.common import owned, page
 from app.services.uploads import Upload
@@ -56,9 +56,11 @@ def report_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def check_quota(*, session: Session, settings: Settings, key: ApiKey, incoming_bytes: int = 0) -> None:
     """One key's stored files are capped in number and bytes (`max_files_per_key`, `max_file_bytes_per_key`), so it
-    cannot fill the disk the others share: 429 insufficient_quota past either."""
+    cannot fill the disk the others share: 429 insufficient_quota past either. Exports' artifacts are not uploads:
+    they count against the key's exports (`max_exports_per_key`), so a large GGUF never blocks an upload."""
     count, used = session.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0))
-                                  .where(File.owner_id == key.id, File.deleted_at.is_(None))).one()
+                                  .where(File.owner_id == key.id, File.deleted_at.is_(None),
+                                         File.purpose != EXPORT_PURPOSE)).one()
     if incoming_bytes == 0 and count >= settings.max_files_per_key:
         raise _quota(f"This API key stores {count} files, its limit; delete some first.")
     if used + incoming_bytes > settings.max_file_bytes_per_key:

@@ -85,12 +85,19 @@ def finish_job(live: Live, job_id: str) -> tuple[str, str]:
     return model, checkpoint.model_id
 
 
+def create_export(live: Live, model: str) -> str:
+    with live.http() as http:
+        response = http.post("/v1/exports", json={"model": model, "format": "gguf", "quantization": "f16"})
+        return str(response.raise_for_status().json()["id"])
+
+
 def make_objects(live: Live) -> None:
-    """A processed file, a queued job, and a finished one with a fine-tune and a checkpoint."""
+    """A processed file, a queued job, a finished one with a fine-tune and a checkpoint, and a queued export."""
     file_id = upload_training_file(live)
     queued, done = create_job(live, file_id, "fuzz"), create_job(live, file_id, "done")
     model, checkpoint = finish_job(live, done)
-    live.objects = {"file": [file_id], "job": [queued, done], "model": [TINY, model, checkpoint]}
+    live.objects = {"file": [file_id], "job": [queued, done], "model": [TINY, model, checkpoint],
+                    "export": [create_export(live, model)]}
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])

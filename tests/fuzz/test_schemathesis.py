@@ -16,7 +16,12 @@ What is configured rather than derived from the schema, and why it is our contra
     above the server's cap;
   - cancel / pause / resume of a job whose state does not allow it, e.g. cancelling a succeeded job (OpenAI: 400
     `invalid_request_error`; service_api.md: bad state is 400, not 409, which the SDK would retry);
-  - deleting a file a queued or running job still needs (400 `file_in_use`, the same rule).
+  - deleting a file a queued or running job still needs (400 `file_in_use`, the same rule);
+  - exports: a peft export of a base model (400 `model_has_no_adapter`), a quantization the format does not take
+    (`merged` with `q4_0`), an Ollama Modelfile for another format or a template Ollama cannot take (the schema
+    lists each field's values, not which pairs go together), a reused Idempotency-Key (422); cancelling a finished
+    export, deleting a queued or running one (400, as for jobs);
+  - a file's content with a `Range` beyond its size (416 `range_not_satisfiable`: no schema knows the size).
 - Completions may take 120 s instead of the response-time check's 10 s: without `max_tokens` one runs to the end of
   the context, as OpenAI's does, and that is seconds on a CPU.
 - A live event stream (`?stream=true`) stays open while its job runs: at most 4 events are read, and 2 s is enough.
@@ -48,6 +53,10 @@ REFUSED_BY_STATE = {
     "POST /v1/fine_tuning/jobs/{job_id}/resume": [400],
     "DELETE /v1/files/{file_id}": [400],
     "DELETE /v1/models/{model_id}": [403],  # a base model is managed on disk, not deleted over the API
+    "POST /v1/exports": [400, 422],
+    "POST /v1/exports/{export_id}/cancel": [400],
+    "DELETE /v1/exports/{export_id}": [400],
+    "GET /v1/files/{file_id}/content": [416],
 }
 # Every request carries a valid key: 401 or 403 is never a valid answer to schema-valid data (issue 15), except
 # where an operation above says why.
@@ -58,7 +67,7 @@ def config(live: Live, report_dir: Path) -> str:
     objects = live.objects
     dictionaries = {
         "file_ids": objects["file"], "job_ids": objects["job"], "model_ids": objects["model"],
-        "base_models": objects["model"][:1],
+        "base_models": objects["model"][:1], "export_ids": objects["export"],
     }
     lines = [
         "workers = 1",
@@ -80,6 +89,7 @@ def config(live: Live, report_dir: Path) -> str:
         '"path.file_id" = { dictionary = "file_ids", probability = 0.5 }',
         '"path.job_id" = { dictionary = "job_ids", probability = 0.5 }',
         '"path.model_id" = { dictionary = "model_ids", probability = 0.5 }',
+        '"path.export_id" = { dictionary = "export_ids", probability = 0.5 }',
         '"body.training_file" = { dictionary = "file_ids", probability = 0.7 }',
         '"body.validation_file" = { dictionary = "file_ids", probability = 0.3 }',
         '"body.model" = { dictionary = "base_models", probability = 0.7 }',

@@ -34,13 +34,17 @@ TINY = "tiny-chat"
 
 @dataclass
 class RecordingBroker:
-    """Stands in for `app.core.broker.Broker`: keeps the train messages sent."""
+    """Stands in for `app.core.broker.Broker`: keeps the train (and export) messages sent."""
 
     settings: Settings
     sent: list[tuple[str, int]] = field(default_factory=list)
+    exports_sent: list[tuple[str, int]] = field(default_factory=list)
 
     def send_train(self, job_id: str, attempt: int) -> None:
         self.sent.append((job_id, attempt))
+
+    def send_export(self, export_id: str, attempt: int) -> None:
+        self.exports_sent.append((export_id, attempt))
 
     def close(self) -> None:
         pass

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from app.core.broker import DEFAULT_QUEUE, GPU_QUEUE, PRUNE_TASK, REAP_TASK, RESEND_TASK, TRAIN_TASK, celery_config
+from app.core.broker import (
+    DEFAULT_QUEUE,
+    EXPORT_TASK,
+    GPU_QUEUE,
+    PRUNE_TASK,
+    REAP_TASK,
+    RESEND_TASK,
+    TRAIN_TASK,
+    celery_config,
+)
 from app.core.config import SettingsError, load_settings
 from app.core.threads import embedded_split
 from worker.celery_app import worker_config
@@ -24,7 +33,7 @@ def test_worker_config_for_long_gpu_jobs(tmp_path: Path) -> None:
     assert conf["broker_transport_options"]["visibility_timeout"] > settings.max_job_s  # never redelivered mid-job
     assert conf["visibility_timeout"] == conf["broker_transport_options"]["visibility_timeout"]
     assert celery_config(settings)["broker_transport_options"] == conf["broker_transport_options"]  # API agrees
-    assert conf["task_routes"][TRAIN_TASK]["queue"] == GPU_QUEUE
+    assert conf["task_routes"][TRAIN_TASK]["queue"] == conf["task_routes"][EXPORT_TASK]["queue"] == GPU_QUEUE
     assert conf["task_routes"][REAP_TASK]["queue"] == conf["task_routes"][RESEND_TASK]["queue"] == DEFAULT_QUEUE
     assert conf["task_create_missing_queues"] is False
     schedule = {entry["task"]: entry for entry in conf["beat_schedule"].values()}
@@ -60,3 +69,13 @@ def test_embedded_thread_split_never_oversubscribes() -> None:
 def test_lease_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="UNSLOTH_HEARTBEAT_S"):
         load_settings(data_dir=tmp_path, lease_s=10, heartbeat_s=10)
+
+
+def test_the_export_task_is_registered_under_the_name_the_api_sends(tmp_path: Path) -> None:
+    """The API sends `export_model` by name and never imports the worker's code; the worker registers that name."""
+    from worker.celery_app import make_app
+
+    app = make_app(load_settings(data_dir=tmp_path))
+    app.loader.import_default_modules()
+    assert {TRAIN_TASK, EXPORT_TASK} <= set(app.tasks)
+    assert app.tasks[EXPORT_TASK].acks_late and app.tasks[EXPORT_TASK].Request.__name__ == "ExportRequest"

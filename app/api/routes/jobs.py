@@ -2,20 +2,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import CtxDep, CurrentKey, SessionDep
-from app.api.routing import PathId, QueryId, StrictRoute
+from app.api.routing import IdempotencyKey, PathId, QueryId, RetryCount, StrictRoute
 from app.schemas.jobs import CheckpointList, FineTuningJob, JobCreate, JobEventList, JobList, JobValidation
 from app.services import jobs
 from app.services.event_stream import stream_events
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], route_class=StrictRoute)
 
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
-RetryCount = Annotated[int | None, Header(alias="x-stainless-retry-count", include_in_schema=False)]
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
