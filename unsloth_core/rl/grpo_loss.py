@@ -77,7 +77,7 @@ def combine_rewards(rewards_per_func: Tensor, weights: Tensor | None = None) -> 
     return rewards.masked_fill(rewards_per_func.isnan().all(dim=1), float("nan"))
 
 
-def _nanstd(x: Tensor, dim: int | None = None) -> Tensor:
+def nanstd(x: Tensor, dim: int | None = None) -> Tensor:
     """Unbiased standard deviation over the non-NaN values (NaN where fewer than two)."""
     count = (~x.isnan()).sum() if dim is None else (~x.isnan()).sum(dim)
     mean = x.nanmean() if dim is None else x.nanmean(dim, keepdim=True)
@@ -95,9 +95,9 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: Scale
     grouped = rewards.view(-1, num_generations)
     advantages = (grouped - grouped.nanmean(dim=1, keepdim=True)).reshape(-1)
     if scale_rewards == "group" and num_generations > 1:
-        advantages = advantages / (_nanstd(grouped, dim=1).repeat_interleave(num_generations) + STD_EPS)
+        advantages = advantages / (nanstd(grouped, dim=1).repeat_interleave(num_generations) + STD_EPS)
     elif scale_rewards == "batch" and rewards.numel() > 1:
-        advantages = advantages / (_nanstd(rewards) + STD_EPS)
+        advantages = advantages / (nanstd(rewards) + STD_EPS)
     elif scale_rewards != "none":
         advantages = advantages / STD_EPS  # one row: its advantage is 0 already
     return advantages.nan_to_num(nan=0.0)
@@ -127,7 +127,7 @@ def _clip_metrics(ratio: Tensor, advantages: Tensor, mask: Tensor, config: GRPOL
             "clip_ratio/region_mean": float(((low | high) * mask).sum() / tokens)}
 
 
-def _reduce(per_token: Tensor, mask: Tensor, config: GRPOLossConfig, accumulation_steps: int,
+def _reduce(per_token: Tensor, mask: Tensor, config: GRPOLossConfig, accumulation_steps: float,
             window_tokens: Tensor | float | None) -> Tensor:
     """Average the token losses as `config.loss_type` says, scaled so that summing over an accumulation window's
     micro-batches gives the window's loss."""
@@ -150,7 +150,7 @@ def _reduce(per_token: Tensor, mask: Tensor, config: GRPOLossConfig, accumulatio
 
 
 def grpo_loss(logps: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLossConfig, *,
-              old_logps: Tensor | None = None, ref_logps: Tensor | None = None, accumulation_steps: int = 1,
+              old_logps: Tensor | None = None, ref_logps: Tensor | None = None, accumulation_steps: float = 1,
               window_tokens: Tensor | float | None = None) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss of one micro-batch, and its metrics (kl as weighed in the loss, clip ratios).
 
@@ -158,7 +158,8 @@ def grpo_loss(logps: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLossC
     advantages: (rows,); mask: (rows, T) 1.0 on the tokens that count (see `completion_mask`);
     old_logps: the same under the policy that sampled them (None: logps detached, the `num_iterations` 1 case);
     ref_logps: under the reference policy, needed when config.beta > 0;
-    accumulation_steps: micro-batches per optimiser step; window_tokens: for dapo, the window's completion tokens.
+    accumulation_steps: micro-batches per optimiser step (for a short micro-batch, the window's rows over its own:
+    the losses then sum to the window's); window_tokens: for dapo, the window's completion tokens.
     """
     if logps.shape != mask.shape or advantages.shape != logps.shape[:1]:
         raise ValueError(f"logps {tuple(logps.shape)}, mask {tuple(mask.shape)} and advantages "
