@@ -146,8 +146,8 @@ def test_it_learns() -> None:
     trained = train_lowercase(2e-2)
     still = train_lowercase(1e-12)
     (t_first, t_last), (s_first, s_last) = first_last(trained), first_last(still)
-    assert t_first < 0.3 and s_first < 0.3 and s_last < 0.3  # measured: 0.101, 0.075, 0.059
-    assert t_last > 0.8  # measured: 0.999
+    assert t_first < 0.3 and s_first < 0.3 and s_last < 0.3  # measured: 0.106, 0.075, 0.063
+    assert t_last > 0.8  # measured: 0.929
     first = trained.logs[0]
     for key in ("reward", "reward_std", "rewards/lowercase/mean", "rewards/lowercase/std", "entropy",
                 "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
