@@ -128,6 +128,8 @@ def _run_claimed(ctx: WorkerContext, row: Export, lease: ExportLease) -> str:
     except Exception as e:
         _discard(ctx, row.id, row.attempt)  # before the failure's write: a full disk gets its space back
         failure = classify(e)
+        if failure.code in ("storage_error", "model_unreadable"):  # its files may have gone while being read
+            failure = _gone(ctx, row) or failure
         if failure.code in ("internal_error", "storage_error"):
             log.exception("export %s attempt %d failed", row.id, row.attempt)
         else:
@@ -179,6 +181,15 @@ def _source(ctx: WorkerContext, row: Export) -> Source:
         if adapter is None:
             raise ExportFailure("model_not_found", f"The files of model '{row.model}' are missing.", "model")
     return Source(base, adapter)
+
+
+def _gone(ctx: WorkerContext, row: Export) -> ExportFailure | None:
+    """The model's failure when it is no longer there (a checkpoint pruned, a fine-tune deleted, mid-export)."""
+    try:
+        _source(ctx, row)
+    except ExportFailure as failure:
+        return failure
+    return None
 
 
 def classify(error: BaseException) -> ExportFailure:

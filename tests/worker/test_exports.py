@@ -261,3 +261,24 @@ def test_a_model_deleted_before_its_export_ran(env: WorkerEnv, tiny_adapter: Pat
     assert row.error == {"code": "model_not_found", "param": "model",
                          "message": f"The model '{model}' was deleted before its export ran; nothing was exported."}
     assert_nothing_left(env, export_id)
+
+
+def test_a_checkpoint_pruned_while_it_is_exported(env: WorkerEnv, tiny_adapter: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its row and files go as the worker starts reading them: model_not_found, as for a model deleted before."""
+    model = fine_tune(env, tiny_adapter)
+    export_id = create(env, model, format="merged")
+    original = exporting.export_artifacts
+
+    def pruned_first(ctx: Any, row: Export, source: Any, out: Path) -> Any:
+        with env.ctx.sessions() as session:
+            session.execute(update(Model).where(Model.id == model).values(deleted_at=utcnow()))
+            session.commit()
+        shutil.rmtree(source.adapter)
+        return original(ctx, row, source, out)
+
+    monkeypatch.setattr(exporting, "export_artifacts", pruned_first)
+    assert run(env, export_id) == "failed"
+    row = export(env, export_id)
+    assert row.error is not None and (row.error["code"], row.error["param"]) == ("model_not_found", "model")
+    assert_nothing_left(env, export_id)
