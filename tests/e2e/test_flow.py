@@ -5,6 +5,7 @@ workers, duplicate deliveries and broker or database outages are tests/chaos's.)
 from __future__ import annotations
 
 import shutil
+from typing import Any
 
 from tests.e2e.conftest import (
     TINY,
@@ -37,6 +38,28 @@ def test_fine_tune_from_upload_to_completions(pg_stack: Stack) -> None:
         chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=8, temperature=0)
         assert chat.model == model and chat.usage is not None and chat.usage.completion_tokens > 0
+    export_and_download(pg_stack, job.fine_tuned_model)
+
+
+def export_and_download(stack: Stack, model: str) -> None:
+    """The fine-tune exported to GGUF by the training worker (sent by task name to its queue), downloaded whole and
+    resumed from the middle."""
+    client = stack.client()
+    made: Any = client.post("/exports", cast_to=object, body={"model": model, "format": "gguf", "quantization": "f16",
+                                                               "ollama": True})
+
+    def done() -> Any:
+        export: Any = client.get(f"/exports/{made['id']}", cast_to=object)
+        return export if export["status"] in ("succeeded", "failed", "cancelled") else None
+
+    export = stack.wait(done, 120, f"export {made['id']} to end", interval=0.2)
+    assert export["status"] == "succeeded" and export["verification"]["passed"], export["error"]
+    gguf_id, modelfile_id = export["result_files"]
+    whole = client.files.content(gguf_id).content
+    assert whole[:4] == b"GGUF" and len(whole) == client.files.retrieve(gguf_id).bytes
+    rest = client.with_options(default_headers={"Range": f"bytes={len(whole) // 2}-"}).files.content(gguf_id)
+    assert rest.response.status_code == 206 and rest.content == whole[len(whole) // 2:]
+    assert client.files.content(modelfile_id).text.startswith("FROM ./model.F16.gguf")
 
 
 def test_cancel_stops_within_two_steps_and_the_worker_takes_the_next_job(pg_stack: Stack) -> None:
