@@ -85,6 +85,12 @@ class ExportLease(Lease):
                                                                  lease=self.ctx.lease)
         self.expires = started + self.ctx.settings.lease_s
 
+    def check(self) -> str | None:
+        """The export's stop request as the heartbeat last read it (an export is one engine call: nothing asks
+        between steps)."""
+        self.ensure()
+        return "cancel" if self.cancel_requested else None
+
 
 def run_export(ctx: WorkerContext, export_id: str, attempt: int, owner: str) -> str:
     """Run one attempt; returns how it ended: dropped, lost, succeeded, failed, cancelled or unrecorded (the

@@ -196,19 +196,11 @@ def export_relative(settings: Settings, path: Path) -> str:
     return str(path.relative_to(settings.data_dir.resolve()))
 
 
-def remove_export_dir(settings: Settings, export_id: str, keep: Path | None = None) -> None:
-    """Delete what an export wrote (every attempt's directory but `keep`), only ever inside the exports dir."""
+def remove_export_dir(settings: Settings, export_id: str) -> None:
+    """Delete what an export wrote (every attempt's directory), only ever inside the exports dir."""
     try:
         root = export_dir(settings, export_id)
     except PermissionError:
         log.error("export %s: its directory leads outside the exports dir; not deleting through it", export_id)
         return
-    if keep is None:
-        shutil.rmtree(root, ignore_errors=True)
-        return
-    for entry in root.iterdir() if root.is_dir() else ():
-        if entry.resolve() != keep.resolve():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
