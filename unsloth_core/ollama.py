@@ -3,11 +3,12 @@ the model's Jinja chat template, `PARAMETER stop` for every end-of-turn token, a
 puts in a default system prompt.
 
 A Jinja template cannot be translated in general, so the translation is by family: each family we import (ChatML,
-as SmolLM2 and Qwen; Llama 3) is a shape, every message `prefix(role) + content + suffix`, a generation prompt
-and an optional leading BOS. A family is chosen only when rendering probe conversations with the shape gives the
-Jinja template's text exactly; the default system prompt is what the template adds to a conversation without one.
-Anything else is refused with a clear error rather than written subtly wrong (the endless-generation and lost-
-template complaints about exported models come from exactly that).
+as SmolLM2 and Qwen; Llama 3; Llama 3.1, whose system turn is always there) is a shape, every message
+`prefix(role) + content + suffix`, a generation prompt and an optional leading BOS. A family is chosen only when
+rendering probe conversations with the shape gives the Jinja template's text exactly; the default system prompt is
+what the template adds to a conversation without one. Anything else is refused with a clear error rather than
+written subtly wrong (the endless-generation and lost-template complaints about exported models come from exactly
+that).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ class Family:
     suffix: str  # after every message: the end-of-turn token (and separator)
     trim: bool  # the template strips each message's content
     bos: bool  # the template starts with the BOS token
+    always_system: bool = False  # a system turn opens every conversation, empty when there is no system message
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool, bos_token: str) -> str:
         text = bos_token if self.bos else ""
+        if self.always_system and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": ""}, *messages]
         for m in messages:
             content = m["content"].strip() if self.trim else m["content"]
             text += self.prefix(m["role"]) + content + self.suffix
@@ -41,6 +45,10 @@ FAMILIES = (
     Family("chatml", lambda role: f"<|im_start|>{role}\n", "<|im_end|>\n", trim=False, bos=False),
     Family("llama-3", lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", trim=True,
            bos=True),
+    # Llama 3.1 to 3.3 (without tools): the system turn states the knowledge cutoff and the model card's date first.
+    Family("llama-3.1", lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n" + (
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" if role == "system" else ""),
+           "<|eot_id|>", trim=True, bos=True, always_system=True),
 )
 PROBES: list[tuple[list[Message], bool]] = [
     ([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
@@ -88,7 +96,10 @@ def go_template(family: Family, bos_text: str) -> str:
         # Go templates have no trim: a family that trims matches for contents without surrounding whitespace.
         return _go_text(family.prefix(role)) + f"{{{{ {value} }}}}" + _go_text(family.suffix)
 
-    return (f"{_go_text(bos_text)}{{{{ if .System }}}}{msg('system', '.System')}{{{{ end }}}}"
+    system = msg("system", ".System")
+    if not family.always_system:
+        system = f"{{{{ if .System }}}}{system}{{{{ end }}}}"
+    return (f"{_go_text(bos_text)}{system}"
             "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
             f"{{{{ if eq .Role \"user\" }}}}{msg('user', '.Content')}"
             f"{{{{ else if eq .Role \"assistant\" }}}}{msg('assistant', '.Content')}{{{{ end }}}}"

@@ -55,7 +55,7 @@ class Tokenizer:
                  chat_template: str | None = None, eos_token_ids: Sequence[int] = ()) -> None:
         self.backend = backend
         self.config = dict(config or {})
-        self.chat_template = chat_template or self.config.get("chat_template")
+        self._chat_template = chat_template or self.config.get("chat_template")
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.pad_token = _token_text(self.config.get("pad_token")) or self.eos_token
@@ -89,10 +89,28 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
-        config = {k: v for k, v in self.config.items() if k != "chat_template"}
+        config = {k: v for k, v in self.settings().items() if k != "chat_template"}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.chat_template:
             (directory / "chat_template.jinja").write_text(self.chat_template)
+
+    def settings(self) -> dict[str, Any]:
+        """tokenizer_config.json's contents as they stand: the special tokens and sides set on this object (as
+        transformers lets a notebook set `tokenizer.pad_token = ...`) over the file's values."""
+        current = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                   "unk_token": self.unk_token, "padding_side": self.padding_side,
+                   "truncation_side": self.truncation_side, "chat_template": self.chat_template}
+        as_read = Tokenizer(self.backend, self.config)  # what the file alone gives: only changes are written
+        return {**self.config, **{k: v for k, v in current.items() if v != getattr(as_read, k)}}
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, value: str | None) -> None:
+        self._chat_template = value
+        self.__dict__.pop("_template", None)  # compiled from the old text
 
     # ---- ids ----
 

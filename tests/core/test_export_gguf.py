@@ -15,6 +15,7 @@ import transformers
 from tests.core import go_template
 from tests.core.test_gguf import write_gguf as write_test_gguf
 from tests.helpers import make_llama3_like_tokenizer, make_tiny_tokenizer, tiny_model, tiny_model_dir
+from unsloth_core.chat_templates import get_chat_template
 from unsloth_core.checkpoint import load_model
 from unsloth_core.cli import main
 from unsloth_core.export_verify import ExportVerificationError
@@ -184,7 +185,9 @@ def ollama_render(modelfile_text: str, messages: list[dict[str, str]]) -> str:
 
 
 @pytest.mark.parametrize("tokenizer", [make_tiny_tokenizer(), make_llama3_like_tokenizer(),
-                                       make_tiny_tokenizer(SMOLLM2)], ids=["chatml", "llama-3", "smollm2"])
+                                       make_tiny_tokenizer(SMOLLM2),
+                                       get_chat_template(make_llama3_like_tokenizer(), "llama-3.1")],
+                         ids=["chatml", "llama-3", "smollm2", "llama-3.1"])
 def test_modelfile_template_renders_as_the_chat_template(tokenizer: Tokenizer) -> None:
     text = modelfile("model.F16.gguf", tokenizer, add_bos=False)
     for conversation in (CONVERSATION, CONVERSATION[1:]):
