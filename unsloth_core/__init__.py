@@ -11,6 +11,14 @@ from typing import Any
 
 _EXPORTS = {
     "FastLanguageModel": "unsloth_core.facade",
+    "is_bfloat16_supported": "unsloth_core.facade",
+    "SFTConfig": "unsloth_core.sft_trainer",
+    "SFTTrainer": "unsloth_core.sft_trainer",
+    "DataCollatorForSeq2Seq": "unsloth_core.collator",
+    "TextStreamer": "unsloth_core.streamer",
+    "get_chat_template": "unsloth_core.chat_templates",
+    "standardize_sharegpt": "unsloth_core.sharegpt",
+    "train_on_responses_only": "unsloth_core.response_only",
     "LlamaConfig": "unsloth_core.config",
     "Llama": "unsloth_core.model",
     "LoRAConfig": "unsloth_core.lora",

@@ -6,6 +6,8 @@
     model.save_pretrained("lora_model")                      # PEFT adapter
     model.save_pretrained_merged("merged", tokenizer, save_method="merged_16bit")
     FastLanguageModel.for_inference(model); model.generate(input_ids, max_new_tokens=64)
+
+TRL's SFTTrainer / SFTConfig are in sft_trainer.py, Unsloth's chat helpers in chat_templates.py.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def is_bfloat16_supported() -> bool:
+    """Unsloth's question, asked of the device `from_pretrained` loads onto: whether it computes in bf16 natively
+    (a CUDA GPU of compute capability 8.0 or later). False on a CPU, where the engine trains in fp32."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 class FastLanguageModel:
