@@ -30,6 +30,7 @@ from app.services.completion_format import ChatFormatter, Choice, CompletionForm
 from app.services.models import Servable
 
 if TYPE_CHECKING:
+    from unsloth_core.constrained import Constraint
     from unsloth_core.sampling import SamplingParams
 
 MAX_ROWS = 64  # prompts x n in one request
@@ -72,11 +73,34 @@ def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
     for name in ("tools", "functions"):
         if getattr(body, name):
             raise bad_request(f"{name} are not supported by this server.", param=name, code="unsupported_parameter")
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
-        raise bad_request("Only response_format {'type': 'text'} is supported by this server.",
-                          param="response_format", code="unsupported_parameter")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
+
+
+def response_constraint(body: ChatCompletionRequest) -> Constraint | None:
+    """The grammar `response_format` asks the answer to follow: any JSON object, or a JSON schema's instances."""
+    from unsloth_core.constrained import Constraint
+
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Constraint.json_object()
+    if fmt.json_schema is None:
+        raise bad_request("response_format of type json_schema needs a json_schema object.",
+                          param="response_format.json_schema")
+    return Constraint.json_schema(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {})
+
+
+def _check_constraint(served: Served, constraint: Constraint) -> None:
+    """On the tokenizer threads: compiling a schema, and reading the tokenizer the first time, take real time."""
+    from unsloth_core.constrained import GrammarError, check
+
+    try:
+        check(constraint, served.tokenizer, sorted(served.engine.eos | set(served.tokenizer.eos_token_ids)))
+    except GrammarError as e:
+        raise bad_request(f"This JSON schema cannot be used for structured output: {e}",
+                          param="response_format.json_schema.schema", code="invalid_json_schema") from None
 
 
 def _check_against_model(body: SamplingFields, served: Served) -> dict[int, float] | None:
@@ -181,7 +205,8 @@ def _max_new_tokens(requested: int | None, default: int | None, n_prompt: int, s
 
 
 def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int,
-              logit_bias: dict[int, float] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+              logit_bias: dict[int, float] | None = None, prompt_logprobs: int | None = None,
+              constraint: Constraint | None = None) -> SamplingParams:
     from unsloth_core.sampling import SamplingParams
 
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -196,7 +221,8 @@ def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
             seed=None if body.seed is None else (body.seed + row) % 2**64, stop=stop, logprobs=logprobs,
-            stop_token_ids=[] if body.ignore_eos else None, logit_bias=logit_bias, prompt_logprobs=prompt_logprobs)
+            stop_token_ids=[] if body.ignore_eos else None, logit_bias=logit_bias, prompt_logprobs=prompt_logprobs,
+            constraint=constraint)
     except ValueError as e:
         raise bad_request(f"Invalid sampling parameters: {e}.", param=str(e).split(" ", 1)[0]) from None
 
@@ -222,6 +248,9 @@ async def _prepare(engine: InferenceEngine, servable: Servable, body: Completion
         logit_bias = _check_against_model(body, served)
         _check_prompt_size(body, served)
         prompts, echo = await engine.tokenize(_tokenize, served, body)
+        constraint = response_constraint(body) if isinstance(body, ChatCompletionRequest) else None
+        if constraint is not None:
+            await engine.tokenize(_check_constraint, served, constraint)
         if isinstance(body, ChatCompletionRequest):
             kind: Kind = "chat"
             requested = body.max_completion_tokens or body.max_tokens
@@ -238,7 +267,7 @@ async def _prepare(engine: InferenceEngine, servable: Servable, body: Completion
         if len(prompts) * body.n > MAX_ROWS:
             raise bad_request(f"At most {MAX_ROWS} choices per request (prompts x n).", param="n")
         rows = [p for p in prompts for _ in range(body.n)]
-        params = [_sampling(body, max_new, logprobs, i, logit_bias, scored) for i in range(len(rows))]
+        params = [_sampling(body, max_new, logprobs, i, logit_bias, scored, constraint) for i in range(len(rows))]
         header = Header(id=ids.new_id(ids.CHAT_COMPLETION if kind == "chat" else ids.COMPLETION),
                         created=int(time.time()), model=body.model, logprobs=logprobs,
                         include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))

@@ -596,3 +596,43 @@ def test_echo_with_logprobs_scores_the_prompt(backend: Backend, tiny_model_dir: 
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=TINY, prompt="abc", max_tokens=0)
     assert e.value.body["param"] == "max_tokens"  # type: ignore[index]
+
+
+def test_structured_output_follows_the_schema(backend: Backend) -> None:
+    """`response_format` through the openai SDK: `parse` with a pydantic model (a strict json_schema), the same
+    streamed, and json_object; a schema the grammar engine cannot hold is a 400 naming it, before any generation."""
+    import json
+    from typing import Literal
+
+    import pydantic
+
+    class Pet(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=5)
+        legs: int = pydantic.Field(ge=0, le=8)
+        kind: Literal["cat", "dog", "eel"]
+
+    client = backend.client()
+    parsed = client.chat.completions.parse(model=TINY, messages=HI, response_format=Pet, max_tokens=200,
+                                           temperature=1.0, seed=5)
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Pet)
+    assert Pet.model_validate_json(choice.message.content or "") == choice.message.parsed
+
+    schema = Pet.model_json_schema()
+    with client.chat.completions.stream(model=TINY, messages=HI, response_format=Pet, max_tokens=200,
+                                        temperature=1.0, seed=6) as stream:
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Pet) and "legs" in schema["properties"]
+
+    any_object = chat(client, response_format={"type": "json_object"}, max_tokens=300, temperature=0.7, seed=1)
+    if any_object.choices[0].finish_reason == "stop":  # a random model may run out of tokens inside a string
+        assert isinstance(json.loads(any_object.choices[0].message.content), dict)
+
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "dependentSchemas": {"a": {}}}}})
+    assert e.value.body["param"] == "response_format.json_schema.schema"  # type: ignore[index]
+    assert "dependentSchemas" in e.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, response_format={"type": "json_schema"})
+    assert e.value.body["param"] == "response_format.json_schema"  # type: ignore[index]
