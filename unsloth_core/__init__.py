@@ -14,6 +14,8 @@ _EXPORTS = {
     "is_bfloat16_supported": "unsloth_core.facade",
     "SFTConfig": "unsloth_core.sft_trainer",
     "SFTTrainer": "unsloth_core.sft_trainer",
+    "GRPOConfig": "unsloth_core.rl.grpo_trainer",
+    "GRPOTrainer": "unsloth_core.rl.grpo_trainer",
     "DataCollatorForSeq2Seq": "unsloth_core.collator",
     "TextStreamer": "unsloth_core.streamer",
     "get_chat_template": "unsloth_core.chat_templates",
