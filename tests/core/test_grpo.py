@@ -23,6 +23,12 @@ TEMPERATURE = 0.7
 LOWER = set("abcdefghijklmnopqrstuvwxyz")
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainers write their output_dir ("unused") relative to the working directory: keep it out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("grpo"), seed=1, std=0.3)
