@@ -26,7 +26,7 @@ from app.db.base import unix, utcnow
 from app.db.models import ApiKey, Export, ExportStatus, File
 from app.schemas.exports import DEFAULT_QUANTIZATION, ExportCreate, ExportError, ExportList, ExportObject
 from app.services import models, storage
-from app.services.common import owned, page
+from app.services.common import by_idempotency_key, owned, page
 from app.services.dispatch import send_export
 
 ACTIVE = (ExportStatus.QUEUED, ExportStatus.RUNNING)
@@ -48,7 +48,7 @@ def create_export(*, session: Session, settings: Settings, broker: Broker, key: 
     back: asking again makes a new one."""
     digest = request_hash(payload)
     if idempotency_key is not None:
-        existing = _by_idempotency_key(session, key, idempotency_key, digest)
+        existing = by_idempotency_key(session, Export, key, idempotency_key, digest)
         if existing is not None:
             return existing
     elif retry_count != 0 and settings.idempotency_window_s > 0:
@@ -70,21 +70,12 @@ def create_export(*, session: Session, settings: Settings, broker: Broker, key: 
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the insert
         session.rollback()
-        existing = _by_idempotency_key(session, key, idempotency_key, digest) if idempotency_key else None
+        existing = by_idempotency_key(session, Export, key, idempotency_key, digest) if idempotency_key else None
         if existing is None:
             raise
         return existing
     send_export(session=session, broker=broker, export_id=row.id, attempt=row.attempt)
     return row
-
-
-def _by_idempotency_key(session: Session, key: ApiKey, idempotency_key: str, digest: str) -> Export | None:
-    existing = session.scalar(select(Export).where(Export.owner_id == key.id,
-                                                   Export.idempotency_key == idempotency_key))
-    if existing is not None and existing.request_hash != digest:
-        raise APIError(422, "This Idempotency-Key was already used with a different request body.",
-                       param="Idempotency-Key", code="idempotency_key_reused")
-    return existing
 
 
 def check_source(*, session: Session, settings: Settings, key: ApiKey, payload: ExportCreate) -> None:

@@ -37,7 +37,7 @@ from app.schemas.jobs import (
     ValidationIssue,
 )
 from app.services import hyperparameters
-from app.services.common import owned, page
+from app.services.common import by_idempotency_key, owned, page
 from app.services.dispatch import send_train
 from app.services.files import readable_content
 from app.services.job_events import new_event
@@ -183,7 +183,7 @@ def create_job(*, session: Session, settings: Settings, broker: Broker, key: Api
     """
     digest = request_hash(payload)
     if idempotency_key is not None:
-        existing = _by_idempotency_key(session, key, idempotency_key, digest)
+        existing = by_idempotency_key(session, Job, key, idempotency_key, digest)
         if existing is not None:
             return existing
     elif retry_count != 0 and settings.idempotency_window_s > 0:
@@ -214,20 +214,12 @@ def create_job(*, session: Session, settings: Settings, broker: Broker, key: Api
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the insert
         session.rollback()
         assert idempotency_key is not None
-        existing = _by_idempotency_key(session, key, idempotency_key, digest)
+        existing = by_idempotency_key(session, Job, key, idempotency_key, digest)
         if existing is None:
             raise
         return existing
     send_train(session=session, broker=broker, job_id=job.id, attempt=job.attempt)
     return job
-
-
-def _by_idempotency_key(session: Session, key: ApiKey, idempotency_key: str, digest: str) -> Job | None:
-    existing = session.scalar(select(Job).where(Job.owner_id == key.id, Job.idempotency_key == idempotency_key))
-    if existing is not None and existing.request_hash != digest:
-        raise APIError(422, "This Idempotency-Key was already used with a different request body.",
-                       param="Idempotency-Key", code="idempotency_key_reused")
-    return existing
 
 
 def validate_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobCreate) -> JobValidation:
