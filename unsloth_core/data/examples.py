@@ -69,5 +69,15 @@ class PreferenceExample:
     tools: list[dict[str, Any]] | None = None
 
 
+@dataclass(frozen=True)
+class RLExample:
+    """A prompt for reinforcement learning (OpenAI's RFT rows, TRL's prompt-only rows): the conversation (or raw text)
+    the policy answers, and every other field of the row, which the graders and reward functions read."""
+
+    prompt: str | tuple[Message, ...]
+    columns: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
+
+
 SFTExample = TextExample | CompletionExample | ChatExample
-Example = SFTExample | PreferenceExample
+Example = SFTExample | PreferenceExample | RLExample

@@ -9,10 +9,14 @@
 | `text`              | `text`                                                            | sft     |
 | `preference`        | `input` {messages}, `preferred_output`, `non_preferred_output` (OpenAI DPO) | dpo |
 | `chosen_rejected`   | `prompt`, `chosen`, `rejected` (strings or message lists)         | dpo     |
+| `rl_messages`       | `messages` with no assistant turn (OpenAI RFT) + grader fields    | rl      |
+| `rl_prompt`         | `prompt` alone (TRL's prompt-only rows) + reward fields           | rl      |
 
 Structured shapes are tried before `text`, so an alpaca row that also carries a pre-rendered `text` (as tatsu-lab's
-alpaca does) is still alpaca. Parsing stops at a line's first problem and raises `RowError(code, message)`; the
-message names the field (`messages[2].content`) so a person can find and fix it.
+alpaca does) is still alpaca. A `messages` row with no assistant turn is a prompt for reinforcement learning, not a
+conversation to learn from; read for an RL job (`purpose="rl"`), any `messages` or `prompt` row is one. Parsing
+stops at a line's first problem and raises `RowError(code, message)`; the message names the field
+(`messages[2].content`) so a person can find and fix it.
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ from unsloth_core.data.examples import (
     Example,
     Message,
     PreferenceExample,
+    RLExample,
     Role,
     TextExample,
 )
 
-Purpose = Literal["sft", "dpo"]
+Purpose = Literal["sft", "dpo", "rl"]
 Row = Mapping[str, Any]
 
 # sharegpt speakers; OpenAI role names are accepted too, since many sharegpt-style files mix them.
 SHAREGPT_ROLES: dict[str, Role] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                                    "system": "system", "tool": "tool"}
 OPENAI_ROLES: dict[str, Role] = {r: r for r in ROLES}
+# RFT rows use OpenAI's `developer` role, which open models' chat templates know as `system`.
+RL_ROLES: dict[str, Role] = {**OPENAI_ROLES, "developer": "system"}
 
 
 class RowError(Exception):
@@ -288,6 +295,30 @@ def parse_chosen_rejected(row: Row) -> PreferenceExample:
     return PreferenceExample(prompt, chosen, rejected, _tools(row))
 
 
+def parse_rl_messages(row: Row) -> RLExample:
+    prompt = _messages(row["messages"], "messages", RL_ROLES)
+    if prompt[-1].role == "assistant":
+        raise RowError("invalid_prompt", "`messages` ends with an assistant message; a reinforcement prompt ends with "
+                                         "the turn the model answers (the grader scores its reply)")
+    return RLExample(prompt, {k: v for k, v in row.items() if k != "messages"}, _tools(row))
+
+
+def parse_rl_prompt(row: Row) -> RLExample:
+    value = row["prompt"]
+    prompt: str | tuple[Message, ...]
+    if isinstance(value, str):
+        prompt = _string(row, "prompt")
+    else:
+        prompt = _messages(value, "prompt", RL_ROLES)
+        if prompt[-1].role == "assistant":
+            raise RowError("invalid_prompt", "`prompt` ends with an assistant message; a reinforcement prompt ends "
+                                             "with the turn the model answers")
+    return RLExample(prompt, {k: v for k, v in row.items() if k != "prompt"}, _tools(row))
+
+
+RL_MESSAGES = Format("rl_messages", "rl", ("messages",), ("messages",), parse_rl_messages)
+RL_PROMPT = Format("rl_prompt", "rl", ("prompt",), ("prompt",), parse_rl_prompt)
+
 # Tried in this order: the first whose required keys are all present wins.
 FORMATS: tuple[Format, ...] = (
     Format("preference", "dpo", ("input", "preferred_output", "non_preferred_output"),
@@ -299,12 +330,18 @@ FORMATS: tuple[Format, ...] = (
     Format("prompt_completion", "sft", ("prompt", "completion"), ("completion",), parse_prompt_completion),
     Format("text", "sft", ("text",), ("text",), parse_text),
 )
-FORMATS_BY_NAME = {f.name: f for f in FORMATS}
+FORMATS_BY_NAME = {f.name: f for f in (*FORMATS, RL_MESSAGES, RL_PROMPT)}
+# Keys that make a `prompt` row something other than a bare prompt.
+_PROMPT_PARTNERS = ("completion", "chosen", "rejected")
 
 
-def detect_format(row: Row) -> Format:
+def detect_format(row: Row, purpose: Purpose | None = None) -> Format:
     """The row's format by its keys; a row that has some of a format's keys but not all is that format with a field
-    missing. Raises RowError(`unknown_format`) when no format's keys are there."""
+    missing. Raises RowError(`unknown_format`) when no format's keys are there. For `purpose="rl"`, a `messages` or
+    `prompt` row is a prompt whatever else it holds (a reference answer may well be called `completion`)."""
+    rl = _rl_format(row, strict=purpose == "rl")
+    if rl is not None:
+        return rl
     for fmt in FORMATS:
         if all(k in row for k in fmt.required):
             return fmt
@@ -316,6 +353,17 @@ def detect_format(row: Row) -> Format:
     keys = ", ".join(shown(k) for k in list(row)[:8]) or "no keys"
     known = "; ".join(" + ".join(f.required) for f in FORMATS)
     raise RowError("unknown_format", f"the object has {keys}, which match no known format ({known})")
+
+
+def _rl_format(row: Row, *, strict: bool) -> Format | None:
+    if "messages" in row:
+        messages = row["messages"]
+        no_reply = isinstance(messages, list) and bool(messages) and not any(
+            isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+        return RL_MESSAGES if strict or no_reply else None
+    if "prompt" in row and (strict or not any(k in row for k in _PROMPT_PARTNERS)):
+        return RL_PROMPT
+    return None
 
 
 def parse_row(row: Any) -> tuple[Format, Example]:

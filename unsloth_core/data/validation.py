@@ -25,6 +25,7 @@ one error, its first problem: a 1-based line number, a stable code and a message
 | `invalid_weight`       | `weight` other than 0 or 1, or on a non-assistant message                      |
 | `no_assistant_message` | nothing to learn: no assistant message, or all have weight 0                   |
 | `invalid_preference`   | a DPO pair that is malformed (not one assistant reply each, identical replies) |
+| `invalid_prompt`       | a reinforcement prompt that ends with an assistant message                     |
 | `template_error`       | the model's chat template refuses the conversation (needs a tokenizer)         |
 | `too_long`             | truncation to max_seq_length leaves no token to learn from (needs a tokenizer) |
 
@@ -42,9 +43,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
-from unsloth_core.data.examples import Example, PreferenceExample
+from unsloth_core.data.examples import Example, PreferenceExample, RLExample
 from unsloth_core.data.formats import Format, Purpose, RowError, detect_format, json_type
 from unsloth_core.data.preference import tokenize_preference
 from unsloth_core.data.sft import tokenize_sft
@@ -133,7 +134,7 @@ Source = str | os.PathLike[str] | IO[bytes]
 
 
 def validate_file(source: Source, tokenizer: Tokenizer | None = None, max_seq_length: int | None = None,
-                  purpose: Literal["sft", "dpo"] | None = None, *, max_errors: int = MAX_ERRORS,
+                  purpose: Purpose | None = None, *, max_errors: int = MAX_ERRORS,
                   max_line_bytes: int = MAX_LINE_BYTES) -> ValidationReport:
     """Read the whole file and report every bad line (see the module's table of codes).
 
@@ -142,12 +143,13 @@ def validate_file(source: Source, tokenizer: Tokenizer | None = None, max_seq_le
         tokenizer: when given, examples are rendered and tokenized as for training: token counts, truncation and the
             chat template's own checks are included.
         max_seq_length: the training sequence length, for `n_truncated` and `too_long` (needs `tokenizer`).
-        purpose: "sft" or "dpo" refuses the other kind of data (`wrong_purpose`); None accepts either.
+        purpose: "sft", "dpo" or "rl" refuses the other kinds of data (`wrong_purpose`); None accepts any. For "rl",
+            every `messages` or `prompt` row is read as a prompt (see `formats.detect_format`).
     """
     return _scan(source, tokenizer, max_seq_length, purpose, max_errors, max_line_bytes, keep=None)
 
 
-def load_examples(source: Source, purpose: Literal["sft", "dpo"] | None = None, tokenizer: Tokenizer | None = None,
+def load_examples(source: Source, purpose: Purpose | None = None, tokenizer: Tokenizer | None = None,
                   max_seq_length: int | None = None, role: str = "training") -> list[Example]:
     """Every example in the file, normalised. Raises DataFileError (a DataFormatError carrying the report) when any
     line is bad: nothing trains on a file with errors."""
@@ -160,8 +162,8 @@ def load_examples(source: Source, purpose: Literal["sft", "dpo"] | None = None, 
 
 def _scan(source: Source, tokenizer: Tokenizer | None, max_seq_length: int | None, purpose: Purpose | None,
           max_errors: int, max_line_bytes: int, keep: list[Example] | None) -> ValidationReport:
-    if purpose not in (None, "sft", "dpo"):
-        raise ValueError(f"purpose must be 'sft', 'dpo' or None, got {purpose!r}")
+    if purpose not in (None, "sft", "dpo", "rl"):
+        raise ValueError(f"purpose must be 'sft', 'dpo', 'rl' or None, got {purpose!r}")
     report = ValidationReport(max_seq_length=max_seq_length, max_errors=max_errors)
     checker = _LineChecker(tokenizer, max_seq_length, purpose, report)
     with _open(source) as f:
@@ -196,7 +198,7 @@ class _LineChecker:
         row = _decode(raw)
         if not isinstance(row, dict):
             raise RowError("not_an_object", f"each line must be a JSON object, got {json_type(row)}")
-        fmt = detect_format(row)
+        fmt = self._format(row)
         if self.first is None:
             self.first = (fmt, number)
             self.report.format, self.report.purpose = fmt.name, fmt.purpose
@@ -210,9 +212,19 @@ class _LineChecker:
         self.report.n_examples += 1
         return example
 
+    def _format(self, row: dict[str, Any]) -> Format:
+        """The file's format where the row has its keys (a chat file's line without an assistant turn is that
+        chat line's error, not an RL prompt), else the row's own."""
+        if self.first is not None and all(k in row for k in self.first[0].required):
+            return self.first[0]
+        return detect_format(row, self.purpose)
+
     def _measure(self, example: Example, tokenizer: Tokenizer) -> None:
         """Tokenize as the trainer will, and count; a conversation the template refuses is this line's error."""
         try:
+            if isinstance(example, RLExample):
+                self._measure_prompt(example, tokenizer)
+                return
             if isinstance(example, PreferenceExample):
                 pair = tokenize_preference(example, tokenizer, self.max_seq_length)
                 replies: tuple[int, ...] = (len(pair.chosen_ids), len(pair.rejected_ids))
@@ -232,6 +244,22 @@ class _LineChecker:
         report.n_tokens += n_tokens
         report.n_loss_tokens += sum(replies)
         report.n_truncated += int(truncated)
+
+    def _measure_prompt(self, example: RLExample, tokenizer: Tokenizer) -> None:
+        """A prompt's tokens as GRPO renders it (the chat template's generation prompt); one longer than
+        max_seq_length is counted as truncated (GRPO keeps its end). No loss tokens: the completions are sampled."""
+        if isinstance(example.prompt, str):
+            n_tokens = len(tokenizer.encode(example.prompt))
+        else:
+            try:
+                n_tokens = len(tokenizer.apply_chat_template([m.to_template() for m in example.prompt],
+                                                             add_generation_prompt=True, tools=example.tools))
+            except Exception as e:  # the template's own raise_exception, or a message it cannot render
+                raise RowError("template_error", f"the chat template cannot render this prompt: {e}") from None
+        report = self.report
+        assert report.n_tokens is not None and report.n_truncated is not None
+        report.n_tokens += n_tokens
+        report.n_truncated += int(self.max_seq_length is not None and n_tokens > self.max_seq_length)
 
 
 # ---- reading ----
@@ -315,6 +343,7 @@ def _check_purpose(fmt: Format, purpose: Purpose | None) -> None:
     if purpose is not None and fmt.purpose != purpose:
         sft = "supervised examples (messages, prompt/completion, text, alpaca or sharegpt)"
         dpo = "preference pairs (input/preferred_output/non_preferred_output or prompt/chosen/rejected)"
-        wanted = dpo if purpose == "dpo" else sft
+        rl = "prompts (messages ending with the turn the model answers, or prompt), with the fields the grader reads"
+        wanted = {"dpo": dpo, "rl": rl}.get(purpose, sft)
         raise RowError("wrong_purpose", f"the file is {fmt.name} data, for {fmt.purpose.upper()}; a {purpose.upper()} "
                                         f"job needs {wanted}")

@@ -6,8 +6,15 @@ from typing import Any
 
 import pytest
 
-from unsloth_core.data.examples import ChatExample, CompletionExample, Message, PreferenceExample, TextExample
-from unsloth_core.data.formats import RowError, parse_row
+from unsloth_core.data.examples import (
+    ChatExample,
+    CompletionExample,
+    Message,
+    PreferenceExample,
+    RLExample,
+    TextExample,
+)
+from unsloth_core.data.formats import RowError, detect_format, parse_row
 
 USER = {"role": "user", "content": "Hi"}
 ASSISTANT = {"role": "assistant", "content": "Hello"}
@@ -112,7 +119,6 @@ def test_chosen_rejected(chosen: Any, rejected: Any) -> None:
     ({"messages": [{"role": "user"}, ASSISTANT]}, "missing_content"),
     ({"messages": [{"role": "user", "content": {"text": "x"}}, ASSISTANT]}, "invalid_content_type"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, ASSISTANT]}, "invalid_content_type"),
-    ({"messages": [USER]}, "no_assistant_message"),
     ({"messages": [USER, {**ASSISTANT, "weight": 0}]}, "no_assistant_message"),
     ({"messages": [USER, {**ASSISTANT, "weight": 0.5}]}, "invalid_weight"),
     ({"messages": [USER, {**ASSISTANT, "weight": True}]}, "invalid_weight"),
@@ -146,3 +152,27 @@ def test_error_messages_name_the_field() -> None:
         parse_row({"messages": [USER, {**ASSISTANT, "weight": 2}]})
     with pytest.raises(RowError, match=r"`messages\[0\]\.role` is 'bot'; use one of system, user, assistant, tool"):
         parse_row({"messages": [{"role": "bot", "content": "x"}]})
+
+
+def test_reinforcement_prompts() -> None:
+    # OpenAI's RFT row: messages ending with the turn the model answers (developer is a system prompt), plus the
+    # fields the grader reads.
+    row = {"messages": [{"role": "developer", "content": "Be brief."}, USER], "answer": "4", "tools": [{"x": 1}]}
+    name, example = parse(row)
+    assert name == "rl_messages"
+    assert example == RLExample((Message("system", "Be brief."), Message("user", "Hi")),
+                                {"answer": "4", "tools": [{"x": 1}]}, [{"x": 1}])
+    assert parse({"prompt": "2+2=", "answer": "4"}) == ("rl_prompt", RLExample("2+2=", {"answer": "4"}))
+    assert parse({"prompt": [USER]})[1].prompt == (Message("user", "Hi"),)
+    # read for an RL job, a row with an assistant turn or a `completion` field is still a prompt
+    assert detect_format({"messages": [USER, ASSISTANT, USER]}, "rl").name == "rl_messages"
+    assert detect_format({"prompt": "q", "completion": "ref"}, "rl").name == "rl_prompt"
+    assert detect_format({"prompt": "q", "completion": "ref"}).name == "prompt_completion"
+    assert detect_format({"messages": [USER, ASSISTANT]}).name == "chat"
+
+
+@pytest.mark.parametrize("row", [{"messages": [USER, ASSISTANT]}, {"prompt": [USER, ASSISTANT]}])
+def test_a_reinforcement_prompt_cannot_end_with_the_reply(row: dict[str, Any]) -> None:
+    with pytest.raises(RowError) as info:
+        detect_format(row, "rl").parse(row)
+    assert info.value.code == "invalid_prompt" and "ends with an assistant message" in info.value.message

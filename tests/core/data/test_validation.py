@@ -132,7 +132,7 @@ def test_wrong_purpose_is_reported_once(tmp_path: Path) -> None:
     assert codes(validate_file(dpo, purpose="sft")) == {1: "wrong_purpose"}
     assert validate_file(dpo, purpose="dpo").ok and validate_file(sft, purpose=None).ok
     with pytest.raises(ValueError, match="purpose"):
-        validate_file(sft, purpose="rl")  # type: ignore[arg-type]
+        validate_file(sft, purpose="kto")  # type: ignore[arg-type]
 
 
 def test_the_first_example_sets_the_format(tmp_path: Path) -> None:
@@ -199,3 +199,27 @@ def test_validating_does_not_import_torch() -> None:
 
     code = "import sys, unsloth_core.data; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_chat_line_without_a_reply_is_that_lines_error_not_a_prompt(tmp_path: Path) -> None:
+    user_only = {"messages": [{"role": "user", "content": "Hi"}]}
+    report = validate_file(write(tmp_path, [chat(), user_only]))
+    assert report.format == "chat" and codes(report) == {2: "no_assistant_message"}
+
+
+def test_reinforcement_files(tmp_path: Path, tiny_tokenizer: Tokenizer) -> None:
+    prompt = {"messages": [{"role": "user", "content": "Q"}], "answer": "A"}
+    path = write(tmp_path, [prompt, {**prompt, "answer": "B"}])
+    report = validate_file(path, tiny_tokenizer, max_seq_length=16)
+    assert (report.ok, report.format, report.purpose, report.n_examples) == (True, "rl_messages", "rl", 2)
+    assert report.n_tokens == 2 * len(tiny_tokenizer.apply_chat_template(prompt["messages"],
+                                                                        add_generation_prompt=True))
+    assert report.n_truncated == 2 and report.n_loss_tokens == 0  # longer than 16; GRPO keeps the prompt's end
+    # An SFT job refuses it, naming what it needs; an RL job refuses SFT data the same way.
+    refused = validate_file(path, purpose="sft")
+    assert codes(refused) == {1: "wrong_purpose"} and "RL" in refused.errors[0].message
+    sft = validate_file(write(tmp_path, [{"text": "hello"}], "sft.jsonl"), purpose="rl")
+    assert codes(sft) == {1: "wrong_purpose"} and "prompts" in sft.errors[0].message
+    # read as RL, a conversation that ends with a reply is an RL line's error
+    ended = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    assert codes(validate_file(write(tmp_path, [prompt, ended], "b.jsonl"), purpose="rl")) == {2: "invalid_prompt"}
