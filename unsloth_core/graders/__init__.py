@@ -7,7 +7,13 @@ neither torch nor the metric libraries (those load on first use), so the API pro
     result = grade(grader, "model output", {"answer": "Paris"}, judge=..., allow_python=settings.allow_python)
     results = grade_batch(grader, completions, rows)   # GRPO: one call per step
     missing_item_fields(grader, training_line)         # the upload validator
+    judge = LocalJudge(resolve)                        # the worker's judge: models run in this process (torch)
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from unsloth_core.graders.errors import GraderError, GraderUnavailableError, GraderValidationError
 from unsloth_core.graders.grade import (
@@ -34,6 +40,12 @@ from unsloth_core.graders.schema import (
     validate_grader,
 )
 
+if TYPE_CHECKING:
+    from unsloth_core.graders.local_judge import JudgeModel, LocalJudge, UnknownJudgeModelError
+
+# Loaded on first use: they import torch and the engine, which validating a grader must not.
+_LAZY = {"JudgeModel", "LocalJudge", "UnknownJudgeModelError"}
+
 __all__ = [
     "Embed",
     "GradeError",
@@ -43,8 +55,10 @@ __all__ = [
     "GraderUnavailableError",
     "GraderValidationError",
     "Judge",
+    "JudgeModel",
     "JudgeRequest",
     "LabelModelGrader",
+    "LocalJudge",
     "MultiGrader",
     "PythonGrader",
     "Requirements",
@@ -54,6 +68,7 @@ __all__ = [
     "ScoreModelGrader",
     "StringCheckGrader",
     "TextSimilarityGrader",
+    "UnknownJudgeModelError",
     "grade",
     "grade_batch",
     "item_fields",
@@ -61,3 +76,9 @@ __all__ = [
     "requirements",
     "validate_grader",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("unsloth_core.graders.local_judge"), name)
+    raise AttributeError(f"module 'unsloth_core.graders' has no attribute {name!r}")
