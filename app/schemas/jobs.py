@@ -28,8 +28,8 @@ class LegacyHyperparameters(_Strict):
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
 
 
-class SupervisedHyperparameters(LegacyHyperparameters):
-    """OpenAI's three, plus the trainer's knobs (Together's names where they exist)."""
+class _AdapterHyperparameters(LegacyHyperparameters):
+    """OpenAI's three, plus the trainer's knobs every method shares (Together's names where they exist)."""
 
     learning_rate: Auto | Annotated[float, Field(gt=0, lt=1)] = "auto"  # absolute; wins over the multiplier
     lora_r: Auto | Annotated[int, Field(ge=1, le=1024)] = "auto"
@@ -39,13 +39,35 @@ class SupervisedHyperparameters(LegacyHyperparameters):
     lr_scheduler: Auto | Literal["linear", "cosine", "constant"] = "auto"
     warmup_ratio: Auto | Annotated[float, Field(ge=0, lt=1)] = "auto"
     max_seq_length: Auto | Annotated[int, Field(ge=16, le=1_048_576)] = "auto"
-    packing: Auto | StrictBool = "auto"
     n_checkpoints: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
     load_in_4bit: Auto | StrictBool = "auto"  # QLoRA: the frozen base in 4-bit NF4 (auto: off)
 
 
+class SupervisedHyperparameters(_AdapterHyperparameters):
+    packing: Auto | StrictBool = "auto"
+
+
 class DPOHyperparameters(SupervisedHyperparameters):
     beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+
+
+class ReinforcementHyperparameters(_AdapterHyperparameters):
+    """OpenAI's reinforcement hyperparameters, and GRPO's (TRL's names) in the same object. `batch_size` counts
+    prompts per optimizer step; each is sampled `num_generations` times."""
+
+    eval_interval: Auto | Annotated[int, Field(ge=1, le=1_000_000)] = "auto"  # steps between evaluations
+    eval_samples: Auto | Annotated[int, Field(ge=1, le=10_000)] = "auto"  # validation prompts per evaluation
+    compute_multiplier: Auto | Annotated[float, Field(ge=0.00001, le=10)] = "auto"  # scales num_generations
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"  # sets max_completion_length's auto
+    num_generations: Auto | Annotated[int, Field(ge=2, le=64)] = "auto"
+    beta: Auto | Annotated[float, Field(ge=0, le=10)] = "auto"
+    loss_type: Auto | Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "auto"
+    max_completion_length: Auto | Annotated[int, Field(ge=1, le=131_072)] = "auto"
+    temperature: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+    top_p: Auto | Annotated[float, Field(gt=0, le=1)] = "auto"
+
+
+AnyHyperparameters = SupervisedHyperparameters | ReinforcementHyperparameters
 
 
 class SupervisedMethod(_Strict):
@@ -56,11 +78,17 @@ class DPOMethod(_Strict):
     hyperparameters: DPOHyperparameters = Field(default_factory=DPOHyperparameters)
 
 
+class ReinforcementMethod(_Strict):
+    # OpenAI's grader JSON; checked by the engine's grader schema (unsloth_core.graders), which names the bad field.
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+
+
 class Method(_Strict):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DPOMethod | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: ReinforcementMethod | None = None
 
 
 class WandbIntegration(BaseModel):

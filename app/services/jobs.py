@@ -23,6 +23,7 @@ from app.core.errors import APIError, bad_request, not_found
 from app.db.base import unix, utcnow
 from app.db.models import TERMINAL_STATUSES, ApiKey, Checkpoint, File, Job, JobEvent, JobStatus, Model
 from app.schemas.jobs import (
+    AnyHyperparameters,
     CheckpointList,
     CheckpointObject,
     DPOHyperparameters,
@@ -33,6 +34,7 @@ from app.schemas.jobs import (
     JobEventObject,
     JobList,
     JobValidation,
+    ReinforcementHyperparameters,
     SupervisedHyperparameters,
     ValidationIssue,
 )
@@ -41,9 +43,10 @@ from app.services.common import by_idempotency_key, owned, page
 from app.services.dispatch import send_train
 from app.services.files import readable_content
 from app.services.job_events import new_event
-from app.services.models import context_length
+from app.services.models import context_length, resolve_servable
 from app.services.storage import base_model_dir
 from app.services.transitions import move, next_attempt
+from unsloth_core.graders import GraderValidationError
 
 ORGANIZATION = "org-unsloth"
 MAX_LINE_ISSUES = 100  # per file, in a dry-run answer
@@ -55,6 +58,9 @@ class JobPlan:
 
     model: str
     method_type: str = "supervised"
+    grader: dict[str, Any] | None = None  # a reinforcement job's, as OpenAI's JSON (validated)
+    judge_models: list[str] = field(default_factory=list)  # the models its model graders name
+    allow_python_graders: bool = False
     base_path: Path | None = None
     training: File | None = None
     validation: File | None = None
@@ -66,7 +72,15 @@ class JobPlan:
 
     @property
     def method(self) -> dict[str, Any]:
-        return {"type": self.method_type, self.method_type: {"hyperparameters": self.hyperparameters}}
+        body: dict[str, Any] = {"hyperparameters": self.hyperparameters}
+        if self.grader is not None:
+            body = {"grader": self.grader, **body}
+        return {"type": self.method_type, self.method_type: body}
+
+    @property
+    def data_purpose(self) -> str:
+        """What the files must hold: the engine's data purpose for this method."""
+        return {"dpo": "dpo", "reinforcement": "rl"}.get(self.method_type, "sft")
 
 
 def request_hash(payload: JobCreate) -> str:
@@ -77,27 +91,56 @@ def request_hash(payload: JobCreate) -> str:
 # ---- planning (shared by create and the dry-run) ----
 
 
-def _method_hyperparameters(payload: JobCreate, plan: JobPlan) -> SupervisedHyperparameters:
+def _method_hyperparameters(payload: JobCreate, plan: JobPlan) -> AnyHyperparameters:
     method = payload.method
     legacy = payload.hyperparameters
     if method is None:
         plan.method_type = "supervised"
         return SupervisedHyperparameters(**(legacy.model_dump(exclude_unset=True) if legacy else {}))
     plan.method_type = method.type
+    if method.type in ("dpo", "reinforcement") and legacy is not None:
+        plan.fail("hyperparameters", "invalid_value", f"Give {method.type} hyperparameters under "
+                                                      f"method.{method.type}.hyperparameters, not the deprecated "
+                                                      "top-level 'hyperparameters'.")
     if method.type == "reinforcement":
-        plan.fail("method.type", "unsupported_method", "Reinforcement fine-tuning is not supported; use 'supervised' "
-                                                        "or 'dpo'.")
-        return SupervisedHyperparameters()
+        if method.reinforcement is None:
+            plan.fail("method.reinforcement", "missing_required_parameter", "A reinforcement job needs "
+                                                                            "method.reinforcement.grader.")
+            return ReinforcementHyperparameters()
+        _check_grader(plan, method.reinforcement.grader)
+        return method.reinforcement.hyperparameters
     if method.type == "dpo":
-        if legacy is not None:
-            plan.fail("hyperparameters", "invalid_value", "Give DPO hyperparameters under method.dpo.hyperparameters, "
-                                                          "not the deprecated top-level 'hyperparameters'.")
         return method.dpo.hyperparameters if method.dpo else DPOHyperparameters()
     hp = method.supervised.hyperparameters if method.supervised else SupervisedHyperparameters()
     if legacy is not None:  # the deprecated top-level field fills what `method` leaves unset
         merged = {**legacy.model_dump(exclude_unset=True), **hp.model_dump(exclude_unset=True)}
         hp = SupervisedHyperparameters(**merged)
     return hp
+
+
+def _check_grader(plan: JobPlan, grader: dict[str, Any]) -> None:
+    """The grader's JSON is one (each problem named by its path), and this server can run it."""
+    from unsloth_core.graders import requirements, validate_grader
+
+    param = "method.reinforcement.grader"
+    try:
+        checked = validate_grader(grader)
+    except GraderValidationError as e:
+        plan.fail(_grader_param(param, e), "invalid_grader", f"The grader is not valid: {e}")
+        return
+    needs = requirements(checked)
+    if needs.python and not plan.allow_python_graders:
+        plan.fail(param, "python_graders_disabled", "This server does not run python graders; its operator can "
+                                                    "enable them with UNSLOTH_ALLOW_PYTHON_GRADERS=true.")
+    if needs.embed:
+        plan.fail(param, "grader_not_supported", "text_similarity's 'cosine' needs an embedding model, which this "
+                                                 "server does not serve; use another evaluation_metric.")
+    plan.judge_models = list(needs.judge_models)
+    plan.grader = checked.to_openai()
+
+
+def _grader_param(base: str, error: GraderValidationError) -> str:
+    return f"{base}.{error.param}" if error.param else base
 
 
 def _check_file(plan: JobPlan, *, session: Session, key: ApiKey, file_id: str, param: str,
@@ -122,7 +165,7 @@ def _check_file(plan: JobPlan, *, session: Session, key: ApiKey, file_id: str, p
 
 
 def plan_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobCreate) -> JobPlan:
-    plan = JobPlan(model=payload.model)
+    plan = JobPlan(model=payload.model, allow_python_graders=settings.allow_python_graders)
     hp = _method_hyperparameters(payload, plan)
     hp_param = f"method.{plan.method_type}.hyperparameters"
     plan.base_path = base_model_dir(settings, payload.model)
@@ -135,7 +178,7 @@ def plan_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobC
         else:
             plan.fail("model", "model_not_found", f"The model '{payload.model}' does not exist or is not available "
                                                   "for fine-tuning.")
-    wanted = "dpo" if plan.method_type == "dpo" else "sft"
+    wanted = plan.data_purpose
     plan.training = _check_file(plan, session=session, key=key, file_id=payload.training_file,
                                 param="training_file", wanted=wanted)
     if payload.validation_file:
@@ -148,10 +191,39 @@ def plan_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobC
     if hp.max_seq_length != "auto" and ctx is not None and hp.max_seq_length > ctx:
         plan.fail(f"{hp_param}.max_seq_length", "invalid_value", f"max_seq_length must be at most {ctx}, the "
                                                                   f"context length of {payload.model}.")
+    if plan.grader is not None:
+        _check_judges(plan, session, settings, key)
+        for param, row in (("training_file", plan.training), ("validation_file", plan.validation)):
+            if row is not None and row.status != "error":
+                _check_grader_fields(plan, settings, row, param)
     n_examples = int((plan.training.validation or {}).get("n_examples") or 0) if plan.training else 0
     plan.hyperparameters = hyperparameters.resolve(hp, method_type=plan.method_type, n_examples=n_examples,
                                                    context_length=ctx)
     return plan
+
+
+def _check_judges(plan: JobPlan, session: Session, settings: Settings, key: ApiKey) -> None:
+    """Each judge a model grader names is a model this key may use on this server."""
+    for name in plan.judge_models:
+        try:
+            resolve_servable(session=session, settings=settings, key=key, model_id=name)
+        except APIError as e:
+            plan.fail("method.reinforcement.grader", "model_not_found", f"The grader's judge model '{name}' cannot "
+                                                                        f"be used: {e.message}")
+
+
+def _check_grader_fields(plan: JobPlan, settings: Settings, row: File, param: str) -> None:
+    """Every line holds every `item.` field the grader reads (the first MAX_LINE_ISSUES lines that do not are
+    named)."""
+    from unsloth_core.graders.dataset import missing_fields_by_line
+
+    assert plan.grader is not None
+    for count, (line, missing) in enumerate(missing_fields_by_line(readable_content(settings, row, param),
+                                                                   plan.grader)):
+        if count == MAX_LINE_ISSUES:
+            break
+        plan.fail(param, "missing_grader_field", f"Line {line} of {row.id} has no {', '.join(missing)}, which the "
+                                                 "grader reads.", line)
 
 
 def _raise_first(plan: JobPlan) -> None:
@@ -233,7 +305,7 @@ def validate_job(*, session: Session, settings: Settings, key: ApiKey, payload: 
     for param, row in (("training_file", plan.training), ("validation_file", plan.validation)):
         if row is None:
             continue
-        report = _measure(settings, row, tokenizer, max_len, "dpo" if plan.method_type == "dpo" else "sft", param)
+        report = _measure(settings, row, tokenizer, max_len, plan.data_purpose, param)
         reports[param] = report
         if row.status == "error" or not report["ok"]:
             for err in report["errors"][:MAX_LINE_ISSUES]:

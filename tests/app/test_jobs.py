@@ -116,7 +116,7 @@ def test_sdk_retry_without_a_key_is_deduplicated(backend: Backend, training_file
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"max_seq_length": 4096}}}},
      "method.supervised.hyperparameters.max_seq_length", "invalid_value"),
     ({"method": {"type": "dpo"}}, "training_file", "wrong_purpose"),
-    ({"method": {"type": "reinforcement"}}, "method.type", "unsupported_method"),
+    ({"method": {"type": "reinforcement"}}, "method.reinforcement", "missing_required_parameter"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "invalid_value"),
 ])
 def test_create_errors_name_the_parameter(backend: Backend, training_file: str, kwargs: dict[str, Any], param: str,

@@ -9,11 +9,11 @@
 | `text`              | `text`                                                            | sft     |
 | `preference`        | `input` {messages}, `preferred_output`, `non_preferred_output` (OpenAI DPO) | dpo |
 | `chosen_rejected`   | `prompt`, `chosen`, `rejected` (strings or message lists)         | dpo     |
-| `rl_messages`       | `messages` with no assistant turn (OpenAI RFT) + grader fields    | rl      |
+| `rl_messages`       | `messages` ending before the reply (OpenAI RFT) + grader fields   | rl      |
 | `rl_prompt`         | `prompt` alone (TRL's prompt-only rows) + reward fields           | rl      |
 
 Structured shapes are tried before `text`, so an alpaca row that also carries a pre-rendered `text` (as tatsu-lab's
-alpaca does) is still alpaca. A `messages` row with no assistant turn is a prompt for reinforcement learning, not a
+alpaca does) is still alpaca. A `messages` row that ends before the reply is a prompt for reinforcement learning, not a
 conversation to learn from; read for an RL job (`purpose="rl"`), any `messages` or `prompt` row is one. Parsing
 stops at a line's first problem and raises `RowError(code, message)`; the message names the field
 (`messages[2].content`) so a person can find and fix it.
@@ -358,8 +358,9 @@ def detect_format(row: Row, purpose: Purpose | None = None) -> Format:
 def _rl_format(row: Row, *, strict: bool) -> Format | None:
     if "messages" in row:
         messages = row["messages"]
-        no_reply = isinstance(messages, list) and bool(messages) and not any(
-            isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+        # A conversation that ends before its reply is a prompt (earlier assistant turns are its history).
+        no_reply = isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) and \
+            messages[-1].get("role") not in ("assistant", "gpt")
         return RL_MESSAGES if strict or no_reply else None
     if "prompt" in row and (strict or not any(k in row for k in _PROMPT_PARTNERS)):
         return RL_PROMPT

@@ -76,6 +76,7 @@ class GRPOArgs:
     use_bias_correction_kl: bool = True
     reward_weights: list[float] | None = None  # one per reward function; None: all 1
     log_rollouts: int = 2  # prompts (each with its group of completions) handed to on_rollouts per logged step
+    eval_samples: int | None = None  # held-out prompts scored per evaluation (the first ones); None: all
 
     def __post_init__(self) -> None:
         checks = [
@@ -91,6 +92,7 @@ class GRPOArgs:
             (self.repetition_penalty > 0, "repetition_penalty must be positive"),
             (self.num_iterations >= 1, "num_iterations must be at least 1"),
             (self.log_rollouts >= 0, "log_rollouts must be >= 0"),
+            (self.eval_samples is None or self.eval_samples >= 1, "eval_samples must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -370,7 +372,7 @@ class GRPO(Method):
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """One completion per held-out prompt, sampled as in training with seeds fixed for the run (every
         evaluation scores the same draws of the current policy): the mean reward and each function's."""
-        items: list[TokenizedPrompt] = list(trainer.eval_data)
+        items: list[TokenizedPrompt] = list(trainer.eval_data)[:self.args.eval_samples]
         chunk = max(1, trainer.batch_items * self.args.num_generations)
         per_func_parts, lengths = [], []
         for lo in range(0, len(items), chunk):

@@ -67,7 +67,8 @@ def prompt_example(row: Mapping[str, Any]) -> PromptExample:
         for i, m in enumerate(prompt):
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise ValueError(f"`{key}[{i}]` must be an object with a `role` and a `content`")
-        prompt = [dict(m) for m in prompt]
+        # OpenAI's `developer` role is a system prompt to open models' chat templates.
+        prompt = [{**m, "role": "system"} if m["role"] == "developer" else dict(m) for m in prompt]
     else:
         raise ValueError(f"`{key}` must be text or a list of messages, got {type(prompt).__name__}")
     return PromptExample(prompt, {k: v for k, v in row.items() if k != key})

@@ -169,6 +169,7 @@ def test_reinforcement_prompts() -> None:
     assert detect_format({"prompt": "q", "completion": "ref"}, "rl").name == "rl_prompt"
     assert detect_format({"prompt": "q", "completion": "ref"}).name == "prompt_completion"
     assert detect_format({"messages": [USER, ASSISTANT]}).name == "chat"
+    assert detect_format({"messages": [USER, ASSISTANT, USER]}).name == "rl_messages"  # history, then the turn
 
 
 @pytest.mark.parametrize("row", [{"messages": [USER, ASSISTANT]}, {"prompt": [USER, ASSISTANT]}])
