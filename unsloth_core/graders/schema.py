@@ -289,7 +289,7 @@ def _validate(obj: Any, path: str, nested: bool) -> Grader:
     kind = obj.get("type")
     if nested and kind == "multi":
         raise GraderValidationError([(_join(path, "type"), "a multi grader cannot hold another multi grader")])
-    if kind not in _CLASSES:
+    if not isinstance(kind, str) or kind not in _CLASSES:  # a list or object `type` is unhashable: no lookup
         kinds = ", ".join(_CLASSES if not nested else [k for k in _CLASSES if k != "multi"])
         raise GraderValidationError([(_join(path, "type"), f"must be one of {kinds}; got {kind!r}")])
     if kind != "multi":

@@ -61,6 +61,9 @@ def test_errors_name_the_field_path() -> None:
     assert problems({"type": "string_check"})[0][1] == "required"
     assert problems({"type": "nope"}) == [("type", "must be one of string_check, text_similarity, score_model, "
                                                    "label_model, python, multi; got 'nope'")]
+    assert problems({"type": ["string_check"]})[0][0] == "type"  # unhashable: named, not a TypeError
+    assert problems({"type": "multi", "calculate_output": "a", "graders": {"a": {"type": {}}}})[0][0] == \
+        "graders.a.type"
     judge = {"type": "score_model", "model": "m", "input": [{"role": "user", "content": "x"}]}
     assert problems({**judge, "range": [1, 0]})[0][0] == "range"
     assert problems({**judge, "sampling_params": {"max_tokens": 5}})[0][0] == "sampling_params.max_tokens"
