@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     # one Llama-1B stream ~10x faster; on the CPU it did not pay (bench/RESULTS.md). The first decode compiles.
     compile_decode: Literal["auto", "on", "off"] = "auto"
 
+    # ---- graders ----
+    # python graders run code from whoever holds a key: off unless an operator turns them on. They then run in a
+    # sandbox (unsloth_core.graders.sandbox) with no network, no secrets and no data dir; "strict" refuses to run
+    # them where Linux namespaces cannot be made, "best_effort" falls back to the weaker audit-hook mode.
+    allow_python_graders: bool = False
+    python_grader_isolation: Literal["strict", "best_effort"] = "strict"
+    python_grader_seconds: float = Field(10.0, gt=0)  # wall-clock time per graded sample
+    python_grader_memory_bytes: int = Field(2 * 1024**3, ge=64 * 1024**2)  # address space, as OpenAI's 2 GB
+
     # ---- jobs ----
     idempotency_window_s: float = Field(600.0, ge=0)
     resend_after_s: float = Field(120.0, gt=0)  # a queued job unclaimed this long gets its message again
