@@ -57,6 +57,9 @@ REFUSED_BY_STATE = {
     "POST /v1/exports/{export_id}/cancel": [400],
     "DELETE /v1/exports/{export_id}": [400],
     "GET /v1/files/{file_id}/content": [416],
+    # A schema-valid object is not always a grader (a `type` that names none, a template that names no namespace)
+    "POST /v1/fine_tuning/alpha/graders/validate": [400],
+    "POST /v1/fine_tuning/alpha/graders/run": [400],
 }
 # Every request carries a valid key: 401 or 403 is never a valid answer to schema-valid data (issue 15), except
 # where an operation above says why.
