@@ -168,6 +168,21 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class JobRollout(Base):
+    """One prompt a reinforcement (GRPO) job sampled at a logged step, with its group of completions and their rewards
+    and advantages: `data` is {"prompt", "completions": [...]}, as the engine hands it over, cut to size by
+    `lifecycle.record_rollouts` (which also keeps only a job's newest ones)."""
+
+    __tablename__ = "job_rollouts"
+    __table_args__ = (Index(None, "job_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    data: Mapped[dict[str, Any]]
+
+
 class Model(Base):
     """Everything `/v1/models` lists: base models (public, `owner_id` NULL), fine-tunes and checkpoints (owned).
     `parent` is the model this one was trained from, `root` the base model underneath."""

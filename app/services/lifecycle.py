@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 from app.core import ids
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Checkpoint, Job, JobStatus, Model
-from app.services import checkpoint_retention, storage
+from app.db.models import Checkpoint, Job, JobRollout, JobStatus, Model
+from app.services import checkpoint_retention, rollouts, storage
 from app.services.job_events import new_event
 from app.services.models import checkpoint_model_id, fine_tuned_model_id
 from app.services.storage import attempt_dir as attempt_dir  # re-exported: tests.load and fixtures name them here
@@ -154,6 +154,23 @@ def record_event(*, session: Session, job_id: str, attempt: int, owner: str, mes
     if not _fenced_update(session, job_id, attempt, owner, {"heartbeat_at": utcnow()}):
         raise LeaseLost(job_id)
     session.add(new_event(job_id, message, level=level, data=data))
+    session.commit()
+
+
+def record_rollouts(*, session: Session, job_id: str, attempt: int, owner: str, step: int,
+                    samples: list[dict[str, Any]]) -> None:
+    """A reinforcement job's sampled rollouts at `step` (the engine's `on_rollouts`: one dict per prompt, with its
+    completions), one row per prompt, only while this worker holds the job. Raises LeaseLost.
+
+    What is kept is capped (`app.services.rollouts`): at most 64 prompts per step and 64 completions per prompt,
+    every string (a completion's text, the prompt) cut to 8,000 characters, non-finite numbers stored as null; and
+    a job keeps its newest 2,000 rows, the oldest beyond that deleted in the same transaction."""
+    if not _fenced_update(session, job_id, attempt, owner, {"heartbeat_at": utcnow()}):
+        raise LeaseLost(job_id)
+    session.add_all(JobRollout(id=ids.new_id(ids.ROLLOUT), job_id=job_id, step=step, data=rollouts.capped(sample))
+                    for sample in samples[:rollouts.MAX_PER_STEP])
+    session.flush()
+    rollouts.prune(session, job_id)
     session.commit()
 
 

@@ -9,7 +9,8 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import CtxDep, CurrentKey, SessionDep
 from app.api.routing import IdempotencyKey, PathId, QueryId, RetryCount, StrictRoute
 from app.schemas.jobs import CheckpointList, FineTuningJob, JobCreate, JobEventList, JobList, JobValidation
-from app.services import jobs
+from app.schemas.rollouts import RolloutList
+from app.services import jobs, rollouts
 from app.services.event_stream import stream_events
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], route_class=StrictRoute)
@@ -78,3 +79,12 @@ def list_checkpoints(job_id: PathId, session: SessionDep, key: CurrentKey, after
                      limit: Limit = 10) -> CheckpointList:
     job = jobs.get_job(session=session, key=key, job_id=job_id)
     return jobs.list_checkpoints(session=session, job=job, after=after, limit=limit)
+
+
+@router.get("/{job_id:job_id}/rollouts")
+def list_rollouts(job_id: PathId, session: SessionDep, key: CurrentKey, after: QueryId = None, limit: Limit = 10,
+                  step: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None) -> RolloutList:
+    """A reinforcement job's sampled prompts with their completions and rewards, newest first; `step` keeps one
+    logged step's."""
+    job = jobs.get_job(session=session, key=key, job_id=job_id)
+    return rollouts.list_rollouts(session=session, job=job, after=after, limit=limit, step=step)
