@@ -71,6 +71,7 @@ def classify(error: BaseException, *, model: str, method_type: str, hyperparamet
     """The failure to report for an exception raised while loading or training."""
     from unsloth_core.data import DataFileError
     from unsloth_core.errors import ModelFormatError, UnslothError
+    from unsloth_core.graders import GraderError
 
     hp = f"method.{method_type}.hyperparameters"
     if isinstance(error, JobFailure):
@@ -84,6 +85,9 @@ def classify(error: BaseException, *, model: str, method_type: str, hyperparamet
     if isinstance(error, DataFileError):
         return JobFailure(f"invalid_{error.role}_file", f"The {error.role} data cannot be used: {error}",
                           f"{error.role}_file")
+    if isinstance(error, GraderError):  # python graders switched off since the job was made, no sandbox here, ...
+        return JobFailure("grader_unavailable", f"The job's grader cannot run on this server: {error}",
+                          "method.reinforcement.grader")
     if isinstance(error, ModelFormatError):
         return JobFailure("model_unreadable", f"The base model '{model}' cannot be loaded: {error}", "model")
     if isinstance(error, UnslothError | ValueError):

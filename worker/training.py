@@ -50,7 +50,12 @@ stopping = threading.Event()  # the worker is shutting down: checkpoint and requ
 
 # The trainer's metric names, as OpenAI's metrics events name them.
 METRIC_NAMES = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_accuracy", "eval_loss": "valid_loss",
-                "eval_mean_token_accuracy": "valid_mean_token_accuracy"}
+                "eval_mean_token_accuracy": "valid_mean_token_accuracy",
+                # GRPO: the grader's mean score on the step's completions, and on held-out prompts
+                "reward": "train_reward_mean", "reward_std": "train_reward_std", "eval_reward": "valid_reward_mean",
+                "eval_reward_std": "valid_reward_std"}
+# What a checkpoint's metrics keep of the latest logs (beside METRIC_NAMES' values).
+CHECKPOINT_EXTRAS = ("epoch", "full_valid_loss", "eval_step")
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Plan:
     lora: LoRAConfig
     resume: Path | None
     resume_step: int | None
+    job: Job | None = None
 
 
 def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
@@ -168,7 +174,7 @@ def prepare(ctx: WorkerContext, job: Job) -> Plan:
         recorded = lifecycle.recorded_checkpoint_dirs(session=session, settings=settings, job_id=job.id)
     sweep_earlier_attempts(ctx, job, recorded)
     return Plan(base, train_file, validation_file, args, lora, resume[1] if resume else None,
-                resume[0].step_number if resume else None)
+                resume[0].step_number if resume else None, job)
 
 
 def _complete(path: Path) -> bool:
@@ -219,8 +225,17 @@ def _finetune(ctx: WorkerContext, plan: Plan, callbacks: JobCallbacks) -> tuple[
     device = torch.device(resolve_device(ctx.settings.device))
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton launches on the current device, whatever its tensors' device
-    return finetune(plan.base, plan.train_file, plan.args, plan.lora, plan.validation_file, callbacks,
-                    resume=plan.resume, device=device)
+    method, judge = None, None
+    if plan.job is not None and plan.job.method["type"] == "reinforcement":
+        from worker.reinforcement import grpo_method
+
+        method, judge = grpo_method(ctx, plan.job, device)
+    try:
+        return finetune(plan.base, plan.train_file, plan.args, plan.lora, plan.validation_file, callbacks,
+                        resume=plan.resume, device=device, method=method)
+    finally:
+        if judge is not None:
+            judge.close()
 
 
 def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, callbacks: JobCallbacks) -> str:
@@ -316,6 +331,7 @@ class JobCallbacks:
         self.step = 0  # the last step logged
         self.checkpoint_step: int | None = None  # the last checkpoint recorded (or resumed from)
         self._rate_origin: tuple[float, int] | None = None  # (time, step) of the first log, for the finish estimate
+        self._latest: dict[str, Any] = {}  # the latest value of each metric, the latest evaluation's included
 
     def should_stop(self) -> StopRequest:
         stop = self.lease.check()
@@ -335,6 +351,9 @@ class JobCallbacks:
         step, total = int(metrics["step"]), int(metrics["total_steps"])
         self.step = step
         data = {METRIC_NAMES.get(k, k): v for k, v in metrics.items() if _json_number(v)}
+        self._latest.update(data)
+        if any(k.startswith("eval_") for k in metrics):
+            self._latest["eval_step"] = step
         progress = {"step": step, "total_steps": total, "epoch": metrics.get("epoch"),
                     "train_loss": data.get("train_loss")}
         try:
@@ -347,8 +366,12 @@ class JobCallbacks:
 
     def on_checkpoint(self, path: Path, step: int, metrics: dict[str, Any]) -> None:
         self.lease.ensure()
-        kept = {METRIC_NAMES.get(k, k): v for k, v in metrics.items()
-                if k in METRIC_NAMES or k in ("epoch", "full_valid_loss")}
+        # The step's own log (its evaluation, when one ran at this step), over the latest values: a checkpoint
+        # between evaluations carries the last one, with the step it was taken at.
+        names = {*METRIC_NAMES.values(), *CHECKPOINT_EXTRAS}
+        kept = {k: v for k, v in self._latest.items() if k in names}
+        kept.update({METRIC_NAMES.get(k, k): v for k, v in metrics.items()
+                     if k in METRIC_NAMES or k in CHECKPOINT_EXTRAS})
         try:
             with self.ctx.sessions() as session:
                 row = lifecycle.record_checkpoint(session=session, settings=self.ctx.settings, step=step,
@@ -363,6 +386,15 @@ class JobCallbacks:
             self.lease.lost.set()
             raise LeaseLost(self.lease.job_id)
         self.checkpoint_step = step
+
+    def on_rollouts(self, step: int, rollouts: list[dict[str, Any]]) -> None:
+        """A reinforcement step's sampled completions, kept with the job (GET .../rollouts)."""
+        self.lease.ensure()
+        try:
+            with self.ctx.sessions() as session:
+                lifecycle.record_rollouts(session=session, step=step, samples=rollouts, **self.lease.fence)
+        except OperationalError as e:  # a database hiccup costs these samples, not the attempt
+            log.warning("job %s: rollouts of step %d not recorded (%s)", self.lease.job_id, step, type(e).__name__)
 
     def on_epoch_end(self, epoch: int) -> None:
         _event(self.ctx, self.lease, f"Epoch {epoch + 1} done")
@@ -384,6 +416,7 @@ def _json_number(value: Any) -> bool:
 
 
 def _metrics_message(data: dict[str, Any], step: int, total: int) -> str:
-    parts = [f"{label}={data[key]:.4f}" for key, label in (("train_loss", "training loss"),
-                                                          ("valid_loss", "validation loss")) if key in data]
+    labels = (("train_loss", "training loss"), ("valid_loss", "validation loss"),
+              ("train_reward_mean", "training reward"), ("valid_reward_mean", "validation reward"))
+    parts = [f"{label}={data[key]:.4f}" for key, label in labels if key in data]
     return f"Step {step}/{total}: {', '.join(parts) or 'metrics'}"

@@ -162,7 +162,7 @@ def train_config(method: dict[str, Any], *, seed: int, output_dir: Path, total_s
                      learning_rate=float(hp["learning_rate"]),
                      lr_scheduler=hp["lr_scheduler"], warmup_ratio=float(hp["warmup_ratio"]),
                      max_seq_length=int(hp["max_seq_length"]), packing=bool(hp.get("packing", False)), seed=seed,
-                     beta=float(hp.get("beta", 0.1)), logging_steps=metrics_every,
+                     beta=0.1 if rl else float(hp.get("beta", 0.1)), logging_steps=metrics_every,  # GRPO: GRPOArgs
                      load_in_4bit=bool(hp.get("load_in_4bit", False)),  # absent in jobs stored before it existed
                      eval_steps=int(hp["eval_interval"]) if rl else None,
                      save_steps=checkpoint_interval(total_steps, int(hp["n_checkpoints"])))

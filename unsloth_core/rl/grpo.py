@@ -356,14 +356,19 @@ class GRPO(Method):
                  rewards: Tensor, advantages: Tensor) -> list[dict[str, Any]]:
         """The first `log_rollouts` prompts with their groups: what a user reads to see what the policy learns."""
         g, out = self.args.num_generations, []
+        # A reward function may explain its latest scores (a grader's sub-scores and errors): `explain(row)`.
+        explainers = [(n, f.explain) for n, f in zip(self.names, self.reward_funcs) if hasattr(f, "explain")]
         for i, p in enumerate(prompts[: self.args.log_rollouts]):
             group = []
             for j in range(i * g, (i + 1) * g):
                 c = completions[j]
-                group.append({"text": c.text, "reward": _number(rewards[j]),
-                              "rewards": {n: _number(per_func[j, k]) for k, n in enumerate(self.names)},
-                              "advantage": float(advantages[j]), "finish_reason": c.finish_reason,
-                              "num_tokens": len(c.ids)})
+                entry = {"text": c.text, "reward": _number(rewards[j]),
+                         "rewards": {n: _number(per_func[j, k]) for k, n in enumerate(self.names)},
+                         "advantage": float(advantages[j]), "finish_reason": c.finish_reason,
+                         "num_tokens": len(c.ids)}
+                if explainers:
+                    entry["details"] = {n: explain(j) for n, explain in explainers}
+                group.append(entry)
             out.append({"prompt": p.example.prompt, "completions": group})
         return out
 
