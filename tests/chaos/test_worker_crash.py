@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.chaos.conftest import Chaos
-from tests.e2e.conftest import all_events, create_job, metric_steps, status_events, upload_facts
+from tests.e2e.conftest import TINY, all_events, create_job, jsonl, metric_steps, status_events, upload_facts
 
 STEPS = 100  # 100 examples, batch 1: 100 steps, a checkpoint every 10
 STEP_MS = 30  # a job the test kills mid-way takes at least 3 s (a fault hook that only sleeps), on any machine
@@ -162,3 +162,38 @@ def test_kill_9_of_the_main_process(chaos: Chaos, training_file: str, reference:
     assert chaos.stack.wait_status(job_id, ("succeeded", "failed")).status == "succeeded"
     assert_resumed_once(chaos, job_id, step)
     assert_same(reference, final_adapter(chaos, job_id))
+
+
+RL_STEPS = 20  # 20 prompts, one per step, a checkpoint every 2
+RL_HP: dict[str, Any] = {"n_epochs": 1, "batch_size": 1, "n_checkpoints": 10, "num_generations": 2,
+                         "max_completion_length": 4, "learning_rate": 5e-3, "lora_r": 4, "max_seq_length": 96}
+ANY_A = {"type": "string_check", "name": "has_a", "input": "{{sample.output_text}}", "reference": "{{item.want}}",
+         "operation": "like"}
+
+
+def create_rl_job(chaos: Chaos) -> str:
+    client = chaos.stack.client()
+    rows = [{"messages": [{"role": "user", "content": f"Say something about {i}."}], "want": "a"}
+            for i in range(RL_STEPS)]
+    training = client.files.create(file=("rl.jsonl", jsonl(rows)), purpose="fine-tune").id
+    method: Any = {"type": "reinforcement", "reinforcement": {"grader": ANY_A, "hyperparameters": RL_HP}}
+    return str(client.fine_tuning.jobs.create(model=TINY, training_file=training, seed=7, method=method).id)
+
+
+def test_kill_9_mid_reinforcement_job(chaos: Chaos) -> None:
+    """A GRPO job resumes as an SFT one does: sampling is seeded per (seed, step, completion), so the attempt after
+    the crash samples, scores and trains exactly what the dead one would have."""
+    straight = create_rl_job(chaos)
+    assert chaos.stack.wait_status(straight, ("succeeded", "failed")).status == "succeeded"
+    chaos.fault_next_job(step_ms=STEP_MS * 5)
+    job_id = create_rl_job(chaos)
+    chaos.stack.wait(lambda: checkpoints(chaos, job_id), 60, f"a checkpoint of job {job_id}")
+    chaos.stack.wait(lambda: int((chaos.job(job_id)["progress"] or {}).get("step", 0)) >= 5, 60,
+                     f"job {job_id} to pass step 5")
+    _, child = chaos.holder(job_id)
+    os.kill(child, signal.SIGKILL)
+    assert chaos.stack.wait_status(job_id, ("succeeded", "failed")).status == "succeeded"
+    events = all_events(chaos.stack.client(), job_id)
+    assert status_events(events) == ["running", "queued", "running", "succeeded"]
+    assert any(e.message.startswith("Resuming from the checkpoint at step") for e in events)
+    assert_same(final_adapter(chaos, straight), final_adapter(chaos, job_id))

@@ -11,7 +11,9 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -22,6 +24,7 @@ from tests.e2e.conftest import (
     all_events,
     create_job,
     free_port,
+    jsonl,
     link_tiny,
     metric_steps,
     service_env,
@@ -95,6 +98,67 @@ def test_embedded_fine_tune_from_upload_to_completions(embedded: tuple[Stack, li
         chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=8, temperature=0)
         assert chat.usage is not None and chat.usage.completion_tokens > 0
+
+
+# Reinforcement: a format rule SmolLM2 meets now and then (it starts about one reply in six with "A "), learnt from
+# the grader alone. Measured on 2 cores (engine, 2 threads): eval reward 0.75 after 8 steps, 1.0 after 16.
+RL_TOPICS = ["the sea", "a cat", "rain", "the moon", "a tree", "coffee", "a train", "winter", "music", "a city",
+             "the sun", "a dog", "snow", "a river", "bread", "a book", "a bird", "the wind", "a garden", "fire",
+             "a road", "tea", "a mountain", "the night"]
+STARTS_WITH_A = {"type": "string_check", "name": "starts_with_a", "input": "{{sample.output_text}}",
+                 "reference": "{{item.opening}}", "operation": "like"}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def rl_rows(topics: list[str]) -> list[dict[str, Any]]:
+    return [{"messages": [{"role": "user", "content": f"Write one short sentence about {t}."}], "opening": "A "}
+            for t in topics]
+
+
+@pytest.mark.slow
+def test_embedded_reinforcement_job_learns_the_graders_rule(embedded: tuple[Stack, list[int]]) -> None:
+    stack, _ = embedded
+    client = stack.client(timeout=120)
+    validation = rl_rows(RL_TOPICS[16:])
+    # The base model's pass rate on the held-out prompts, sampled as the job's evaluation samples (temperature 1,
+    # 8 tokens), graded by the same grader over the API.
+    base_scores = []
+    for row in validation:
+        chat = client.chat.completions.create(model=DEFAULT_MODEL, messages=row["messages"], n=8, max_tokens=8,
+                                              temperature=1.0, seed=11)
+        for choice in chat.choices:
+            run = client.fine_tuning.alpha.graders.run(grader=STARTS_WITH_A,  # type: ignore[arg-type]
+                                                       model_sample=choice.message.content or "", item=row)
+            base_scores.append(run.reward)
+    base = sum(base_scores) / len(base_scores)
+    assert 0 < base < 0.4, base_scores  # met sometimes, not often: something to learn
+
+    files = [client.files.create(file=(name, jsonl(rows)), purpose="fine-tune").id
+             for name, rows in (("train.jsonl", rl_rows(RL_TOPICS[:16])), ("valid.jsonl", validation))]
+    hp = {"n_epochs": 2, "batch_size": 2, "learning_rate": 3e-4, "n_checkpoints": 2, "num_generations": 8,
+          "max_completion_length": 8, "max_seq_length": 128, "eval_samples": 8, "lr_scheduler": "constant",
+          "warmup_ratio": 0.0}
+    job = client.fine_tuning.jobs.create(model=DEFAULT_MODEL, training_file=files[0], validation_file=files[1],
+                                         seed=3, method={"type": "reinforcement", "reinforcement": {
+                                             "grader": STARTS_WITH_A, "hyperparameters": hp}})  # type: ignore[typeddict-item]
+    done = stack.wait_status(job.id, ("succeeded", "failed", "cancelled"), timeout=900)
+    assert done.status == "succeeded", (done.error, stack.logs())
+
+    checkpoints = sorted(client.fine_tuning.jobs.checkpoints.list(job.id), key=lambda c: c.step_number)
+    assert [c.step_number for c in checkpoints] == [8, 16]
+    final = checkpoints[-1].metrics.model_extra or {}
+    assert final["valid_reward_mean"] >= max(0.5, 2 * base), (final, base)
+    events = all_events(client, job.id)
+    rewards = [e.data["train_reward_mean"] for e in events
+               if e.type == "metrics" and "train_reward_mean" in e.data and "checkpoint" not in e.data]
+    assert len(rewards) == 16 and all(0 <= r <= 1 for r in rewards)
+    rollouts = client.get(f"/fine_tuning/jobs/{job.id}/rollouts", cast_to=httpx.Response).json()["data"]
+    assert rollouts and len(rollouts[0]["completions"]) == 8
+    assert all(set(c) >= {"text", "reward", "advantage"} for c in rollouts[0]["completions"])
+    # the fine-tune is served: greedy, it now opens with "A "
+    reply = client.chat.completions.create(model=done.fine_tuned_model, messages=validation[0]["messages"],
+                                           max_tokens=8, temperature=0)
+    assert (reply.choices[0].message.content or "").startswith("A "), reply
 
 
 def test_ctrl_c_stops_both_processes_cleanly(embedded: tuple[Stack, list[int]]) -> None:
