@@ -14,7 +14,14 @@ import torch
 
 from unsloth_core.checkpoint import TOKENIZER_FILES, atomic_directory, copy_tokenizer_files, load_model, save_model
 from unsloth_core.data import epoch_order
-from unsloth_core.lora import LoRAConfig, inject, write_adapter_files
+from unsloth_core.lora import (
+    LoRAConfig,
+    adapter_state_dict,
+    inject,
+    load_adapter_weights,
+    read_adapter_config,
+    write_adapter_files,
+)
 from unsloth_core.method import Method, method_for
 from unsloth_core.model import Llama
 from unsloth_core.tokenizer import Tokenizer
@@ -71,13 +78,16 @@ def load_base(model_path: str | Path, device: torch.device | None = None, load_i
 def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lora: LoRAConfig | None,
              validation_file: str | Path | None = None, callbacks: Callbacks | None = None,
              resume: str | Path | None = "latest", device: torch.device | None = None,
-             method: Method | None = None) -> tuple[TrainResult, Path]:
+             method: Method | None = None, init_adapter: str | Path | None = None) -> tuple[TrainResult, Path]:
     """Train and write `<output_dir>/final` (a PEFT adapter, or a full model when `lora` is None).
 
     `lora` None trains every weight. `method` None: the one `args.method` names; GRPO is given as an object, since
     its reward functions are code (`rl.grpo.GRPO(reward_funcs, GRPOArgs(...))`, with `args.method="grpo"`).
     Returns the trainer's result and the final directory, which is written only when training ran to its end
     (after a cancel or pause, the result's checkpoint is where to resume from).
+
+    `init_adapter` continues an earlier fine-tune: its adapter (same rank and target modules as `lora`) is the
+    starting point, and DPO's and GRPO's reference policy is that fine-tune, not the bare base.
     """
     if lora is None and args.load_in_4bit:
         raise ValueError("load_in_4bit trains LoRA adapters on a frozen 4-bit base; full fine-tuning needs the "
@@ -92,6 +102,10 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
     base_name = str(model_path)
     if lora is not None:
         inject(model, lora, seed=args.seed)
+        if init_adapter is not None:
+            _continue_from(model, lora, Path(init_adapter))
+    elif init_adapter is not None:
+        raise ValueError("init_adapter continues a LoRA fine-tune; give the LoRA config it was trained with")
     else:
         model.requires_grad_(True)
     output = Path(args.output_dir)
@@ -106,6 +120,17 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
     if result.status in ("completed", "early_stopped"):
         save_final(model, final, tokenizer_dir, base_name)
     return result, final
+
+
+def _continue_from(model: Llama, lora: LoRAConfig, adapter: Path) -> None:
+    """Start from a saved adapter; it becomes the reference policy too. Its rank and targets must be `lora`'s."""
+    saved = read_adapter_config(adapter)
+    if saved.r != lora.r or sorted(saved.target_modules) != sorted(lora.target_modules):
+        raise ValueError(f"the fine-tune being continued has rank {saved.r} on {', '.join(saved.target_modules)}; "
+                         f"train it with the same rank and target modules (got rank {lora.r} on "
+                         f"{', '.join(lora.target_modules)})")
+    load_adapter_weights(model, adapter)
+    model.reference_adapter = {n: p.detach().clone() for n, p in adapter_state_dict(model).items()}
 
 
 def save_final(model: Llama, directory: Path, tokenizer_dir: Path, base_name: str) -> Path:

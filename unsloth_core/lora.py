@@ -247,6 +247,30 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             m.disabled = b
 
 
+@contextlib.contextmanager
+def reference_policy(model: nn.Module) -> Iterator[None]:
+    """Run the policy that DPO's and GRPO's KL terms compare against: the base with the adapters off, or, for a
+    model whose training continued an earlier fine-tune (`model.reference_adapter`, set by `finetune`), that
+    fine-tune: its adapter tensors swapped in for the pass (no second model), the trained ones put back after."""
+    start: dict[str, Tensor] | None = getattr(model, "reference_adapter", None)
+    if start is None:
+        with disable_adapters(model):
+            yield
+        return
+    current = adapter_state_dict(model)  # type: ignore[arg-type]
+    kept = {n: p.data for n, p in current.items()}
+    for n, p in current.items():
+        if start[n].dtype != p.dtype or start[n].device != p.device:  # the trainer cast its masters since
+            start[n] = start[n].to(device=p.device, dtype=p.dtype)
+    try:
+        for n, p in current.items():
+            p.data = start[n]
+        yield
+    finally:
+        for n, p in current.items():
+            p.data = kept[n]
+
+
 def merge_lora(model: nn.Module) -> None:
     for _, m in lora_layers(model):
         m.merge()

@@ -315,6 +315,8 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.lora_config: Any = None  # a LoRAConfig once unsloth_core.lora has injected adapters
+        # what DPO's and GRPO's reference policy swaps in when training continues an earlier fine-tune (lora.py)
+        self.reference_adapter: dict[str, Tensor] | None = None
         # Training only: False, True (recompute each block in backward) or "offload" (keep block inputs on the host)
         self.gradient_checkpointing: bool | str = False
         self.max_seq_length: int | None = None  # the context generation may use (None: max_position_embeddings)

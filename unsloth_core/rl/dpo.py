@@ -2,7 +2,8 @@
 
 A batch holds 2B rows: prompt + chosen for rows 0..B-1, prompt + rejected for rows B..2B-1, labels on the replies
 only (see data.collate_preference). The reference policy is the same model with its LoRA adapters disabled (no
-second copy of the weights), or a frozen copy when training all weights.
+second copy of the weights), or with the adapter it continues swapped in (lora.reference_policy), or a frozen copy
+when training all weights.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from unsloth_core.data import (
     tokenize_preference,
 )
 from unsloth_core.kernels import IGNORE_INDEX
-from unsloth_core.lora import disable_adapters
+from unsloth_core.lora import reference_policy
 from unsloth_core.method import Method, to_device
 from unsloth_core.model import Llama
 
@@ -70,7 +71,7 @@ def dpo_step(model: Llama, batch: dict[str, Tensor], beta: float, reference: Lla
         if reference is not None:
             ref = sequence_logps(reference, batch)
         else:
-            with disable_adapters(model):
+            with reference_policy(model):
                 ref = sequence_logps(model, batch)
     return dpo_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta)
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from unsloth_core.generate import Generator
-from unsloth_core.lora import disable_adapters
+from unsloth_core.lora import reference_policy
 from unsloth_core.method import Method, MethodState
 from unsloth_core.model import Llama
 from unsloth_core.rl.grpo_loss import (
@@ -342,7 +342,7 @@ class GRPO(Method):
         model.eval()
         parts = []
         try:
-            with disable_adapters(model) if self.reference is None else nullcontext(), trainer.autocast():
+            with reference_policy(model) if self.reference is None else nullcontext(), trainer.autocast():
                 for lo in range(0, len(starts), trainer.args.micro_batch_size):
                     hi = min(lo + trainer.args.micro_batch_size, len(starts))
                     lp, _ = completion_logprobs(model, sequences[lo:hi], starts[lo:hi], lengths[lo:hi],
