@@ -30,7 +30,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import File, Job, JobStatus
+from app.db.models import File, Job, JobStatus, Model
 from app.services import dispatch, fair_queue, hyperparameters, lifecycle, storage
 from app.services.lifecycle import LeaseLost
 from worker import failures
@@ -70,6 +70,7 @@ class Plan:
     resume: Path | None
     resume_step: int | None
     job: Job | None = None
+    init_adapter: Path | None = None  # the adapter of the fine-tune the job continues
 
 
 def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
@@ -153,10 +154,8 @@ def prepare(ctx: WorkerContext, job: Job) -> Plan:
     """Check what the job needs is still there, resolve the engine's arguments and the checkpoint to resume from.
     Raises JobFailure."""
     settings = ctx.settings
-    base = storage.base_model_dir(settings, job.model)
-    if base is None:
-        raise failures.model_not_found(job.model)
     with ctx.sessions() as session:
+        base, init_adapter = _starting_point(ctx, session, job.model)
         train_file = _readable_file(ctx, session.get(File, job.training_file), "training_file", job.training_file)
         validation_file = None
         if job.validation_file:
@@ -174,7 +173,26 @@ def prepare(ctx: WorkerContext, job: Job) -> Plan:
         recorded = lifecycle.recorded_checkpoint_dirs(session=session, settings=settings, job_id=job.id)
     sweep_earlier_attempts(ctx, job, recorded)
     return Plan(base, train_file, validation_file, args, lora, resume[1] if resume else None,
-                resume[0].step_number if resume else None, job)
+                resume[0].step_number if resume else None, job, init_adapter)
+
+
+def _starting_point(ctx: WorkerContext, session: Session, model_id: str) -> tuple[Path, Path | None]:
+    """The base model's directory, and the adapter of the fine-tune (or checkpoint) the job continues, if any."""
+    base = storage.base_model_dir(ctx.settings, model_id)
+    if base is not None:
+        return base, None
+    row = session.get(Model, model_id)
+    if row is None or row.kind == "base" or row.deleted_at is not None:
+        raise failures.model_not_found(model_id)
+    base = storage.base_model_dir(ctx.settings, row.root)
+    if base is None:
+        raise failures.model_not_found(row.root)
+    adapter = storage.adapter_dir(ctx.settings, row.path)
+    if adapter is None:
+        raise JobFailure("model_not_found", f"The files of '{model_id}', which this job continues, are gone (it "
+                                            "was deleted, or pruned as an old checkpoint); create the job again from "
+                                            "a model that exists.", "model")
+    return base, adapter
 
 
 def _complete(path: Path) -> bool:
@@ -232,7 +250,7 @@ def _finetune(ctx: WorkerContext, plan: Plan, callbacks: JobCallbacks) -> tuple[
         method, judge = grpo_method(ctx, plan.job, device)
     try:
         return finetune(plan.base, plan.train_file, plan.args, plan.lora, plan.validation_file, callbacks,
-                        resume=plan.resume, device=device, method=method)
+                        resume=plan.resume, device=device, method=method, init_adapter=plan.init_adapter)
     finally:
         if judge is not None:
             judge.close()

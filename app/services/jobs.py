@@ -23,6 +23,7 @@ from app.core.errors import APIError, bad_request, not_found
 from app.db.base import unix, utcnow
 from app.db.models import TERMINAL_STATUSES, ApiKey, Checkpoint, File, Job, JobEvent, JobStatus, Model
 from app.schemas.jobs import (
+    ALL_LINEAR_MODULES,
     AnyHyperparameters,
     CheckpointList,
     CheckpointObject,
@@ -38,7 +39,7 @@ from app.schemas.jobs import (
     SupervisedHyperparameters,
     ValidationIssue,
 )
-from app.services import hyperparameters
+from app.services import hyperparameters, storage
 from app.services.common import by_idempotency_key, owned, page
 from app.services.dispatch import send_train
 from app.services.files import readable_content
@@ -61,6 +62,7 @@ class JobPlan:
     grader: dict[str, Any] | None = None  # a reinforcement job's, as OpenAI's JSON (validated)
     judge_models: list[str] = field(default_factory=list)  # the models its model graders name
     allow_python_graders: bool = False
+    parent_lora: dict[str, Any] | None = None  # a continued fine-tune's adapter shape (r, alpha, targets)
     base_path: Path | None = None
     training: File | None = None
     validation: File | None = None
@@ -170,14 +172,7 @@ def plan_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobC
     hp_param = f"method.{plan.method_type}.hyperparameters"
     plan.base_path = base_model_dir(settings, payload.model)
     if plan.base_path is None:
-        owned_model = session.scalar(select(Model).where(Model.id == payload.model, Model.deleted_at.is_(None),
-                                                         Model.owner_id == key.id))
-        if owned_model is not None:
-            plan.fail("model", "model_not_supported", f"Fine-tuning a fine-tuned model is not supported yet; use its "
-                                                      f"base model '{owned_model.root}'.")
-        else:
-            plan.fail("model", "model_not_found", f"The model '{payload.model}' does not exist or is not available "
-                                                  "for fine-tuning.")
+        _continued_model(plan, session, settings, key, payload.model)
     wanted = plan.data_purpose
     plan.training = _check_file(plan, session=session, key=key, file_id=payload.training_file,
                                 param="training_file", wanted=wanted)
@@ -199,7 +194,50 @@ def plan_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobC
     n_examples = int((plan.training.validation or {}).get("n_examples") or 0) if plan.training else 0
     plan.hyperparameters = hyperparameters.resolve(hp, method_type=plan.method_type, n_examples=n_examples,
                                                    context_length=ctx)
+    if plan.parent_lora is not None:
+        _inherit_lora(plan, hp, hp_param)
     return plan
+
+
+def _continued_model(plan: JobPlan, session: Session, settings: Settings, key: ApiKey, model_id: str) -> None:
+    """A fine-tune or checkpoint of this key's as the job's model: trained on from its adapter, on its base."""
+    from unsloth_core.errors import ModelFormatError
+    from unsloth_core.lora import read_adapter_config
+
+    row = session.scalar(select(Model).where(Model.id == model_id, Model.deleted_at.is_(None),
+                                             Model.kind != "base", Model.owner_id == key.id))
+    adapter = storage.adapter_dir(settings, row.path) if row is not None else None
+    plan.base_path = base_model_dir(settings, row.root) if row is not None else None
+    if row is None or adapter is None or plan.base_path is None:
+        plan.fail("model", "model_not_found", f"The model '{model_id}' does not exist or is not available for "
+                                              "fine-tuning.")
+        plan.base_path = None
+        return
+    try:
+        config = read_adapter_config(adapter)
+    except ModelFormatError as e:
+        plan.fail("model", "model_unreadable", f"The adapter of '{model_id}' cannot be read: {e}")
+        return
+    plan.parent_lora = {"lora_r": config.r, "lora_alpha": config.lora_alpha,
+                        "lora_target_modules": list(config.target_modules)}
+
+
+def _inherit_lora(plan: JobPlan, hp: AnyHyperparameters, hp_param: str) -> None:
+    """A continued fine-tune keeps its adapter's shape: rank and targets as the parent's ("auto": the parent's;
+    anything else is a 400 naming the field), and its alpha unless one is given."""
+    assert plan.parent_lora is not None and plan.hyperparameters is not None
+    parent = plan.parent_lora
+    asked_targets = hp.lora_target_modules
+    asked = {"lora_r": hp.lora_r,
+             "lora_target_modules": list(ALL_LINEAR_MODULES) if asked_targets == "all-linear" else asked_targets}
+    for name, value in asked.items():
+        same = sorted(value) == sorted(parent[name]) if isinstance(value, list) else value == parent[name]
+        if value != "auto" and not same:
+            plan.fail(f"{hp_param}.{name}", "invalid_value", f"{name} must be the continued model's "
+                                                             f"({parent[name]}): its adapter is trained further.")
+        plan.hyperparameters[name] = parent[name]
+    if hp.lora_alpha == "auto":
+        plan.hyperparameters["lora_alpha"] = parent["lora_alpha"]
 
 
 def _check_judges(plan: JobPlan, session: Session, settings: Settings, key: ApiKey) -> None:

@@ -23,7 +23,7 @@ from app.db.base import utcnow
 from app.db.models import Checkpoint, Job, JobRollout, JobStatus, Model
 from app.services import checkpoint_retention, rollouts, storage
 from app.services.job_events import new_event
-from app.services.models import checkpoint_model_id, fine_tuned_model_id
+from app.services.models import checkpoint_model_id, fine_tuned_model_id, root_of
 from app.services.storage import attempt_dir as attempt_dir  # re-exported: tests.load and fixtures name them here
 from app.services.storage import job_dir as job_dir
 from app.services.transitions import move, next_attempt
@@ -182,7 +182,8 @@ def record_checkpoint(*, session: Session, settings: Settings, job_id: str, atte
     job = _hold(session, job_id, attempt, owner)
     if job is None:
         return None
-    ft_id = fine_tuned_model_id(job.model, job.suffix, job.id)
+    root = root_of(session, job.model)
+    ft_id = fine_tuned_model_id(root, job.suffix, job.id)
     model_id = checkpoint_model_id(ft_id, step)
     relative = storage.artifact_relative(settings, adapter_dir)
     existing = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step_number == step))
@@ -194,7 +195,7 @@ def record_checkpoint(*, session: Session, settings: Settings, job_id: str, atte
         checkpoint = Checkpoint(id=ids.new_id(ids.CHECKPOINT), job_id=job_id, attempt=attempt, step_number=step,
                                 metrics={"step": step, **metrics}, path=relative, model_id=model_id)
         session.add(checkpoint)
-        session.add(Model(id=model_id, kind="checkpoint", owner_id=job.owner_id, parent=ft_id, root=job.model,
+        session.add(Model(id=model_id, kind="checkpoint", owner_id=job.owner_id, parent=ft_id, root=root,
                           job_id=job_id, checkpoint_id=checkpoint.id, path=relative))
     job.last_checkpoint_id = checkpoint.id
     session.add(new_event(job_id, f"Checkpoint saved at step {step}", type="metrics",
@@ -243,8 +244,9 @@ def complete_job(*, session: Session, settings: Settings, job_id: str, attempt: 
     job = _hold(session, job_id, attempt, owner)
     if job is None:
         return None
-    ft_id = fine_tuned_model_id(job.model, job.suffix, job.id)
-    session.add(Model(id=ft_id, kind="fine_tune", owner_id=job.owner_id, parent=job.model, root=job.model,
+    root = root_of(session, job.model)  # the job may continue a fine-tune: its parent is that, its root the base
+    ft_id = fine_tuned_model_id(root, job.suffix, job.id)
+    session.add(Model(id=ft_id, kind="fine_tune", owner_id=job.owner_id, parent=job.model, root=root,
                       job_id=job_id, path=storage.artifact_relative(settings, adapter_dir)))
     session.add(new_event(job_id, f"New fine-tuned model created: {ft_id}"))
     values = {"fine_tuned_model": ft_id, "trained_tokens": trained_tokens, "estimated_finish": None,

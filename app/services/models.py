@@ -34,6 +34,13 @@ def checkpoint_model_id(fine_tuned_model: str, step: int) -> str:
     return f"{fine_tuned_model}:ckpt-step-{step}"
 
 
+def root_of(session: Session, model_id: str) -> str:
+    """The base model under a model id: itself for a base, its row's `root` for a fine-tune or a checkpoint (a job
+    that continues a fine-tune trains on that base, and its own fine-tune is named after it)."""
+    row = session.get(Model, model_id)
+    return row.root if row is not None and row.kind != "base" else model_id
+
+
 @dataclass(frozen=True)
 class Servable:
     """What inference needs to serve a model id: the base directory, and the adapter applied on top (if any)."""
