@@ -71,6 +71,7 @@ class Plan:
     resume_step: int | None
     job: Job | None = None
     init_adapter: Path | None = None  # the adapter of the fine-tune the job continues
+    device: str = "cpu"  # where it trained (set when training starts)
 
 
 def run_job(ctx: WorkerContext, job_id: str, attempt: int, owner: str) -> str:
@@ -147,7 +148,7 @@ def _run_claimed(ctx: WorkerContext, job: Job, lease: Lease) -> str:
         else:
             log.warning("job %s attempt %d failed: %s", job.id, job.attempt, failure)
         return _fail(ctx, lease, failure)
-    return _finish(ctx, lease, result, final, callbacks)
+    return _finish(ctx, lease, result, final, callbacks, plan)
 
 
 def prepare(ctx: WorkerContext, job: Job) -> Plan:
@@ -241,6 +242,7 @@ def _finetune(ctx: WorkerContext, plan: Plan, callbacks: JobCallbacks) -> tuple[
     if ctx.settings.torch_threads:
         torch.set_num_threads(ctx.settings.torch_threads)
     device = torch.device(resolve_device(ctx.settings.device))
+    plan.device = str(device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton launches on the current device, whatever its tensors' device
     method, judge = None, None
@@ -256,13 +258,15 @@ def _finetune(ctx: WorkerContext, plan: Plan, callbacks: JobCallbacks) -> tuple[
             judge.close()
 
 
-def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, callbacks: JobCallbacks) -> str:
+def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, callbacks: JobCallbacks,
+            plan: Plan) -> str:
     if result.status in ("completed", "early_stopped"):
+        manifest = _manifest(ctx, plan)
         try:
             model = _final_write(ctx, lease, lambda session: lifecycle.complete_job(
                 session=session, settings=ctx.settings, adapter_dir=final, trained_tokens=result.trained_tokens,
-                **lease.fence))
-        except OperationalError as e:
+                manifest=manifest, **lease.fence))
+        except (OperationalError, OSError) as e:  # the database's disk, or the result files' (the files dir's)
             if not failures.is_storage_full(e):
                 raise
             return _pause_unrecorded(ctx, lease, final, result.step, callbacks)
@@ -280,6 +284,19 @@ def _finish(ctx: WorkerContext, lease: Lease, result: TrainResult, final: Path, 
     written = _final_write(ctx, lease, lambda session: lifecycle.stop_job(session=session, status=status,
                                                                           step=result.step, **lease.fence))
     return written or _lost(lease)
+
+
+def _manifest(ctx: WorkerContext, plan: Plan) -> dict[str, Any]:
+    """The job's reproducibility manifest; a failure to build it is reported inside it, never fails the job."""
+    from worker.manifest import build_manifest
+
+    assert plan.job is not None
+    try:
+        return build_manifest(ctx, plan.job, base=plan.base, init_adapter=plan.init_adapter, device=plan.device,
+                              dtype=plan.args.dtype)
+    except Exception as e:
+        log.exception("job %s: its manifest could not be built", plan.job.id)
+        return {"object": "fine_tuning.job.manifest", "job_id": plan.job.id, "error": f"{type(e).__name__}: {e}"}
 
 
 def _pause(ctx: WorkerContext, lease: Lease, step: int, failure: JobFailure) -> str:

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 from app.core import ids
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Checkpoint, Job, JobRollout, JobStatus, Model
-from app.services import checkpoint_retention, rollouts, storage
+from app.db.models import Checkpoint, File, Job, JobRollout, JobStatus, Model
+from app.services import checkpoint_retention, job_results, rollouts, storage
 from app.services.job_events import new_event
 from app.services.models import checkpoint_model_id, fine_tuned_model_id, root_of
 from app.services.storage import attempt_dir as attempt_dir  # re-exported: tests.load and fixtures name them here
@@ -238,21 +238,34 @@ def _ended(now: datetime) -> dict[str, Any]:
 
 
 def complete_job(*, session: Session, settings: Settings, job_id: str, attempt: int, owner: str, adapter_dir: Path,
-                 trained_tokens: int | None = None) -> str | None:
-    """Final adapter saved: the fine-tune's model row, `fine_tuned_model`, status `succeeded`. Returns the model id,
-    None when the fence fails."""
+                 trained_tokens: int | None = None, manifest: dict[str, Any] | None = None) -> str | None:
+    """Final adapter saved: the fine-tune's model row, `fine_tuned_model`, its result files (the step-metrics CSV and,
+    given one, the manifest: job_results.py), status `succeeded`. Returns the model id, None when the fence fails."""
     job = _hold(session, job_id, attempt, owner)
     if job is None:
         return None
+    results = job_results.write_result_files(session, settings, job, manifest or {})
+    try:
+        return _complete(session, settings, job, attempt, owner, adapter_dir, trained_tokens, results)
+    except BaseException:
+        session.rollback()
+        job_results.remove_result_files(settings, results)
+        raise
+
+
+def _complete(session: Session, settings: Settings, job: Job, attempt: int, owner: str, adapter_dir: Path,
+              trained_tokens: int | None, results: list[File]) -> str | None:
+    job_id = job.id
     root = root_of(session, job.model)  # the job may continue a fine-tune: its parent is that, its root the base
     ft_id = fine_tuned_model_id(root, job.suffix, job.id)
     session.add(Model(id=ft_id, kind="fine_tune", owner_id=job.owner_id, parent=job.model, root=root,
                       job_id=job_id, path=storage.artifact_relative(settings, adapter_dir)))
     session.add(new_event(job_id, f"New fine-tuned model created: {ft_id}"))
     values = {"fine_tuned_model": ft_id, "trained_tokens": trained_tokens, "estimated_finish": None,
-              **_ended(utcnow())}
+              "result_files": [f.id for f in results], **_ended(utcnow())}
     if not _end_attempt(session, job_id, attempt, owner, JobStatus.SUCCEEDED, "The job has successfully completed",
                         values=values):
+        job_results.remove_result_files(settings, results)  # rolled back: their rows are gone
         return None
     session.commit()
     return ft_id

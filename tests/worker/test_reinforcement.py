@@ -66,6 +66,10 @@ def test_a_reinforcement_job_reports_rewards_checkpoints_and_rollouts(env: Worke
         assert "train_reward_mean" in c.metrics
     kept = rollouts(env, job_id)
     assert sorted({r.step for r in kept}) == [1, 2, 3, 4] and len(kept) == 8  # both prompts of each step
+    from tests.worker.test_results import result_files
+
+    header = result_files(env, job_id)["step_metrics.csv"].decode().splitlines()[0].split(",")
+    assert header[:3] == ["step", "train_loss", "train_reward_mean"] and "valid_reward_mean" in header
     completion = kept[0].data["completions"][0]
     assert len(kept[0].data["completions"]) == 2 and kept[0].data["prompt"][0]["role"] == "user"
     assert completion["rewards"]["has_a"] in (0.0, 1.0) and completion["details"]["has_a"]["passed"] in (True, False)

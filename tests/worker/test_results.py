@@ -1,0 +1,66 @@
+"""A finished job's result files: the step-metrics CSV (its rows are the job's metrics events) and the
+reproducibility manifest, from which a new job trains the same adapter bit for bit on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import secrets
+from typing import Any
+
+from app.db.models import File
+from app.schemas.jobs import JobCreate
+from app.services import jobs
+from tests.worker.conftest import WorkerEnv, fact_rows
+from tests.worker.test_training import assert_same, final_adapter, run
+
+
+def result_files(env: WorkerEnv, job_id: str) -> dict[str, bytes]:
+    job = env.job(job_id)
+    out = {}
+    with env.ctx.sessions() as session:
+        for file_id in job.result_files or []:
+            row = session.get(File, file_id)
+            assert row is not None and row.purpose == "fine-tune-results" and row.owner_id == job.owner_id
+            data = (env.settings.data_dir / row.path).read_bytes()
+            assert row.bytes == len(data) and row.sha256 == hashlib.sha256(data).hexdigest()
+            out[row.filename.split("-", 2)[-1]] = data
+    return out
+
+
+def test_csv_rows_are_the_metrics_events_and_the_manifest_reproduces_the_job(env: WorkerEnv) -> None:
+    job_id = env.create_job(env.upload(fact_rows(8)), n_checkpoints=2)
+    row = env.job(job_id)
+    assert run(env, job_id) == "succeeded"
+    files = result_files(env, job_id)
+    assert set(files) == {"step_metrics.csv", "manifest.json"}
+    table = list(csv.DictReader(io.StringIO(files["step_metrics.csv"].decode())))
+    events = [e.data for e in env.events(job_id) if e.type == "metrics" and e.data and "checkpoint" not in e.data]
+    assert [int(r["step"]) for r in table] == [e["step"] for e in events] == [1, 2, 3, 4]
+    for line, event in zip(table, events):
+        assert float(line["train_loss"]) == event["train_loss"]  # repr of a float reads back exactly
+        assert float(line["learning_rate"]) == event["learning_rate"]
+    assert list(table[0])[:2] == ["step", "train_loss"]
+
+    manifest: dict[str, Any] = json.loads(files["manifest.json"])
+    assert manifest["job_id"] == job_id and manifest["request"]["seed"] == row.seed
+    assert "auto" not in json.dumps(manifest["request"]["method"])
+    assert manifest["data"]["training_file"]["sha256"] == row_sha(env, row.training_file)
+    assert manifest["base_model"]["files"]["model.safetensors"]
+    assert manifest["software"]["torch"] and manifest["device"]["type"] == "cpu"
+
+    again = JobCreate.model_validate(manifest["request"])
+    with env.ctx.sessions() as session:
+        rerun = jobs.create_job(session=session, settings=env.settings, broker=env.broker,  # type: ignore[arg-type]
+                                key=env.key, payload=again, idempotency_key=secrets.token_hex(8), retry_count=0).id
+    assert run(env, rerun) == "succeeded"
+    assert_same(final_adapter(env, rerun), final_adapter(env, job_id))  # the same bits from the manifest
+
+
+def row_sha(env: WorkerEnv, file_id: str) -> str:
+    with env.ctx.sessions() as session:
+        row = session.get(File, file_id)
+        assert row is not None
+        return row.sha256
