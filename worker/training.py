@@ -54,8 +54,10 @@ METRIC_NAMES = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_a
                 # GRPO: the grader's mean score on the step's completions, and on held-out prompts
                 "reward": "train_reward_mean", "reward_std": "train_reward_std", "eval_reward": "valid_reward_mean",
                 "eval_reward_std": "valid_reward_std"}
+# Our evaluations cover the whole validation file: OpenAI's full_valid_* names as well as its valid_* ones.
+FULL_VALID = {"eval_loss": "full_valid_loss", "eval_mean_token_accuracy": "full_valid_mean_token_accuracy"}
 # What a checkpoint's metrics keep of the latest logs (beside METRIC_NAMES' values).
-CHECKPOINT_EXTRAS = ("epoch", "full_valid_loss", "eval_step")
+CHECKPOINT_EXTRAS = ("epoch", "eval_step", *FULL_VALID.values())
 
 
 @dataclass
@@ -386,6 +388,7 @@ class JobCallbacks:
         step, total = int(metrics["step"]), int(metrics["total_steps"])
         self.step = step
         data = {METRIC_NAMES.get(k, k): v for k, v in metrics.items() if _json_number(v)}
+        data.update({FULL_VALID[k]: v for k, v in metrics.items() if k in FULL_VALID and _json_number(v)})
         self._latest.update(data)
         if any(k.startswith("eval_") for k in metrics):
             self._latest["eval_step"] = step

@@ -164,7 +164,9 @@ def train_config(method: dict[str, Any], *, seed: int, output_dir: Path, total_s
                      max_seq_length=int(hp["max_seq_length"]), packing=bool(hp.get("packing", False)), seed=seed,
                      beta=0.1 if rl else float(hp.get("beta", 0.1)), logging_steps=metrics_every,  # GRPO: GRPOArgs
                      load_in_4bit=bool(hp.get("load_in_4bit", False)),  # absent in jobs stored before it existed
-                     eval_steps=int(hp["eval_interval"]) if rl else None,
+                     # with a validation file, every checkpoint is evaluated on all of it (RL: every eval_interval)
+                     eval_steps=int(hp["eval_interval"]) if rl else checkpoint_interval(total_steps,
+                                                                                        int(hp["n_checkpoints"])),
                      save_steps=checkpoint_interval(total_steps, int(hp["n_checkpoints"])))
     lora = LoRAConfig(r=int(hp["lora_r"]), lora_alpha=float(hp["lora_alpha"]), lora_dropout=float(hp["lora_dropout"]),
                       target_modules=list(hp["lora_target_modules"]))

@@ -13,7 +13,7 @@ from typing import Any
 from app.db.models import File
 from app.schemas.jobs import JobCreate
 from app.services import jobs
-from tests.worker.conftest import WorkerEnv, fact_rows
+from tests.worker.conftest import TINY, WorkerEnv, fact_rows
 from tests.worker.test_training import assert_same, final_adapter, run
 
 
@@ -64,3 +64,46 @@ def row_sha(env: WorkerEnv, file_id: str) -> str:
         row = session.get(File, file_id)
         assert row is not None
         return row.sha256
+
+
+def test_each_checkpoint_carries_its_full_validation_loss(env: WorkerEnv) -> None:
+    """Recomputed here from the checkpoint's own weights with the trainer's evaluation: the same number."""
+    from unsloth_core.checkpoint import load_model
+    from unsloth_core.finetune import prepare_datasets
+    from unsloth_core.lora import adapter_state_dict, load_adapter
+    from unsloth_core.tokenizer import Tokenizer
+    from unsloth_core.trainer import Trainer
+
+    hp = {"n_epochs": 1, "batch_size": 2, "learning_rate": 5e-3, "lora_r": 4, "n_checkpoints": 2,
+          "max_seq_length": 128}
+    payload = JobCreate.model_validate({
+        "model": TINY, "training_file": env.upload(fact_rows(8)), "validation_file": env.upload(fact_rows(4, seed=3)),
+        "seed": 7, "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}})
+    with env.ctx.sessions() as session:
+        job_id = jobs.create_job(session=session, settings=env.settings, broker=env.broker,  # type: ignore[arg-type]
+                                 key=env.key, payload=payload, idempotency_key=secrets.token_hex(8),
+                                 retry_count=0).id
+    assert run(env, job_id) == "succeeded"
+    checkpoints = env.checkpoints(job_id)
+    assert [c.step_number for c in checkpoints] == [2, 4]
+    job = env.job(job_id)
+    base = env.settings.data_dir / "models" / TINY
+    tokenizer = Tokenizer.from_dir(base)
+    with env.ctx.sessions() as session:
+        validation = session.get(File, job.validation_file)
+        assert validation is not None
+        validation_path = env.settings.data_dir / validation.path
+    for c in checkpoints:
+        metrics = c.metrics
+        assert metrics["eval_step"] == c.step_number and metrics["valid_loss"] == metrics["full_valid_loss"]
+        assert 0 <= metrics["full_valid_mean_token_accuracy"] <= 1
+        model = load_adapter(load_model(base), env.settings.data_dir / c.path)
+        for p in adapter_state_dict(model).values():
+            p.requires_grad_(True)  # a Trainer wants something to train; evaluate() trains nothing
+        from app.services.hyperparameters import train_config
+
+        args, _ = train_config(job.method, seed=job.seed, output_dir=env.settings.data_dir / "scratch",
+                               total_steps=4, metrics_every=1)
+        data = prepare_datasets(tokenizer, args, validation_path, validation_path)
+        recomputed = Trainer(model, args, data.train, data.eval).evaluate()
+        assert abs(recomputed["eval_loss"] - metrics["full_valid_loss"]) < 1e-5
