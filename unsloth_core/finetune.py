@@ -24,6 +24,7 @@ from unsloth_core.lora import (
 )
 from unsloth_core.method import Method, method_for
 from unsloth_core.model import Llama
+from unsloth_core.probes import example_prompts, make_probes
 from unsloth_core.tokenizer import Tokenizer
 from unsloth_core.trainer import Callbacks, TrainArgs, Trainer, TrainResult, resolve_dtype
 
@@ -37,6 +38,7 @@ class Datasets:
     n_examples: int
     n_truncated: int
     n_tokens: int
+    held_out: Sequence[Any] = ()  # the held-out examples as read, before tokenizing (their prompts are probes)
 
 
 def default_device() -> torch.device:
@@ -61,7 +63,7 @@ def prepare_datasets(tokenizer: Tokenizer, args: TrainArgs, train_file: str | Pa
     n_truncated = sum(x.truncated for x in train)
     n_tokens = sum(method.n_tokens(x) for x in train)
     train, evaluation = method.finalize(train, args), method.finalize(evaluation, args)
-    return Datasets(train, evaluation, len(examples), n_truncated, n_tokens)
+    return Datasets(train, evaluation, len(examples), n_truncated, n_tokens, held_out)
 
 
 def load_base(model_path: str | Path, device: torch.device | None = None, load_in_4bit: bool = False,
@@ -113,8 +115,11 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
     if not (tokenizer_dir / "tokenizer.json").is_file():
         tokenizer.save_pretrained(tokenizer_dir)
     artifacts = {name: tokenizer_dir / name for name in TOKENIZER_FILES}
+    prompts = args.probe_prompts if args.probe_prompts is not None else example_prompts(data.held_out, args.n_probes)
+    probes = make_probes(prompts[:args.n_probes] if args.probe_prompts is None else prompts, tokenizer,
+                         args.probe_max_tokens, max_prompt_tokens=max(1, args.max_seq_length - args.probe_max_tokens))
     trainer = Trainer(model, args, data.train, data.eval, callbacks, pad_id=tokenizer.pad_token_id or 0,
-                      artifact_files=artifacts, base_model=base_name, method=method)
+                      artifact_files=artifacts, base_model=base_name, method=method, probes=probes)
     result = trainer.train(resume_from=resume)
     final = output / FINAL_DIR
     if result.status in ("completed", "early_stopped"):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -30,6 +30,9 @@ from unsloth_core.train_checkpoint import (
     remove_torn,
     save_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from unsloth_core.probes import Probes
 
 StopRequest = Literal["cancel", "pause"] | None
 Status = Literal["completed", "cancelled", "paused", "early_stopped"]
@@ -66,6 +69,10 @@ class TrainArgs:
     save_steps: int | None = None  # checkpoint every N steps
     save_total_limit: int | None = None  # keep the newest K checkpoints
     logging_steps: int = 1
+    # Prompts answered greedily at each checkpoint (probes.py): None takes the first `n_probes` held-out prompts
+    probe_prompts: list[Any] | None = None
+    n_probes: int = 3
+    probe_max_tokens: int = 64
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
@@ -170,7 +177,7 @@ class Trainer:
 
     def __init__(self, model: Llama, args: TrainArgs, train_data: Sequence[Any], eval_data: Sequence[Any] = (),
                  callbacks: Callbacks | None = None, pad_id: int = 0, artifact_files: dict[str, Path] | None = None,
-                 base_model: str | None = None, method: Method | None = None) -> None:
+                 base_model: str | None = None, method: Method | None = None, probes: Probes | None = None) -> None:
         if not train_data:
             raise ValueError("no training examples")
         self.method = method or method_for(args)
@@ -180,6 +187,7 @@ class Trainer:
         self.train_data, self.eval_data = list(train_data), list(eval_data)
         self.callbacks: Callbacks = callbacks or TrainerCallbacks()
         self.pad_id, self.artifact_files, self.base_model = pad_id, artifact_files or {}, base_model
+        self.probes = probes
         self.device = model.device
         self.compute_dtype = resolve_dtype(args.dtype, self.device)
         self.output_dir = Path(args.output_dir)
@@ -330,6 +338,8 @@ class Trainer:
         self.last_checkpoint = path
         prune_checkpoints(self.checkpoint_dir, self.args.save_total_limit, protect=path)
         last = self.state.log_history[-1] if self.state.log_history else {}
+        if self.probes is not None:  # greedy, in eval mode: no random draw, so training goes on as without them
+            last = {**last, "samples": self.probes.run(self.model)}
         self.callbacks.on_checkpoint(path, self.state.step, last)
         return path
 

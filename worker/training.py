@@ -410,6 +410,8 @@ class JobCallbacks:
         kept = {k: v for k, v in self._latest.items() if k in names}
         kept.update({METRIC_NAMES.get(k, k): v for k, v in metrics.items()
                      if k in METRIC_NAMES or k in CHECKPOINT_EXTRAS})
+        if metrics.get("samples") is not None:  # the probe prompts' answers (returned as the checkpoint's samples)
+            kept["samples"] = metrics["samples"]
         try:
             with self.ctx.sessions() as session:
                 row = lifecycle.record_checkpoint(session=session, settings=self.ctx.settings, step=step,

@@ -17,6 +17,17 @@ MetadataKey = Annotated[Text, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[Text, StringConstraints(max_length=512)]
 
 
+class ProbeMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Annotated[Text, StringConstraints(max_length=8192)]
+
+
+ProbePrompt = Annotated[Text, StringConstraints(min_length=1, max_length=8192)] | Annotated[
+    list[ProbeMessage], Field(min_length=1, max_length=32)]
+
+
 class _Strict(BaseModel):
     # No unknown keys, and no coercion: `"n_epochs": "3"` or `"warmup_ratio": false` is a 400, as the schema says.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -41,6 +52,8 @@ class _AdapterHyperparameters(LegacyHyperparameters):
     max_seq_length: Auto | Annotated[int, Field(ge=16, le=1_048_576)] = "auto"
     n_checkpoints: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
     load_in_4bit: Auto | StrictBool = "auto"  # QLoRA: the frozen base in 4-bit NF4 (auto: off)
+    # answered greedily at each checkpoint: "validation" (auto) the first 3 validation prompts; [] none
+    probe_prompts: Auto | Literal["validation"] | Annotated[list[ProbePrompt], Field(max_length=8)] = "auto"
 
 
 class SupervisedHyperparameters(_AdapterHyperparameters):
@@ -182,6 +195,8 @@ class CheckpointObject(BaseModel):
     fine_tuning_job_id: str
     step_number: int
     metrics: dict[str, Any]
+    # extension: the probe prompts with this checkpoint's greedy answers ({prompt, output, finish_reason})
+    samples: list[dict[str, Any]] | None = None
 
 
 class CheckpointList(BaseModel):

@@ -99,7 +99,13 @@ def _resolve_shared(hp: AnyHyperparameters, *, method_type: str, n_examples: int
         "max_seq_length": _pick(hp.max_seq_length, min(DEFAULT_MAX_SEQ_LENGTH, max_len)),
         "n_checkpoints": _pick(hp.n_checkpoints, min(3, n_epochs)),
         "load_in_4bit": _pick(hp.load_in_4bit, False),
+        "probe_prompts": _pick(_probes(hp.probe_prompts), "validation"),
     }
+
+
+def _probes(value: Any) -> Any:
+    return [p if isinstance(p, str) else [m.model_dump() for m in p] for p in value] if isinstance(value, list) \
+        else value
 
 
 def _resolve_reinforcement(hp: ReinforcementHyperparameters, shared: dict[str, Any],
@@ -167,10 +173,20 @@ def train_config(method: dict[str, Any], *, seed: int, output_dir: Path, total_s
                      # with a validation file, every checkpoint is evaluated on all of it (RL: every eval_interval)
                      eval_steps=int(hp["eval_interval"]) if rl else checkpoint_interval(total_steps,
                                                                                         int(hp["n_checkpoints"])),
-                     save_steps=checkpoint_interval(total_steps, int(hp["n_checkpoints"])))
+                     save_steps=checkpoint_interval(total_steps, int(hp["n_checkpoints"])),
+                     probe_prompts=_probe_prompts(hp.get("probe_prompts", "validation")))
     lora = LoRAConfig(r=int(hp["lora_r"]), lora_alpha=float(hp["lora_alpha"]), lora_dropout=float(hp["lora_dropout"]),
                       target_modules=list(hp["lora_target_modules"]))
     return args, lora
+
+
+def _probe_prompts(value: Any) -> list[Any] | None:
+    """None: the engine takes the first validation prompts; else the user's (OpenAI's `developer` is `system` to
+    open models' chat templates)."""
+    if value == "validation":
+        return None
+    return [p if isinstance(p, str) else [{**m, "role": "system" if m["role"] == "developer" else m["role"]}
+                                          for m in p] for p in value]
 
 
 def grpo_args(method: dict[str, Any], *, log_rollouts: int) -> GRPOArgs:

@@ -550,5 +550,8 @@ def event_object(row: JobEvent) -> JobEventObject:
 
 
 def checkpoint_object(row: Checkpoint) -> CheckpointObject:
+    """The probe prompts' answers are kept with the metrics in the row and returned beside them (`samples`)."""
+    metrics = {k: v for k, v in (row.metrics or {}).items() if k != "samples"}
     return CheckpointObject(id=row.id, created_at=unix(row.created_at) or 0, fine_tuned_model_checkpoint=row.model_id,
-                            fine_tuning_job_id=row.job_id, step_number=row.step_number, metrics=row.metrics)
+                            fine_tuning_job_id=row.job_id, step_number=row.step_number, metrics=metrics,
+                            samples=(row.metrics or {}).get("samples"))

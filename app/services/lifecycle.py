@@ -199,7 +199,8 @@ def record_checkpoint(*, session: Session, settings: Settings, job_id: str, atte
                           job_id=job_id, checkpoint_id=checkpoint.id, path=relative))
     job.last_checkpoint_id = checkpoint.id
     session.add(new_event(job_id, f"Checkpoint saved at step {step}", type="metrics",
-                          data={"step": step, "checkpoint": model_id, **metrics}))
+                          data={"step": step, "checkpoint": model_id,
+                                **{k: v for k, v in metrics.items() if k != "samples"}}))
     pruned = checkpoint_retention.prune(session, job)
     session.commit()
     for path in pruned:  # only now: a crash before this line leaves orphan files, never a row naming none

@@ -97,6 +97,9 @@ def test_each_checkpoint_carries_its_full_validation_loss(env: WorkerEnv) -> Non
         metrics = c.metrics
         assert metrics["eval_step"] == c.step_number and metrics["valid_loss"] == metrics["full_valid_loss"]
         assert 0 <= metrics["full_valid_mean_token_accuracy"] <= 1
+        shown = jobs.checkpoint_object(c)  # the probe prompts' answers, beside the metrics
+        assert "samples" not in shown.metrics and shown.samples is not None and len(shown.samples) == 3
+        assert shown.samples[0]["prompt"] == fact_rows(4, seed=3)[0]["messages"][:-1]
         model = load_adapter(load_model(base), env.settings.data_dir / c.path)
         for p in adapter_state_dict(model).values():
             p.requires_grad_(True)  # a Trainer wants something to train; evaluate() trains nothing
