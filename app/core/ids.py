@@ -34,3 +34,4 @@ def id_floor(prefix: str, ms: int) -> str:
 FILE, JOB, EVENT, CHECKPOINT, KEY, EXPORT = "file-", "ftjob-", "ft-event-", "ftckpt_", "key_", "export-"
 COMPLETION, CHAT_COMPLETION = "cmpl-", "chatcmpl-"
 ROLLOUT = "ftrollout-"
+EVAL, EVAL_RUN, OUTPUT_ITEM = "eval_", "evalrun_", "outputitem_"  # OpenAI's prefixes for evals

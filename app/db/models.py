@@ -253,3 +253,97 @@ class Export(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
+
+
+class EvalRunStatus(StrEnum):
+    """An eval run's status, spelt as OpenAI's Evals API spells it (`in_progress`, `canceled`)."""
+
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+EVAL_RUN_STATUSES = tuple(s.value for s in EvalRunStatus)
+OUTPUT_ITEM_STATUSES = ("pass", "fail")
+
+
+class Eval(Base):
+    """An eval (OpenAI's Evals API): the item schema its runs' data must have, and its testing criteria (graders,
+    each with the id its results are reported under)."""
+
+    __tablename__ = "evals"
+    __table_args__ = (Index(None, "owner_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    name: Mapped[str] = mapped_column(String(256))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    data_source_config: Mapped[dict[str, Any]]  # as given: {"type": "custom", "item_schema", "include_sample_schema"}
+    testing_criteria: Mapped[list[Any]]  # OpenAI's grader objects, each with its "id"
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class EvalRun(Base):
+    """One run of an eval: a model's answers to a data source's items, graded by the eval's criteria (copied here
+    when the run is made, so renaming or editing the eval never changes a run). Run by a worker; `attempt` fences its
+    writes as a job's does, and a resumed attempt grades only the items no earlier attempt recorded."""
+
+    __tablename__ = "eval_runs"
+    __table_args__ = (
+        CheckConstraint(_in("status", EVAL_RUN_STATUSES), name="status"),
+        Index(None, "eval_id", "id"),
+        Index(None, "owner_id", "status"),
+        Index(None, "status", "resend_at"),
+        Index(None, "status", "lease_expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id", ondelete="CASCADE"))
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    name: Mapped[str] = mapped_column(String(256))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    model: Mapped[str] = mapped_column(String(512))  # the model id evaluated, as the request named it
+    data_source: Mapped[dict[str, Any]]  # as given (file_content's rows included)
+    testing_criteria: Mapped[list[Any]]
+    seed: Mapped[int] = mapped_column(BigInteger)  # sampling_params.seed, or one drawn at creation; + item index
+    status: Mapped[str] = mapped_column(String(16))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)  # lease expiries recovered (capped)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None]
+    send_count: Mapped[int] = mapped_column(Integer, default=0)  # messages sent for this attempt
+    resend_at: Mapped[datetime | None]  # when the re-send loop may send it again
+    # Counters, updated in the transaction that records each batch's output items (so they always agree)
+    result_counts: Mapped[dict[str, Any]]  # {"total", "errored", "failed", "passed"}
+    per_testing_criteria_results: Mapped[list[Any]]  # [{"testing_criteria", "passed", "failed"}]
+    per_model_usage: Mapped[list[Any]]  # [{"model_name", "invocation_count", "prompt_tokens", ...}]
+    error: Mapped[dict[str, Any] | None]  # {"code", "message", "param"}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class EvalOutputItem(Base):
+    """One data source item of a run, answered and graded: recorded once (unique per run and item index), in the
+    fenced transaction that also counts it."""
+
+    __tablename__ = "eval_output_items"
+    __table_args__ = (
+        CheckConstraint(_in("status", OUTPUT_ITEM_STATUSES), name="status"),
+        UniqueConstraint("run_id", "datasource_item_id"),
+        Index(None, "run_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"))
+    eval_id: Mapped[str] = mapped_column(String(64))
+    datasource_item_id: Mapped[int] = mapped_column(Integer)  # the item's index in the data source, from 0
+    status: Mapped[str] = mapped_column(String(8))
+    datasource_item: Mapped[dict[str, Any]]
+    sample: Mapped[dict[str, Any]]  # OpenAI's: input, output, finish_reason, model, usage, sampling values, error
+    results: Mapped[list[Any]]  # per criterion: {"name", "type", "score", "passed", "sample", "errors"}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
