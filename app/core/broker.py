@@ -14,6 +14,7 @@ from app.core.config import Settings
 
 TRAIN_TASK = "worker.tasks.train"
 EXPORT_TASK = "worker.tasks.export_model"
+EVAL_TASK = "worker.tasks.run_eval"
 REAP_TASK = "worker.tasks.reap_expired_leases"
 RESEND_TASK = "worker.tasks.resend_unclaimed"
 PRUNE_TASK = "worker.tasks.prune_broker"
@@ -38,6 +39,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "task_routes": {TRAIN_TASK: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE},
                         EXPORT_TASK: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE},
+                        EVAL_TASK: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE},
                         REAP_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE},
                         RESEND_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE},
                         PRUNE_TASK: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE}},
@@ -54,7 +56,7 @@ def make_celery(settings: Settings, name: str = "unsloth-api") -> Celery:
 
 
 class Broker:
-    """Sends train and export messages; checks the broker is reachable; counts the messages waiting in a queue."""
+    """Sends train, export and eval messages; checks the broker is reachable; counts the messages waiting in a queue."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings  # the re-send back-off is read from here when a message goes out
@@ -67,6 +69,11 @@ class Broker:
     def send_export(self, export_id: str, attempt: int) -> None:
         """Merging and quantizing are heavy: a worker on the gpu queue does them, never the API."""
         self.celery.send_task(EXPORT_TASK, args=[export_id, attempt], queue=GPU_QUEUE, routing_key=GPU_QUEUE,
+                              retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+
+    def send_eval(self, run_id: str, attempt: int) -> None:
+        """An eval run generates with a model and may load a judge: a worker on the gpu queue runs it."""
+        self.celery.send_task(EVAL_TASK, args=[run_id, attempt], queue=GPU_QUEUE, routing_key=GPU_QUEUE,
                               retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
 
     def ping(self, timeout: float = 3.0) -> None:

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_active_jobs_per_key: int = Field(100, ge=1)  # queued, running or paused
     max_active_exports_per_key: int = Field(4, ge=1)  # queued or running (429 too_many_active_exports)
     max_exports_per_key: int = Field(100, ge=1)  # kept (not deleted), whatever their status (429 insufficient_quota)
+    max_active_eval_runs_per_key: int = Field(4, ge=1)  # queued or in progress (429 too_many_active_eval_runs)
+    max_eval_items: int = Field(10_000, ge=1)  # data source items per eval run (a file's lines, or file_content)
     # Requests per API key per window (a minute), per route family (0: none); past one, 429 rate_limit_exceeded.
     # Far above what a person or a polling script sends, and 6x or more what the project's fuzzers and CI load test
     # sent with one key in their busiest minute on 2 cores (files 354, fine_tuning 1749, models 94, completions 684):

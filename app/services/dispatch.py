@@ -1,5 +1,5 @@
-"""Sending train (and export) messages: always after the row is committed, and again for queued jobs (and exports)
-whose message was lost.
+"""Sending train (and export, and eval run) messages: always after the row is committed, and again for queued jobs
+(and exports, and eval runs) whose message was lost.
 
 The message is only a wake-up call carrying `(job_id, attempt)`; the worker's conditional claim makes duplicates
 harmless, so re-sending is safe. Re-sends back off exponentially (`resend_after_s`, doubling, capped at
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.core.broker import Broker
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Export, ExportStatus, Job, JobStatus
+from app.db.models import EvalRun, EvalRunStatus, Export, ExportStatus, Job, JobStatus
 
 log = logging.getLogger("app.dispatch")
 
@@ -91,4 +91,38 @@ def resend_unclaimed_exports(*, session: Session, broker: Broker, now: datetime 
             if send_export(session=session, broker=broker, export_id=export_id, attempt=attempt)]
     if sent:
         log.info("re-sent %d unclaimed export(s): %s", len(sent), ", ".join(sent))
+    return sent
+
+
+# ---- eval runs: the same wake-up calls, `run_eval(run_id, attempt)` on the gpu queue ----
+
+
+def send_eval(*, session: Session, broker: Broker, run_id: str, attempt: int) -> bool:
+    """Send `run_eval(run_id, attempt)`; record when. False (logged) when the broker is unreachable: the re-send
+    loop tries again, the run stays queued."""
+    try:
+        broker.send_eval(run_id, attempt)
+    except Exception as e:
+        log.warning("could not send eval run %s (attempt %d) to the broker: %s", run_id, attempt, e)
+        return False
+    sends = session.scalar(select(EvalRun.send_count).where(EvalRun.id == run_id)) or 0
+    session.execute(update(EvalRun).where(EvalRun.id == run_id, EvalRun.attempt == attempt,
+                                          EvalRun.status == EvalRunStatus.QUEUED)
+                    .values(send_count=EvalRun.send_count + 1,
+                            resend_at=utcnow() + resend_wait(broker.settings, sends + 1)))
+    session.commit()
+    return True
+
+
+def resend_unclaimed_evals(*, session: Session, broker: Broker, now: datetime | None = None,
+                           limit: int = 100) -> list[str]:
+    """Re-send the message of every queued eval run not claimed in time, the longest overdue first."""
+    now = now or utcnow()
+    query = (select(EvalRun.id, EvalRun.attempt).where(EvalRun.status == EvalRunStatus.QUEUED,
+                                                       or_(EvalRun.resend_at.is_(None), EvalRun.resend_at <= now))
+             .order_by(EvalRun.resend_at.is_not(None), EvalRun.resend_at, EvalRun.id).limit(limit))
+    sent = [run_id for run_id, attempt in list(session.execute(query))
+            if send_eval(session=session, broker=broker, run_id=run_id, attempt=attempt)]
+    if sent:
+        log.info("re-sent %d unclaimed eval run(s): %s", len(sent), ", ".join(sent))
     return sent

@@ -21,7 +21,9 @@ What is configured rather than derived from the schema, and why it is our contra
     (`merged` with `q4_0`), an Ollama Modelfile for another format or a template Ollama cannot take (the schema
     lists each field's values, not which pairs go together), a reused Idempotency-Key (422); cancelling a finished
     export, deleting a queued or running one (400, as for jobs);
-  - a file's content with a `Range` beyond its size (416 `range_not_satisfiable`: no schema knows the size).
+  - a file's content with a `Range` beyond its size (416 `range_not_satisfiable`: no schema knows the size);
+  - evals: a testing criterion that is no runnable grader (as graders/validate); a run whose model, file or items
+    are not there or do not fit the eval; canceling a finished run, deleting an active run or an eval with one.
 - Completions may take 120 s instead of the response-time check's 10 s: without `max_tokens` one runs to the end of
   the context, as OpenAI's does, and that is seconds on a CPU.
 - A live event stream (`?stream=true`) stays open while its job runs: at most 4 events are read, and 2 s is enough.
@@ -60,6 +62,14 @@ REFUSED_BY_STATE = {
     # A schema-valid object is not always a grader (a `type` that names none, a template that names no namespace)
     "POST /v1/fine_tuning/alpha/graders/validate": [400],
     "POST /v1/fine_tuning/alpha/graders/run": [400],
+    # Evals: the same for their testing criteria; a run's model, file or items that are not there; a run canceled
+    # or deleted in a state that does not allow it, an eval deleted while a run of it is active
+    "POST /v1/evals": [400],
+    "POST /v1/evals/{eval_id}/runs": [400],
+    "POST /v1/evals/{eval_id}/runs/{run_id}": [400],
+    "POST /v1/evals/{eval_id}/runs/{run_id}/cancel": [400],
+    "DELETE /v1/evals/{eval_id}": [400],
+    "DELETE /v1/evals/{eval_id}/runs/{run_id}": [400],
 }
 # Every request carries a valid key: 401 or 403 is never a valid answer to schema-valid data (issue 15), except
 # where an operation above says why.
