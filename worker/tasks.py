@@ -1,4 +1,5 @@
-"""The Celery tasks: thin. Ids in, the work done by `worker.training`, `worker.exporting` and `app.services`, status
+"""The Celery tasks: thin. Ids in, the work done by `worker.training`, `worker.exporting`, `worker.evaluating` and
+`app.services`, status
 in the database. No result is stored (the row is the result), nothing is retried by Celery (a dead attempt is
 recovered by the reaper, with an attempt cap, from the database)."""
 
@@ -20,9 +21,9 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 from sqlalchemy.orm import Session
 
-from app.core.broker import EXPORT_TASK, PRUNE_TASK, REAP_TASK, RESEND_TASK, TRAIN_TASK
-from app.services import dispatch, export_lifecycle, lifecycle, storage
-from worker import context, exporting, training
+from app.core.broker import EVAL_TASK, EXPORT_TASK, PRUNE_TASK, REAP_TASK, RESEND_TASK, TRAIN_TASK
+from app.services import dispatch, eval_lifecycle, export_lifecycle, lifecycle, storage
+from worker import context, evaluating, exporting, training
 
 log = logging.getLogger("worker.tasks")
 
@@ -106,6 +107,16 @@ def train(self: Task, job_id: str, attempt: int) -> str:
     return outcome
 
 
+class EvalRequest(TrainRequest):
+    """An eval run message, dropped in the main process the same way when it can no longer claim its run."""
+
+    kind = "eval run"
+
+    @staticmethod
+    def claimable(session: Session, object_id: str, attempt: int) -> bool:
+        return eval_lifecycle.claimable(session=session, run_id=object_id, attempt=attempt)
+
+
 @shared_task(name=EXPORT_TASK, bind=True, ignore_result=True, acks_late=True, Request=ExportRequest)
 def export_model(self: Task, export_id: str, attempt: int) -> str:
     if training.stopping.is_set():  # this worker is shutting down: give the message back for another one
@@ -115,16 +126,25 @@ def export_model(self: Task, export_id: str, attempt: int) -> str:
     return outcome
 
 
+@shared_task(name=EVAL_TASK, bind=True, ignore_result=True, acks_late=True, Request=EvalRequest)
+def run_eval(self: Task, run_id: str, attempt: int) -> str:
+    if training.stopping.is_set():  # this worker is shutting down: give the message back for another one
+        raise Reject("the worker is shutting down", requeue=True)
+    outcome = evaluating.run_eval(context.current(), run_id, int(attempt), lease_owner(self.request.hostname))
+    log.info("eval run %s attempt %s: %s", run_id, attempt, outcome)
+    return outcome
+
+
 @shared_task(name=REAP_TASK, ignore_result=True)
 def reap_expired_leases() -> int:
-    """Requeue (or fail, past the cap) the jobs and exports whose worker stopped renewing its lease, and send them
-    again."""
+    """Requeue (or fail, past the cap) the jobs, exports and eval runs whose worker stopped renewing its lease, and
+    send them again."""
     ctx = context.current()
     with ctx.sessions() as session:
         requeued = lifecycle.reap_expired(session=session, settings=ctx.settings)
         for job_id, attempt in requeued:
             dispatch.send_train(session=session, broker=ctx.broker, job_id=job_id, attempt=attempt)
-        return len(requeued) + reap_exports(session, ctx)
+        return len(requeued) + reap_exports(session, ctx) + reap_eval_runs(session, ctx)
 
 
 def reap_exports(session: Session, ctx: context.WorkerContext) -> int:
@@ -136,6 +156,13 @@ def reap_exports(session: Session, ctx: context.WorkerContext) -> int:
     return len(requeued) + len(ended)
 
 
+def reap_eval_runs(session: Session, ctx: context.WorkerContext) -> int:
+    requeued = eval_lifecycle.reap_expired(session=session, settings=ctx.settings)
+    for run_id, attempt in requeued:
+        dispatch.send_eval(session=session, broker=ctx.broker, run_id=run_id, attempt=attempt)
+    return len(requeued)
+
+
 @shared_task(name=PRUNE_TASK, ignore_result=True)
 def prune_broker() -> int:
     """Delete the embedded broker's delivered messages older than a day (kombu's SQLAlchemy transport keeps them
@@ -145,8 +172,10 @@ def prune_broker() -> int:
 
 @shared_task(name=RESEND_TASK, ignore_result=True)
 def resend_unclaimed() -> int:
-    """Send the message again for queued jobs and exports nobody claimed in time (the first one was lost)."""
+    """Send the message again for queued jobs, exports and eval runs nobody claimed in time (the first one was
+    lost)."""
     ctx = context.current()
     with ctx.sessions() as session:
         return (len(dispatch.resend_unclaimed(session=session, broker=ctx.broker))
-                + len(dispatch.resend_unclaimed_exports(session=session, broker=ctx.broker)))
+                + len(dispatch.resend_unclaimed_exports(session=session, broker=ctx.broker))
+                + len(dispatch.resend_unclaimed_evals(session=session, broker=ctx.broker)))

@@ -34,17 +34,21 @@ TINY = "tiny-chat"
 
 @dataclass
 class RecordingBroker:
-    """Stands in for `app.core.broker.Broker`: keeps the train (and export) messages sent."""
+    """Stands in for `app.core.broker.Broker`: keeps the train (and export, and eval run) messages sent."""
 
     settings: Settings
     sent: list[tuple[str, int]] = field(default_factory=list)
     exports_sent: list[tuple[str, int]] = field(default_factory=list)
+    evals_sent: list[tuple[str, int]] = field(default_factory=list)
 
     def send_train(self, job_id: str, attempt: int) -> None:
         self.sent.append((job_id, attempt))
 
     def send_export(self, export_id: str, attempt: int) -> None:
         self.exports_sent.append((export_id, attempt))
+
+    def send_eval(self, run_id: str, attempt: int) -> None:
+        self.evals_sent.append((run_id, attempt))
 
     def close(self) -> None:
         pass
