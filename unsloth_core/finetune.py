@@ -14,6 +14,7 @@ import torch
 
 from unsloth_core.checkpoint import TOKENIZER_FILES, atomic_directory, copy_tokenizer_files, load_model, save_model
 from unsloth_core.data import epoch_order
+from unsloth_core.graded_eval import graded_eval
 from unsloth_core.lora import (
     LoRAConfig,
     adapter_state_dict,
@@ -25,6 +26,7 @@ from unsloth_core.lora import (
 from unsloth_core.method import Method, method_for
 from unsloth_core.model import Llama
 from unsloth_core.probes import example_prompts, make_probes
+from unsloth_core.rl.rewards import RewardFunc
 from unsloth_core.tokenizer import Tokenizer
 from unsloth_core.trainer import Callbacks, TrainArgs, Trainer, TrainResult, resolve_dtype
 
@@ -80,13 +82,17 @@ def load_base(model_path: str | Path, device: torch.device | None = None, load_i
 def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lora: LoRAConfig | None,
              validation_file: str | Path | None = None, callbacks: Callbacks | None = None,
              resume: str | Path | None = "latest", device: torch.device | None = None,
-             method: Method | None = None, init_adapter: str | Path | None = None) -> tuple[TrainResult, Path]:
+             method: Method | None = None, init_adapter: str | Path | None = None,
+             eval_rewards: Sequence[RewardFunc] = (), eval_samples: int = 32) -> tuple[TrainResult, Path]:
     """Train and write `<output_dir>/final` (a PEFT adapter, or a full model when `lora` is None).
 
     `lora` None trains every weight. `method` None: the one `args.method` names; GRPO is given as an object, since
     its reward functions are code (`rl.grpo.GRPO(reward_funcs, GRPOArgs(...))`, with `args.method="grpo"`).
     Returns the trainer's result and the final directory, which is written only when training ran to its end
     (after a cancel or pause, the result's checkpoint is where to resume from).
+
+    `eval_rewards` (reward functions, e.g. rl.grader_reward.GraderReward) score greedy answers to the first
+    `eval_samples` validation prompts at every evaluation of an SFT or DPO run (GRPO scores its own samples).
 
     `init_adapter` continues an earlier fine-tune: its adapter (same rank and target modules as `lora`) is the
     starting point, and DPO's and GRPO's reference policy is that fine-tune, not the bare base.
@@ -118,8 +124,13 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
     prompts = args.probe_prompts if args.probe_prompts is not None else example_prompts(data.held_out, args.n_probes)
     probes = make_probes(prompts[:args.n_probes] if args.probe_prompts is None else prompts, tokenizer,
                          args.probe_max_tokens, max_prompt_tokens=max(1, args.max_seq_length - args.probe_max_tokens))
+    graded = None
+    if eval_rewards and validation_file is not None and method.name != "grpo":
+        graded = graded_eval(validation_file, eval_rewards, tokenizer, eval_samples,
+                             max_prompt_tokens=max(1, args.max_seq_length - 256))
     trainer = Trainer(model, args, data.train, data.eval, callbacks, pad_id=tokenizer.pad_token_id or 0,
-                      artifact_files=artifacts, base_model=base_name, method=method, probes=probes)
+                      artifact_files=artifacts, base_model=base_name, method=method, probes=probes,
+                      graded_eval=graded)
     result = trainer.train(resume_from=resume)
     final = output / FINAL_DIR
     if result.status in ("completed", "early_stopped"):

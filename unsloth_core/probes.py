@@ -61,7 +61,7 @@ def example_prompts(examples: Sequence[Any], n: int = DEFAULT_PROBES) -> list[Pr
     """The prompts of the first `n` examples that have one."""
     out: list[Prompt] = []
     for example in examples:
-        prompt = _prompt(example)
+        prompt = example_prompt(example)
         if prompt is not None:
             out.append(prompt)
         if len(out) == n:
@@ -69,7 +69,8 @@ def example_prompts(examples: Sequence[Any], n: int = DEFAULT_PROBES) -> list[Pr
     return out
 
 
-def _prompt(example: Any) -> Prompt | None:
+def example_prompt(example: Any) -> Prompt | None:
+    """An example's prompt: a conversation up to its last reply, a completion's or a pair's prompt; None for text."""
     if isinstance(example, ChatExample):
         last = max((i for i, m in enumerate(example.messages) if m.role == "assistant"), default=None)
         head = example.messages[:last] if last is not None else example.messages

@@ -32,6 +32,7 @@ from unsloth_core.train_checkpoint import (
 )
 
 if TYPE_CHECKING:
+    from unsloth_core.graded_eval import GradedEval
     from unsloth_core.probes import Probes
 
 StopRequest = Literal["cancel", "pause"] | None
@@ -177,7 +178,8 @@ class Trainer:
 
     def __init__(self, model: Llama, args: TrainArgs, train_data: Sequence[Any], eval_data: Sequence[Any] = (),
                  callbacks: Callbacks | None = None, pad_id: int = 0, artifact_files: dict[str, Path] | None = None,
-                 base_model: str | None = None, method: Method | None = None, probes: Probes | None = None) -> None:
+                 base_model: str | None = None, method: Method | None = None, probes: Probes | None = None,
+                 graded_eval: GradedEval | None = None) -> None:
         if not train_data:
             raise ValueError("no training examples")
         self.method = method or method_for(args)
@@ -187,7 +189,7 @@ class Trainer:
         self.train_data, self.eval_data = list(train_data), list(eval_data)
         self.callbacks: Callbacks = callbacks or TrainerCallbacks()
         self.pad_id, self.artifact_files, self.base_model = pad_id, artifact_files or {}, base_model
-        self.probes = probes
+        self.probes, self.graded_eval = probes, graded_eval
         self.device = model.device
         self.compute_dtype = resolve_dtype(args.dtype, self.device)
         self.output_dir = Path(args.output_dir)
@@ -286,7 +288,10 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.method.evaluate(self)
+            metrics = self.method.evaluate(self)
+            if self.graded_eval is not None:  # graders over greedy answers (SFT/DPO: GRPO's evaluation samples)
+                metrics.update(self.graded_eval.run(self.model))
+            return metrics
         finally:
             self.model.train(was_training)
 
