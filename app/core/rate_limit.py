@@ -27,7 +27,7 @@ log = logging.getLogger("app.rate_limit")
 
 FAMILIES = ("files", "fine_tuning", "models", "completions")
 # /v1/chat/completions counts with /v1/completions; /v1/exports (a fine-tune's artifacts) with /v1/fine_tuning
-_ALIASES = {"chat": "completions", "exports": "fine_tuning"}
+_ALIASES = {"chat": "completions", "exports": "fine_tuning", "evals": "fine_tuning"}
 
 
 def route_family(path: str, prefix: str = "/v1/") -> str | None:

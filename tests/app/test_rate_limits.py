@@ -198,3 +198,11 @@ def test_a_key_found_live_moments_ago_is_let_in_without_the_database(limited: Li
     assert key_id is not None and len(lookups) == 1
     assert gate.remembered(key) == key_id and len(lookups) == 1
     assert gate.remembered("sk-unsloth-nope") is None and len(lookups) == 1
+
+
+def test_every_v1_family_is_counted() -> None:
+    from app.core.rate_limit import route_family
+
+    assert [route_family(p) for p in ("/v1/evals/eval_1/runs", "/v1/exports", "/v1/chat/completions",
+                                      "/v1/fine_tuning/alpha/graders/run", "/v1/nope")] == [
+        "fine_tuning", "fine_tuning", "completions", "fine_tuning", None]
