@@ -1,4 +1,5 @@
-"""A reinforcement job's training method: GRPO whose reward is the job's grader.
+"""A reinforcement job's training method: GRPO whose reward is the job's grader; and the graders a supervised or
+DPO job scores its checkpoints with.
 
 The grader runs in this worker process: string and text-similarity checks in-line, python graders in the engine's
 sandbox (with the data directory denied, and only when the operator allowed them; the API refused the job
@@ -20,6 +21,7 @@ from worker.context import WorkerContext
 
 if TYPE_CHECKING:
     from unsloth_core.graders import JudgeModel, LocalJudge
+    from unsloth_core.rl.grader_reward import GraderReward
     from unsloth_core.rl.grpo import GRPO
 
 ROLLOUTS_PER_LOG = 2  # prompts (each with its group of completions) kept per logged step
@@ -27,18 +29,26 @@ ROLLOUTS_PER_LOG = 2  # prompts (each with its group of completions) kept per lo
 
 def grpo_method(ctx: WorkerContext, job: Job, device: Any = None) -> tuple[GRPO, LocalJudge | None]:
     """GRPO for the job, and the judge it loads (None when its grader needs none), to close when training ends."""
-    from unsloth_core.graders import LocalJudge, requirements
-    from unsloth_core.rl.grader_reward import GraderReward
     from unsloth_core.rl.grpo import GRPO
 
-    grader = job.method["reinforcement"]["grader"]
-    judge = None
-    if requirements(grader).judge_models:
-        judge = LocalJudge(lambda name: _judge_model(ctx, job.owner_id, name), device=device)
-    reward = GraderReward(grader, judge=judge, allow_python=ctx.settings.allow_python_graders,
-                          sandbox=sandbox_config(ctx.settings))
+    (reward,), judge = grader_rewards(ctx, job, [job.method["reinforcement"]["grader"]], device)
     args = hyperparameters.grpo_args(job.method, log_rollouts=ROLLOUTS_PER_LOG)
     return GRPO(reward, args), judge
+
+
+def grader_rewards(ctx: WorkerContext, job: Job, graders: list[dict[str, Any]],
+                   device: Any = None) -> tuple[list[GraderReward], LocalJudge | None]:
+    """The graders as reward functions, sharing one judge (None when none needs one), to close when training
+    ends: a reinforcement job's grader, or a supervised or DPO job's eval_graders."""
+    from unsloth_core.graders import LocalJudge, requirements
+    from unsloth_core.rl.grader_reward import GraderReward
+
+    judge = None
+    if any(requirements(g).judge_models for g in graders):
+        judge = LocalJudge(lambda name: _judge_model(ctx, job.owner_id, name), device=device)
+    rewards = [GraderReward(g, judge=judge, allow_python=ctx.settings.allow_python_graders,
+                            sandbox=sandbox_config(ctx.settings)) for g in graders]
+    return rewards, judge
 
 
 def _judge_model(ctx: WorkerContext, owner_id: str, name: str) -> JudgeModel:

@@ -248,13 +248,20 @@ def _finetune(ctx: WorkerContext, plan: Plan, callbacks: JobCallbacks) -> tuple[
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton launches on the current device, whatever its tensors' device
     method, judge = None, None
+    eval_rewards: list[Any] = []
+    hp = hyperparameters.stored_hyperparameters(plan.job.method) if plan.job is not None else {}
     if plan.job is not None and plan.job.method["type"] == "reinforcement":
         from worker.reinforcement import grpo_method
 
         method, judge = grpo_method(ctx, plan.job, device)
+    elif plan.job is not None and hp.get("eval_graders") and plan.validation_file is not None:
+        from worker.reinforcement import grader_rewards
+
+        eval_rewards, judge = grader_rewards(ctx, plan.job, hp["eval_graders"], device)
     try:
         return finetune(plan.base, plan.train_file, plan.args, plan.lora, plan.validation_file, callbacks,
-                        resume=plan.resume, device=device, method=method, init_adapter=plan.init_adapter)
+                        resume=plan.resume, device=device, method=method, init_adapter=plan.init_adapter,
+                        eval_rewards=eval_rewards, eval_samples=int(hp.get("eval_samples", 32)))
     finally:
         if judge is not None:
             judge.close()
@@ -407,7 +414,7 @@ class JobCallbacks:
         # The step's own log (its evaluation, when one ran at this step), over the latest values: a checkpoint
         # between evaluations carries the last one, with the step it was taken at.
         names = {*METRIC_NAMES.values(), *CHECKPOINT_EXTRAS}
-        kept = {k: v for k, v in self._latest.items() if k in names}
+        kept = {k: v for k, v in self._latest.items() if k in names or k.startswith("eval_rewards/")}
         kept.update({METRIC_NAMES.get(k, k): v for k, v in metrics.items()
                      if k in METRIC_NAMES or k in CHECKPOINT_EXTRAS})
         if metrics.get("samples") is not None:  # the probe prompts' answers (returned as the checkpoint's samples)

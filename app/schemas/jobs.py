@@ -58,6 +58,9 @@ class _AdapterHyperparameters(LegacyHyperparameters):
 
 class SupervisedHyperparameters(_AdapterHyperparameters):
     packing: Auto | StrictBool = "auto"
+    # OpenAI graders scoring greedy answers to the first `eval_samples` validation prompts at every checkpoint
+    eval_graders: Annotated[list[dict[str, Any]], Field(max_length=8)] | None = None
+    eval_samples: Auto | Annotated[int, Field(ge=1, le=10_000)] = "auto"
 
 
 class DPOHyperparameters(SupervisedHyperparameters):

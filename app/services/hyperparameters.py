@@ -58,6 +58,8 @@ def resolve(hp: AnyHyperparameters, *, method_type: str, n_examples: int,
     resolved = _resolve_shared(hp, method_type=method_type, n_examples=n_examples, context_length=context_length)
     if isinstance(hp, SupervisedHyperparameters):
         resolved["packing"] = _pick(hp.packing, False)
+        resolved["eval_graders"] = list(hp.eval_graders or [])  # as the plan validated them (jobs.py)
+        resolved["eval_samples"] = _pick(hp.eval_samples, DEFAULT_EVAL_SAMPLES)
     if isinstance(hp, DPOHyperparameters):
         resolved["beta"] = _pick(hp.beta, 0.1)
     if isinstance(hp, ReinforcementHyperparameters):

@@ -63,6 +63,7 @@ class JobPlan:
     judge_models: list[str] = field(default_factory=list)  # the models its model graders name
     allow_python_graders: bool = False
     parent_lora: dict[str, Any] | None = None  # a continued fine-tune's adapter shape (r, alpha, targets)
+    eval_graders: list[dict[str, Any]] = field(default_factory=list)  # a supervised/DPO job's, validated
     base_path: Path | None = None
     training: File | None = None
     validation: File | None = None
@@ -109,7 +110,7 @@ def _method_hyperparameters(payload: JobCreate, plan: JobPlan) -> AnyHyperparame
             plan.fail("method.reinforcement", "missing_required_parameter", "A reinforcement job needs "
                                                                             "method.reinforcement.grader.")
             return ReinforcementHyperparameters()
-        _check_grader(plan, method.reinforcement.grader)
+        _check_grader(plan, method.reinforcement.grader, "method.reinforcement.grader")
         return method.reinforcement.hyperparameters
     if method.type == "dpo":
         return method.dpo.hyperparameters if method.dpo else DPOHyperparameters()
@@ -120,11 +121,10 @@ def _method_hyperparameters(payload: JobCreate, plan: JobPlan) -> AnyHyperparame
     return hp
 
 
-def _check_grader(plan: JobPlan, grader: dict[str, Any]) -> None:
+def _check_grader(plan: JobPlan, grader: dict[str, Any], param: str) -> None:
     """The grader's JSON is one (each problem named by its path), and this server can run it."""
     from unsloth_core.graders import requirements, validate_grader
 
-    param = "method.reinforcement.grader"
     try:
         checked = validate_grader(grader)
     except GraderValidationError as e:
@@ -190,10 +190,15 @@ def plan_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobC
         _check_judges(plan, session, settings, key)
         for param, row in (("training_file", plan.training), ("validation_file", plan.validation)):
             if row is not None and row.status != "error":
-                _check_grader_fields(plan, settings, row, param)
+                _check_grader_fields(plan, settings, row, param, plan.grader)
+    eval_graders = getattr(hp, "eval_graders", None)
+    if eval_graders:
+        _check_eval_graders(plan, session, settings, key, eval_graders, f"{hp_param}.eval_graders")
     n_examples = int((plan.training.validation or {}).get("n_examples") or 0) if plan.training else 0
     plan.hyperparameters = hyperparameters.resolve(hp, method_type=plan.method_type, n_examples=n_examples,
                                                    context_length=ctx)
+    if plan.eval_graders:
+        plan.hyperparameters["eval_graders"] = plan.eval_graders
     if plan.parent_lora is not None:
         _inherit_lora(plan, hp, hp_param)
     return plan
@@ -240,24 +245,49 @@ def _inherit_lora(plan: JobPlan, hp: AnyHyperparameters, hp_param: str) -> None:
         plan.hyperparameters["lora_alpha"] = parent["lora_alpha"]
 
 
-def _check_judges(plan: JobPlan, session: Session, settings: Settings, key: ApiKey) -> None:
+def _check_judges(plan: JobPlan, session: Session, settings: Settings, key: ApiKey,
+                  param: str = "method.reinforcement.grader") -> None:
     """Each judge a model grader names is a model this key may use on this server."""
     for name in plan.judge_models:
         try:
             resolve_servable(session=session, settings=settings, key=key, model_id=name)
         except APIError as e:
-            plan.fail("method.reinforcement.grader", "model_not_found", f"The grader's judge model '{name}' cannot "
-                                                                        f"be used: {e.message}")
+            plan.fail(param, "model_not_found", f"The grader's judge model '{name}' cannot be used: {e.message}")
 
 
-def _check_grader_fields(plan: JobPlan, settings: Settings, row: File, param: str) -> None:
+def _check_eval_graders(plan: JobPlan, session: Session, settings: Settings, key: ApiKey,
+                        graders: list[dict[str, Any]], param: str) -> None:
+    """A supervised or DPO job's evaluation graders: each valid and runnable here, a validation file to run them on,
+    holding the fields they read."""
+    if plan.validation is None:
+        plan.fail(param, "invalid_value", "eval_graders score answers to validation prompts: give a "
+                                          "validation_file.")
+    judges_before = plan.judge_models
+    checked: list[dict[str, Any]] = []
+    for i, grader in enumerate(graders):
+        plan.judge_models = []
+        plan.grader = None
+        _check_grader(plan, grader, f"{param}[{i}]")
+        if plan.grader is not None:
+            checked.append(plan.grader)
+            _check_judges(plan, session, settings, key, f"{param}[{i}]")
+            if plan.validation is not None and plan.validation.status != "error":
+                _check_grader_fields(plan, settings, plan.validation, "validation_file", plan.grader)
+    plan.grader, plan.judge_models = None, judges_before
+    names = [g.get("name") or g["type"] for g in checked]
+    if len(set(names)) != len(names):
+        plan.fail(param, "invalid_value", "eval_graders need distinct names: each is reported as "
+                                          "eval_rewards/<name>/mean.")
+    plan.eval_graders = checked
+
+
+def _check_grader_fields(plan: JobPlan, settings: Settings, row: File, param: str, grader: dict[str, Any]) -> None:
     """Every line holds every `item.` field the grader reads (the first MAX_LINE_ISSUES lines that do not are
     named)."""
     from unsloth_core.graders.dataset import missing_fields_by_line
 
-    assert plan.grader is not None
     for count, (line, missing) in enumerate(missing_fields_by_line(readable_content(settings, row, param),
-                                                                   plan.grader)):
+                                                                   grader)):
         if count == MAX_LINE_ISSUES:
             break
         plan.fail(param, "missing_grader_field", f"Line {line} of {row.id} has no {', '.join(missing)}, which the "

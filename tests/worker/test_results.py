@@ -10,6 +10,8 @@ import json
 import secrets
 from typing import Any
 
+import pytest
+
 from app.db.models import File
 from app.schemas.jobs import JobCreate
 from app.services import jobs
@@ -110,3 +112,43 @@ def test_each_checkpoint_carries_its_full_validation_loss(env: WorkerEnv) -> Non
         data = prepare_datasets(tokenizer, args, validation_path, validation_path)
         recomputed = Trainer(model, args, data.train, data.eval).evaluate()
         assert abs(recomputed["eval_loss"] - metrics["full_valid_loss"]) < 1e-5
+
+
+def test_eval_graders_score_each_checkpoint_of_a_supervised_job(env: WorkerEnv) -> None:
+    always = {"type": "string_check", "name": "tagged", "input": "{{item.tag}}", "reference": "x", "operation": "eq"}
+    never = {"type": "string_check", "name": "said", "input": "{{sample.output_text}}",
+             "reference": "no tiny model says this", "operation": "like"}
+    hp = {"n_epochs": 1, "batch_size": 2, "learning_rate": 5e-3, "lora_r": 4, "n_checkpoints": 2,
+          "max_seq_length": 128, "eval_graders": [always, never], "eval_samples": 2}
+    validation = env.upload([{**r, "tag": "x"} for r in fact_rows(3, seed=3)])
+    payload = JobCreate.model_validate({
+        "model": TINY, "training_file": env.upload(fact_rows(8)), "validation_file": validation, "seed": 7,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}})
+    with env.ctx.sessions() as session:
+        job_id = jobs.create_job(session=session, settings=env.settings, broker=env.broker,  # type: ignore[arg-type]
+                                 key=env.key, payload=payload, idempotency_key=secrets.token_hex(8),
+                                 retry_count=0).id
+    assert run(env, job_id) == "succeeded", env.job(job_id).error
+    for c in env.checkpoints(job_id):
+        m = c.metrics
+        assert (m["eval_rewards/tagged/mean"], m["eval_rewards/said/mean"], m["valid_reward_mean"]) == (1.0, 0.0, 0.5)
+
+
+def test_eval_graders_are_checked_when_the_job_is_made(env: WorkerEnv) -> None:
+    from app.core.errors import APIError
+
+    reads_answer = {"type": "string_check", "name": "a", "input": "{{sample.output_text}}",
+                    "reference": "{{item.answer}}", "operation": "eq"}
+    training = env.upload(fact_rows(4))
+    cases = [({"eval_graders": [reads_answer]}, None, "method.supervised.hyperparameters.eval_graders"),
+             ({"eval_graders": [{**reads_answer, "operation": "x"}]}, training,
+              "method.supervised.hyperparameters.eval_graders[0].operation"),
+             ({"eval_graders": [reads_answer]}, training, "validation_file")]  # no `answer` on its lines
+    for extra, validation, param in cases:
+        payload = JobCreate.model_validate({
+            "model": TINY, "training_file": training, "validation_file": validation,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": extra}}})
+        with env.ctx.sessions() as session, pytest.raises(APIError) as e:
+            jobs.create_job(session=session, settings=env.settings, broker=env.broker,  # type: ignore[arg-type]
+                            key=env.key, payload=payload, idempotency_key=secrets.token_hex(8), retry_count=0)
+        assert e.value.param == param, e.value.message
