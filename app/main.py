@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from app.api.openapi import install_openapi
 from app.api.router import root, route_template, v1
+from app.console import install_console
 from app.core.config import Settings, SettingsError, load_settings
 from app.core.context import AppContext
 from app.core.errors import install_error_handlers
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     app.include_router(v1)
     app.include_router(root)
+    install_console(app)  # the web console at /
 
     def body_limit(path: str) -> int:
         if PurePosixPath(path) == PurePosixPath("/v1/files"):

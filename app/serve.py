@@ -108,6 +108,7 @@ def banner(settings: Settings, base: str, key: str | None) -> None:
     lines = [f"ready: {base}/v1  (OpenAI-compatible; data in {settings.data_dir})",
              f"API key: {shown}" + (f"  (kept in {settings.api_key_file})" if key else ""),
              f"try: curl {base}/v1/models -H 'Authorization: Bearer {shown if key else '$UNSLOTH_API_KEY'}'",
+             f"console: {base}/  (sign in with the key)",
              "Ctrl-C stops the API and the worker"]
     print("\n".join(f"unsloth: {line}" for line in lines), flush=True)
 
