@@ -56,7 +56,7 @@ def metrics_csv(rows: list[dict[str, Any]]) -> bytes:
 def write_result_files(session: Session, settings: Settings, job: Job, manifest: dict[str, Any]) -> list[File]:
     """The CSV and the manifest written to the files dir and added to the session (uncommitted). The caller deletes
     the returned files' bytes when its transaction fails (`remove_result_files`)."""
-    manifest = {**manifest, "result_files": "step_metrics.csv"}
+    manifest = {"object": "fine_tuning.job.manifest", "job_id": job.id, **manifest}
     contents = ((f"{job.id}-step_metrics.csv", ".csv", metrics_csv(metric_rows(session, job.id))),
                 (f"{job.id}-manifest.json", ".json", json.dumps(manifest, indent=2, sort_keys=True).encode()))
     files: list[File] = []

@@ -343,3 +343,18 @@ def test_a_key_cannot_queue_jobs_without_end(backend: Backend, monkeypatch: pyte
     assert [other.fine_tuning.jobs.create(model=TINY, training_file=other_file, suffix=s).status
             for s in ("e", "f")] == ["queued", "queued"]
     backend.queued_messages()  # this test's messages: no worker here
+
+
+def test_a_finished_jobs_result_files_are_readable(backend: Backend, fine_tune: FineTune) -> None:
+    client = backend.client(fine_tune.key)
+    job = client.fine_tuning.jobs.retrieve(fine_tune.job_id)
+    assert len(job.result_files) == 2
+    files = {f.filename: f for f in (client.files.retrieve(i) for i in job.result_files)}
+    csv_name, manifest_name = f"{job.id}-step_metrics.csv", f"{job.id}-manifest.json"
+    assert set(files) == {csv_name, manifest_name}
+    assert all(f.purpose == "fine-tune-results" for f in files.values())
+    assert client.files.content(files[csv_name].id).text.startswith("step")
+    assert json.loads(client.files.content(files[manifest_name].id).text)["job_id"] == job.id
+    assert fine_tune.job_id not in {j.id for j in backend.client(backend.other_key).fine_tuning.jobs.list()}
+    with pytest.raises(openai.NotFoundError):  # another key's result files are not theirs
+        backend.client(backend.other_key).files.content(files[csv_name].id)
