@@ -55,16 +55,17 @@ export function render(view, _params, signal) {
 
   fill(body, () => api("/models", { signal }), ({ data }) => {
     if (!data.length) return empty("No models.");
+    // Under its parent; under its base when the parent is not listed (a cancelled job's checkpoint has no
+    // fine-tune); at the top when neither is (a base model, or one this key cannot see).
+    const ids = new Set(data.map((m) => m.id));
+    const parentOf = (m) => (m.kind === "base" ? null : [m.parent, m.root].find((p) => p && ids.has(p)) ?? null);
     const byParent = new Map();
     for (const m of data) {
-      const parent = m.kind === "base" ? null : (m.parent ?? m.root);
+      const parent = parentOf(m);
       if (!byParent.has(parent)) byParent.set(parent, []);
       byParent.get(parent).push(m);
     }
-    const ids = new Set(data.map((m) => m.id));
     const grow = (model) => node(model, (byParent.get(model.id) ?? []).map(grow));
-    // Roots: base models, and anything whose parent this key cannot see.
-    const roots = data.filter((m) => m.kind === "base" || !ids.has(m.parent ?? m.root));
-    return h("ul", { class: "tree lineage", "aria-label": "Models by lineage" }, roots.map(grow));
+    return h("ul", { class: "tree lineage", "aria-label": "Models by lineage" }, (byParent.get(null) ?? []).map(grow));
   });
 }
