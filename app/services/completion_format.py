@@ -113,11 +113,13 @@ class ChatFormatter(Formatter):
     def response(self, choices: Sequence[Choice], usage: Usage) -> ChatCompletion:
         h = self.header
         return ChatCompletion(id=h.id, created=h.created, model=h.model, system_fingerprint=SYSTEM_FINGERPRINT,
-                              usage=usage, choices=[
-                                  ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
-                                             finish_reason=c.finish or "length",  # type: ignore[arg-type]
-                                             logprobs=chat_logprobs(c.logprobs) if h.logprobs is not None else None)
-                                  for i, c in enumerate(choices)])
+                              usage=usage, choices=[self.choice(i, c) for i, c in enumerate(choices)])
+
+    def choice(self, index: int, c: Choice) -> ChatChoice:
+        """One whole choice of the response."""
+        return ChatChoice(index=index, message=AssistantMessage(content="".join(c.text)),
+                          finish_reason=c.finish or "length",  # type: ignore[arg-type]
+                          logprobs=chat_logprobs(c.logprobs) if self.header.logprobs is not None else None)
 
 
 class CompletionFormatter(Formatter):

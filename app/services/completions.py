@@ -26,8 +26,11 @@ from app.schemas.completions import (
     SamplingFields,
     Usage,
 )
+from app.services import tool_use
 from app.services.completion_format import ChatFormatter, Choice, CompletionFormatter, Formatter, Header
 from app.services.models import Servable
+from app.services.tool_call_format import ToolCallFormatter
+from app.services.tool_use import ToolUse
 
 if TYPE_CHECKING:
     from unsloth_core.constrained import Constraint
@@ -70,9 +73,10 @@ def _check_completion(body: CompletionRequest, settings: Settings) -> None:
 
 def _check_chat(body: ChatCompletionRequest, settings: Settings) -> None:
     _check_common(body, settings)
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise bad_request(f"{name} are not supported by this server.", param=name, code="unsupported_parameter")
+    if body.functions:
+        raise bad_request("functions (deprecated) are not supported by this server; send tools.", param="functions",
+                          code="unsupported_parameter")
+    tool_use.check_request(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
 
@@ -92,15 +96,31 @@ def response_constraint(body: ChatCompletionRequest) -> Constraint | None:
     return Constraint.json_schema(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {})
 
 
-def _check_constraint(served: Served, constraint: Constraint) -> None:
-    """On the tokenizer threads: compiling a schema, and reading the tokenizer the first time, take real time."""
-    from unsloth_core.constrained import GrammarError, check
+def _check_constraint(served: Served, constraint: Constraint, tools: ToolUse | None) -> None:
+    """On the tokenizer threads: compiling a schema, and reading the tokenizer the first time, take real time. A
+    tool grammar that does not compile names the tool whose parameters schema is at fault."""
+    from unsloth_core.constrained import Constraint, GrammarError, check
+    from unsloth_core.tool_calls import call_schema
+
+    eos = sorted(served.engine.eos | set(served.tokenizer.eos_token_ids))
+
+    def fails(c: Constraint) -> bool:
+        try:
+            check(c, served.tokenizer, eos)
+        except GrammarError:
+            return True
+        return False
 
     try:
-        check(constraint, served.tokenizer, sorted(served.engine.eos | set(served.tokenizer.eos_token_ids)))
+        check(constraint, served.tokenizer, eos)
     except GrammarError as e:
-        raise bad_request(f"This JSON schema cannot be used for structured output: {e}",
-                          param="response_format.json_schema.schema", code="invalid_json_schema") from None
+        param = "response_format.json_schema.schema"
+        if constraint.kind == "lark" and tools is not None and tools.convention is not None:
+            key = tools.convention.arguments_key
+            param = tool_use.grammar_param(tools, [fails(Constraint.json_schema(call_schema(
+                t["function"]["name"], t["function"].get("parameters"), key))) for t in tools.offered])
+        raise bad_request(f"This JSON schema cannot be used for structured output: {e}", param=param,
+                          code="invalid_json_schema") from None
 
 
 def _check_against_model(body: SamplingFields, served: Served) -> dict[int, float] | None:
@@ -157,17 +177,20 @@ def _chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
         message = {**extra, "role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         messages.append(message)
     return messages
 
 
-def chat_prompt(served: Served, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt(served: Served, body: ChatCompletionRequest, tools: ToolUse | None = None) -> list[int]:
     import jinja2
 
     from unsloth_core.errors import UnslothError
 
+    messages, offered = tool_use.prompt_inputs(tools, _chat_messages(body))
     try:
-        ids_ = served.tokenizer.apply_chat_template(_chat_messages(body), add_generation_prompt=True)
+        ids_ = served.tokenizer.apply_chat_template(messages, offered, add_generation_prompt=True)
     except (jinja2.TemplateError, UnslothError) as e:
         raise bad_request(f"The model's chat template refused these messages: {e}", param="messages",
                           code="invalid_messages") from None
@@ -230,13 +253,25 @@ def _sampling(body: SamplingFields, max_new: int, logprobs: int | None, row: int
 # ---- preparing a run ----
 
 
-def _tokenize(served: Served, body: CompletionRequest | ChatCompletionRequest,
-              ) -> tuple[list[list[int]], list[str] | None]:
-    """(token-id prompts, echoed texts): CPU work on the caller's text, run on the tokenizer threads."""
+@dataclass
+class Inputs:
+    """What a request becomes before generation: CPU work on the caller's text, run on the tokenizer threads."""
+
+    prompts: list[list[int]]  # token ids
+    echo: list[str] | None = None  # each prompt's text, for a completion with echo
+    tools: ToolUse | None = None  # a chat's tools, resolved against the template
+    constraint: Constraint | None = None  # the grammar a chat's reply follows
+
+
+def _tokenize(served: Served, body: CompletionRequest | ChatCompletionRequest) -> Inputs:
     if isinstance(body, ChatCompletionRequest):
-        return [chat_prompt(served, body)], None
+        tools = tool_use.resolve(body, served.tokenizer)
+        constraint = tool_use.output_constraint(tools, response_constraint(body))
+        if constraint is not None:
+            _check_constraint(served, constraint, tools)
+        return Inputs([chat_prompt(served, body, tools)], tools=tools, constraint=constraint)
     prompts = completion_prompts(served, body.prompt)
-    return prompts, [served.tokenizer.decode(p) for p in prompts] if body.echo else None
+    return Inputs(prompts, [served.tokenizer.decode(p) for p in prompts] if body.echo else None)
 
 
 async def _prepare(engine: InferenceEngine, servable: Servable, body: CompletionRequest | ChatCompletionRequest,
@@ -247,10 +282,8 @@ async def _prepare(engine: InferenceEngine, servable: Servable, body: Completion
         served = await engine.load(servable)
         logit_bias = _check_against_model(body, served)
         _check_prompt_size(body, served)
-        prompts, echo = await engine.tokenize(_tokenize, served, body)
-        constraint = response_constraint(body) if isinstance(body, ChatCompletionRequest) else None
-        if constraint is not None:
-            await engine.tokenize(_check_constraint, served, constraint)
+        inputs = await engine.tokenize(_tokenize, served, body)
+        prompts = inputs.prompts
         if isinstance(body, ChatCompletionRequest):
             kind: Kind = "chat"
             requested = body.max_completion_tokens or body.max_tokens
@@ -267,20 +300,29 @@ async def _prepare(engine: InferenceEngine, servable: Servable, body: Completion
         if len(prompts) * body.n > MAX_ROWS:
             raise bad_request(f"At most {MAX_ROWS} choices per request (prompts x n).", param="n")
         rows = [p for p in prompts for _ in range(body.n)]
-        params = [_sampling(body, max_new, logprobs, i, logit_bias, scored, constraint) for i in range(len(rows))]
+        params = [_sampling(body, max_new, logprobs, i, logit_bias, scored, inputs.constraint)
+                  for i in range(len(rows))]
         header = Header(id=ids.new_id(ids.CHAT_COMPLETION if kind == "chat" else ids.COMPLETION),
                         created=int(time.time()), model=body.model, logprobs=logprobs,
                         include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
         first_tokens = [served.tokenizer.decode(row[:1]) for row in rows] if scored is not None else None
-        output: Formatter = (ChatFormatter(header) if kind == "chat" else CompletionFormatter(
-            header, [e for e in echo for _ in range(body.n)] if echo else None, len(rows), first_tokens))
         plan = Plan(model=body.model, served=served, rows=rows, params=params,
-                    prompt_tokens=sum(len(p) for p in prompts), output=output)
+                    prompt_tokens=sum(len(p) for p in prompts),
+                    output=_formatter(kind, header, inputs, body.n, first_tokens))
         run = engine.start(served, rows, params, key_id)
     except BaseException:
         engine.release(key_id)
         raise
     return plan, run
+
+
+def _formatter(kind: Kind, header: Header, inputs: Inputs, n: int, first_tokens: list[str] | None) -> Formatter:
+    if kind == "completion":
+        echo = [e for e in inputs.echo for _ in range(n)] if inputs.echo else None
+        return CompletionFormatter(header, echo, len(inputs.prompts) * n, first_tokens)
+    if inputs.tools is not None and inputs.tools.reads_calls:
+        return ToolCallFormatter(header, inputs.tools, n)
+    return ChatFormatter(header)
 
 
 async def complete(*, engine: InferenceEngine, request: Request, servable: Servable,

@@ -136,8 +136,8 @@ def test_context_and_token_limits(backend: Backend) -> None:
         chat(client, temperature=3)
     assert e.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as e:
-        chat(client, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert (e.value.param, e.value.code) == ("tools", "unsupported_parameter")
+        chat(client, functions=[{"name": "f"}])  # tools are served (test_tool_calls.py), deprecated functions not
+    assert (e.value.param, e.value.code) == ("functions", "unsupported_parameter")
     with pytest.raises(openai.NotFoundError) as missing:
         chat(client, model="no-such-model")
     assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
