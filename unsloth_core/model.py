@@ -463,27 +463,26 @@ class Llama(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
 
-    def save_pretrained_merged(self, directory: str, tokenizer: Any = None, save_method: str = "merged_16bit") -> None:
-        """Unsloth's export: "lora" (the adapter), "merged_16bit" / "merged_32bit" (adapters folded in, HF format).
-
-        The merge happens on a copy, so this model keeps training or serving with its adapters.
-        """
-        import copy
-
-        from unsloth_core.checkpoint import save_model
-        from unsloth_core.lora import strip_lora
+    def save_pretrained_merged(self, directory: str, tokenizer: Any = None,
+                               save_method: str = "merged_16bit") -> dict[str, Any] | None:
+        """Unsloth's export: "lora" (the adapter), "merged_16bit" / "merged_32bit" (adapters folded in, HF format,
+        read back by our loader and by transformers and compared with this model before the directory appears;
+        returns that report, also in `verification.json`). The merge happens on a copy, so this model keeps
+        training or serving with its adapters. As in Unsloth, "merged_4bit" is refused: a 4-bit merge loses the
+        adapter's precision (use merged_16bit, or save_pretrained_gguf with a 4-bit type to run it small)."""
+        from unsloth_core.export_merged import save_merged
 
         if save_method == "lora":
             self.save_pretrained(directory, tokenizer)
-            return
-        dtypes = {"merged_16bit": torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16,
-                  "merged_32bit": torch.float32}
-        if save_method not in dtypes:
+            return None
+        if save_method in ("merged_4bit", "merged_4bit_forced"):
+            raise ValueError(f"save_method={save_method!r}: merging into 4 bits loses what the adapter learnt and "
+                             "cannot be merged again later; save 'merged_16bit', or a GGUF with a 4-bit "
+                             "quantization_method (q4_0, q4_1) to run the model small")
+        types = {"merged_16bit": "bf16" if self.dtype == torch.bfloat16 else "f16", "merged_32bit": "f32"}
+        if save_method not in types:
             raise ValueError(f"save_method must be 'lora', 'merged_16bit' or 'merged_32bit', not {save_method!r}")
-        merged = strip_lora(copy.deepcopy(self)) if self.lora_config is not None else self
-        save_model(merged, directory, dtype=dtypes[save_method])
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        return save_merged(self, directory, tokenizer, types[save_method])
 
     def save_pretrained_gguf(self, directory: str, tokenizer: Any,
                              quantization_method: str | list[str] = "fast_quantized",

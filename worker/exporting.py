@@ -295,29 +295,11 @@ def _gguf(model: Llama, tokenizer: Tokenizer, row: Export, out: Path) -> tuple[l
 
 def _merged(model: Llama, tokenizer: Tokenizer, tokenizer_dir: Path, quantization: str,
             directory: Path) -> dict[str, Any]:
-    """The merged model saved in `quantization`'s dtype, loaded back and compared with the merged model rounded to
-    that dtype (exact), the merge itself with the adapter, and the tokenizer written beside it."""
-    import torch
+    """The merged model saved in `quantization`'s dtype and verified (the engine's export_merged: read back by our
+    loader and by transformers, the merge against the adapter, the tokenizer written beside it)."""
+    from unsloth_core.export_merged import write_merged
 
-    from unsloth_core.checkpoint import load_model, save_model
-    from unsloth_core.export_gguf import merged_copy
-    from unsloth_core.export_verify import EXACT, adapter_check, compare, probe_prompts, rounded, tokenizer_check
-    from unsloth_core.tokenizer import Tokenizer
-
-    merged = merged_copy(model)
-    save_model(merged, directory, tokenizer_dir=tokenizer_dir, dtype=MERGED_DTYPES[quantization])
-    exported = load_model(directory, dtype=torch.float32)
-    prompts = probe_prompts(tokenizer, merged.config.max_position_embeddings)
-    report: dict[str, Any] = {"format": "merged", "quantization": quantization,
-                              "reference": f"merged model, weights in {quantization}",
-                              **compare(rounded(merged, EXACT[quantization]), exported, prompts)}
-    report["tokenizer_problems"] = tokenizer_check(tokenizer, Tokenizer.from_dir(directory))
-    ok = _exact(report, len(prompts))
-    if model.lora_config is not None:
-        report["adapter_vs_merged"] = adapter_check(model, merged, prompts)
-        ok = ok and report["adapter_vs_merged"]["passed"]
-    report["passed"] = bool(ok and not report["tokenizer_problems"])
-    return report
+    return write_merged(model, directory, tokenizer, quantization, tokenizer_dir=tokenizer_dir)
 
 
 def _peft(base: Llama, model: Llama, tokenizer: Tokenizer, adapter: Path, directory: Path) -> dict[str, Any]:
