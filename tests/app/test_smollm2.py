@@ -3,9 +3,11 @@ that the chat template, tokenizer and generation come together into a right answ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 
@@ -14,6 +16,11 @@ from app.main import create_app
 from tests.app.conftest import ServerThread
 
 MODEL = "smollm2-135m-instruct"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +49,21 @@ def test_smollm2_answers_over_the_api(smol_client: openai.OpenAI) -> None:
     assert "Paris" in text and "<|im_end|>" not in text
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 10
+
+
+@pytest.mark.slow
+def test_smollm2_tool_calls_parse(smol_client: openai.OpenAI) -> None:
+    """SmolLM2's template has no tools section: the tools go in a hermes system block. Whether the 135M model calls
+    on its own is its choice (it mostly answers in prose); a call it makes parses, and a required one validates."""
+    ask = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    auto = smol_client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER],  # type: ignore[list-item]
+                                               temperature=0, max_tokens=64).choices[0]
+    for call in auto.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
+    assert auto.message.tool_calls or "<tool_call>" not in (auto.message.content or "")
+    forced = smol_client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER],  # type: ignore[list-item]
+                                                 tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                                 max_tokens=64).choices[0]
+    assert forced.finish_reason == "tool_calls" and forced.message.tool_calls and len(forced.message.tool_calls) == 1
+    call = forced.message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
