@@ -30,7 +30,18 @@ import pytest
 from playwright.sync_api import Page, Request, expect, sync_playwright
 
 from tests.e2e.commands import SERVE
-from tests.e2e.conftest import REPO, TINY, Stack, create_job, free_port, jsonl, link_tiny, service_env, upload_facts
+from tests.e2e.conftest import (
+    REPO,
+    TINY,
+    Stack,
+    all_events,
+    create_job,
+    free_port,
+    jsonl,
+    link_tiny,
+    service_env,
+    upload_facts,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -159,15 +170,24 @@ def test_upload_shows_bad_lines_with_their_numbers(browser: Browser) -> None:
     b.shot("04-upload-bad-lines")
 
 
-def test_create_a_job_and_watch_its_loss_chart_fill_in(browser: Browser) -> None:
+def sums(numbers: range) -> bytes:
+    return jsonl([{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in numbers])
+
+
+def test_create_a_job_and_watch_its_loss_chart_fill_in(browser: Browser, server: Stack) -> None:
     b, page = browser, browser.page
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(120)]
+    page.set_input_files("#upload", files=[{"name": "sums-valid.jsonl", "mimeType": "application/jsonl",
+                                            "buffer": sums(range(200, 204))}])
+    page.click("#upload-button")
+    expect(page.locator('#upload-report [data-report="ok"]')).to_contain_text("4 examples")
+    validation = page.input_value("#training-file")
     page.set_input_files("#upload", files=[{"name": "sums.jsonl", "mimeType": "application/jsonl",
-                                            "buffer": jsonl(rows)}])
+                                            "buffer": sums(range(120))}])
     page.click("#upload-button")
     expect(page.locator('#upload-report [data-report="ok"]')).to_contain_text("120 examples")
-    expect(page.locator("#training-file")).not_to_have_value("")  # the new file, chosen
+    expect(page.locator("#training-file")).not_to_have_value(validation)  # the new file, chosen
+    page.select_option("#validation-file", validation)
     page.select_option("#model", TINY)
     for name, value in {"n_epochs": "1", "batch_size": "1", "learning_rate": "0.005", "lora_r": "4",
                         "n_checkpoints": "3", "max_seq_length": "128"}.items():
@@ -186,10 +206,15 @@ def test_create_a_job_and_watch_its_loss_chart_fill_in(browser: Browser) -> None
     b.state["job"] = job_id
     record_points(b, "Loss")
     expect(page.locator(".page-head .badge").first).to_have_text("succeeded", timeout=90_000)
-    expect(page.locator('figure.chart[data-title="Loss"]')).to_have_attribute("data-points", "120")
+    # 120 training losses and a validation loss at each evaluation, as the metrics events hold them
+    evaluations = sum(1 for e in all_events(server.client(), job_id)
+                      if e.type == "metrics" and "valid_loss" in (e.data or {}) and "checkpoint" not in e.data)
+    assert evaluations >= 3
+    total = b.state["loss_points"] = 120 + evaluations
+    expect(page.locator('figure.chart[data-title="Loss"]')).to_have_attribute("data-points", str(total))
     seen = page.evaluate("window.pointLog")
     # The chart grew as the metrics events arrived, not in one go at the end.
-    assert len({n for n in seen if 0 < n < 120}) >= 3, seen
+    assert len({n for n in seen if 0 < n < total}) >= 3, seen
     assert seen == sorted(seen), seen
     assert points(b, "Learning rate") == 120 and points(b, "Throughput (tokens/s)") == 120
     expect(page.locator("ol.events li").first).to_contain_text("successfully completed")
@@ -225,6 +250,11 @@ def test_compare_two_checkpoints_side_by_side(browser: Browser) -> None:
     expect(boxes).to_have_count(3)
     boxes.nth(0).check()
     boxes.nth(2).check()
+    side = page.locator("#compare-samples")  # the probe prompts' greedy answers, step 120 beside step 40
+    expect(side.locator("thead th")).to_have_text(["Prompt", "Step 120", "Step 40"])
+    expect(side.locator("tbody tr")).to_have_count(3)  # the first 3 validation prompts
+    expect(side.locator("tbody tr").first).to_contain_text("What is 200 plus 200?")
+    b.shot("08-checkpoint-samples")
     page.click("#compare-checkpoints")
     expect(page.locator("section.pane")).to_have_count(2)
     a, c = page.input_value("#model-a"), page.input_value("#model-b")
@@ -237,7 +267,7 @@ def test_compare_two_checkpoints_side_by_side(browser: Browser) -> None:
         reply = page.locator(f'section.pane[data-pane="{pane}"] li.msg.assistant')
         expect(reply).to_have_attribute("data-done", "true")
         assert int(reply.get_attribute("data-tokens") or 0) > 0
-    b.shot("08-playground-compare")
+    b.shot("08b-playground-compare")
 
 
 STARTS_WITH_A = {"type": "string_check", "name": "starts_with_a", "input": "{{sample.output_text}}",
@@ -328,7 +358,8 @@ def test_models_files_exports_and_keys(browser: Browser) -> None:
     b.shot("14-exports")
 
     b.go("files")
-    for name in ("bad.jsonl", "sums.jsonl", "rl.jsonl", "facts.jsonl", "-peft.tar"):  # uploads; the export's file
+    # the uploads, and the export's file
+    for name in ("bad.jsonl", "sums.jsonl", "sums-valid.jsonl", "rl.jsonl", "facts.jsonl", "-peft.tar"):
         expect(page.locator("tbody tr", has_text=name)).to_have_count(1)
     page.locator("button.link", has_text="bad.jsonl").click()
     expect(page.locator('#file-detail tr[data-line="4"]')).to_be_visible()
@@ -355,7 +386,8 @@ def test_models_files_exports_and_keys(browser: Browser) -> None:
     page.set_viewport_size({"width": 1280, "height": 860})
     page.emulate_media(color_scheme="dark")
     b.go(f"jobs/{b.state['job']}")
-    expect(page.locator('figure.chart[data-title="Loss"]')).to_have_attribute("data-points", "120")
+    expect(page.locator('figure.chart[data-title="Loss"]')).to_have_attribute("data-points",
+                                                                               str(b.state["loss_points"]))
     page.wait_for_timeout(300)
     b.shot("21-dark-job")
     page.emulate_media(color_scheme="light")

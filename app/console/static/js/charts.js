@@ -9,16 +9,18 @@ const HEIGHT = 220;
 
 export class MetricChart {
   // `keys`: the metric names to draw, in order; or `match(name)` to take any name it accepts (per-grader rewards).
-  constructor({ title, keys = [], match = null, labels = {} }) {
+  // `labels`: the legend's name for a metric (an object, or a function of the name). An `optional` chart stays
+  // hidden until its first value arrives (metrics only some jobs log).
+  constructor({ title, keys = [], match = null, labels = {}, optional = false }) {
     this.order = keys;  // the series' order; one is drawn once its first value arrives
     this.keys = [];
     this.match = match ?? ((name) => keys.includes(name));
-    this.labels = labels;
+    this.label = typeof labels === "function" ? labels : (k) => labels[k] ?? k;
     this.steps = new Map();  // step -> {name: value}
     this.plot = null;
     this.canvas = h("div", { class: "chart-canvas", role: "img" });
     this.placeholder = h("p", { class: "state empty" }, "Waiting for metrics…");
-    this.el = h("figure", { class: "chart", dataset: { points: "0", title } },
+    this.el = h("figure", { class: "chart", dataset: { points: "0", title }, hidden: optional },
       h("figcaption", {}, title), this.placeholder, this.canvas);
     this.pending = false;
   }
@@ -58,11 +60,12 @@ export class MetricChart {
     this.el.dataset.points = String(this.points);
     if (!this.steps.size) return;
     this.placeholder.hidden = true;
+    this.el.hidden = false;
     const xs = [...this.steps.keys()].sort((a, b) => a - b);
     // For screen readers: the latest value of each line.
     const latest = this.keys.map((k) => {
       const step = xs.findLast((x) => this.steps.get(x)[k] !== undefined);
-      return `${this.labels[k] ?? k} ${number(this.steps.get(step)[k])} at step ${step}`;
+      return `${this.label(k)} ${number(this.steps.get(step)[k])} at step ${step}`;
     });
     this.canvas.setAttribute("aria-label", `${this.el.dataset.title}: ${latest.join(", ")}`);
     const data = [xs, ...this.keys.map((k) => xs.map((x) => this.steps.get(x)[k] ?? null))];
@@ -84,7 +87,7 @@ export class MetricChart {
       series: [
         { label: "step" },
         ...this.keys.map((k, i) => ({
-          label: this.labels[k] ?? k, stroke: PALETTE[i % PALETTE.length], width: 2, spanGaps: true,
+          label: this.label(k), stroke: PALETTE[i % PALETTE.length], width: 2, spanGaps: true,
           points: { size: 5 }, value: (_, v) => number(v),
         })),
       ],
@@ -105,7 +108,6 @@ export class MetricChart {
   }
 }
 
-// The charts a job shows, by method; `extra` ones appear only when their metrics do (a DPO job's rewards, ...).
 function yRange(_, min, max) {
   if (min === null || max === null) return [0, 1];
   if (min === max) return [min - (Math.abs(min) || 1) * 0.1, max + (Math.abs(max) || 1) * 0.1];
@@ -119,6 +121,8 @@ function tick(v) {
   return a < 1e-2 || a >= 1e5 ? v.toExponential(1).replace(".0e", "e") : number(v);
 }
 
+// The charts a job shows, by method; optional ones appear when their metrics do (a DPO job's rewards, graders run
+// at a supervised job's evaluations).
 export function chartsFor(method) {
   const loss = new MetricChart({
     title: "Loss", keys: ["train_loss", "valid_loss"], labels: { train_loss: "train", valid_loss: "validation" },
@@ -135,7 +139,7 @@ export function chartsFor(method) {
       }),
       new MetricChart({
         title: "Reward per grader", match: (k) => /^rewards\/.+\/mean$/.test(k),
-        labels: new Proxy({}, { get: (_, k) => String(k).slice(8, -5) }),
+        labels: (k) => k.slice("rewards/".length, -"/mean".length),
       }),
       new MetricChart({ title: "KL", keys: ["kl"] }),
       new MetricChart({
@@ -144,10 +148,14 @@ export function chartsFor(method) {
       loss, lr, speed,
     ];
   }
-  const charts = [loss, lr, speed];
+  const charts = [loss, lr, speed, new MetricChart({
+    title: "Validation reward (eval graders)", optional: true,
+    match: (k) => k === "valid_reward_mean" || /^eval_rewards\/.+\/mean$/.test(k),
+    labels: (k) => (k === "valid_reward_mean" ? "mean" : k.slice("eval_rewards/".length, -"/mean".length)),
+  })];
   if (method === "dpo") {
     charts.push(new MetricChart({
-      title: "Preference rewards", keys: ["rewards/chosen", "rewards/rejected", "rewards/margin"],
+      title: "Preference rewards", keys: ["rewards/chosen", "rewards/rejected", "rewards/margin"], optional: true,
       labels: { "rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margin": "margin" },
     }));
   }

@@ -147,24 +147,28 @@ function checkpointTable(items) {
   if (!items.length) return empty("No checkpoints yet.");
   items.sort((a, b) => b.step_number - a.step_number);
   const keys = [...new Set(items.flatMap((c) => Object.keys(c.metrics ?? {})))].filter((k) => k !== "step");
-  const chosen = new Set();
+  const withSamples = items.some((c) => c.samples?.length);
+  const chosen = [];  // the selected checkpoints, at most two
   const compare = h("a", { class: "button", "aria-disabled": "true", href: "#/playground", id: "compare-checkpoints" },
-    "Compare the two selected");
+    "Compare the two selected in the playground");
+  const side = h("div", { id: "compare-samples" });
   const update = () => {
-    const models = [...chosen];
-    const ready = models.length === 2;
+    const ready = chosen.length === 2;
     compare.setAttribute("aria-disabled", String(!ready));
-    compare.href = ready ? playgroundLink(...models) : "#/playground";
+    compare.href = ready ? playgroundLink(...chosen.map((c) => c.fine_tuned_model_checkpoint)) : "#/playground";
+    replace(side, ready && withSamples ? sampleComparison(chosen) : null);
   };
-  compare.addEventListener("click", (e) => { if (chosen.size !== 2) e.preventDefault(); });
+  compare.addEventListener("click", (e) => { if (chosen.length !== 2) e.preventDefault(); });
   return h("div", {},
     table([
       {
         label: "Compare", cell: (c) => h("input", {
           type: "checkbox", "aria-label": `Select step ${c.step_number} to compare`,
           onchange: (e) => {
-            if (e.target.checked) chosen.add(c.fine_tuned_model_checkpoint); else chosen.delete(c.fine_tuned_model_checkpoint);
-            if (chosen.size > 2) { e.target.checked = false; chosen.delete(c.fine_tuned_model_checkpoint); }
+            const at = chosen.indexOf(c);
+            if (!e.target.checked) chosen.splice(at, 1);
+            else if (chosen.length < 2) chosen.push(c);
+            else e.target.checked = false;
             update();
           },
         }),
@@ -176,13 +180,36 @@ function checkpointTable(items) {
           copyButton(c.fine_tuned_model_checkpoint)),
       },
       ...keys.map((k) => ({ label: k, cell: (c) => number(c.metrics?.[k]) })),
+      ...(withSamples ? [{ label: "Samples", cell: samplesCell }] : []),
       { label: "Created", cell: (c) => time(c.created_at) },
       {
         label: "", cell: (c) => h("a", { class: "button small", href: playgroundLink(c.fine_tuned_model_checkpoint),
           "data-checkpoint": c.fine_tuned_model_checkpoint }, "Open in playground"),
       },
     ], items),
-    h("p", { class: "actions" }, compare));
+    h("p", { class: "actions" }, compare, withSamples ? h("small", {}, "Select two to see their samples side by side.") : null),
+    side);
+}
+
+// A checkpoint's probe prompts with its greedy answers (the checkpoint's `samples`).
+function samplesCell(c) {
+  if (!c.samples?.length) return "—";
+  return h("details", {}, h("summary", {}, `${c.samples.length} sample${c.samples.length === 1 ? "" : "s"}`),
+    c.samples.map((s) => h("div", { class: "sample" }, h("pre", { class: "prompt" }, promptText(s.prompt)),
+      h("pre", { class: "completion" }, s.output ?? ""))));
+}
+
+function sampleComparison([a, b]) {
+  const n = Math.max(a.samples?.length ?? 0, b.samples?.length ?? 0);
+  const rows = Array.from({ length: n }, (_, i) => ({ i, prompt: (a.samples?.[i] ?? b.samples?.[i])?.prompt }));
+  const answer = (c, i) => h("pre", { class: "completion" }, c.samples?.[i]?.output ?? "—");
+  return h("section", { class: "card", "aria-label": "Samples side by side" },
+    h("h3", {}, `Samples: step ${a.step_number} and step ${b.step_number}`),
+    table([
+      { label: "Prompt", cell: (r) => h("pre", { class: "prompt" }, promptText(r.prompt)) },
+      { label: `Step ${a.step_number}`, cell: (r) => answer(a, r.i) },
+      { label: `Step ${b.step_number}`, cell: (r) => answer(b, r.i) },
+    ], rows));
 }
 
 // ---- rollouts (reinforcement) ----

@@ -13,10 +13,13 @@ const COMMON = [
   ["lora_r", "int"], ["lora_alpha", "float"], ["lora_dropout", "float"], ["lora_target_modules", "list"],
   ["lr_scheduler", [...AUTO, "linear", "cosine", "constant"]], ["warmup_ratio", "float"],
   ["max_seq_length", "int"], ["n_checkpoints", "int"], ["load_in_4bit", BOOL],
+  ["probe_prompts", "json", 'auto: the first 3 validation prompts; or ["a prompt", ...]'],
 ];
+// Graders scoring a supervised or DPO job's answers to validation prompts at each checkpoint.
+const EVAL = [["eval_graders", "json", "a JSON list of graders"], ["eval_samples", "int"]];
 const HYPERPARAMETERS = {
-  supervised: [...COMMON, ["packing", BOOL]],
-  dpo: [...COMMON, ["packing", BOOL], ["beta", "float"]],
+  supervised: [...COMMON, ["packing", BOOL], ...EVAL],
+  dpo: [...COMMON, ["packing", BOOL], ["beta", "float"], ...EVAL],
   reinforcement: [...COMMON, ["num_generations", "int"], ["max_completion_length", "int"], ["beta", "float"],
     ["loss_type", [...AUTO, "grpo", "dr_grpo", "dapo", "bnpo"]], ["temperature", "float"], ["top_p", "float"],
     ["eval_interval", "int"], ["eval_samples", "int"], ["compute_multiplier", "float"],
@@ -103,16 +106,18 @@ export function render(view, _params, signal) {
   const drawHyperparameters = () => {
     const old = Object.fromEntries(Object.entries(hpInputs).map(([k, c]) => [k, c.control.value]));
     hpInputs = {};
-    replace(hpBox, HYPERPARAMETERS[method.value].map(([name, kind]) => {
+    replace(hpBox, HYPERPARAMETERS[method.value].map(([name, kind, hint]) => {
       const control = Array.isArray(kind)
         ? select(kind, old[name] ?? "", { id: `hp-${name}` })
         : h("input", {
-          id: `hp-${name}`, value: old[name] ?? "", placeholder: "auto", autocomplete: "off",
+          id: `hp-${name}`, value: old[name] ?? "", placeholder: name === "eval_graders" ? "none" : "auto",
+          autocomplete: "off", spellcheck: false,
           inputmode: kind === "int" ? "numeric" : kind === "float" ? "decimal" : "text",
         });
       const resolved = h("small", { class: "resolved", "data-resolved": name });
       hpInputs[name] = { control, kind, resolved };
-      return h("div", { class: "field" }, h("label", { for: control.id }, name), control, resolved);
+      return h("div", { class: `field${kind === "json" ? " wide" : ""}` }, h("label", { for: control.id }, name),
+        control, hint ? h("small", {}, hint) : null, resolved);
     }));
     graderBox.hidden = method.value !== "reinforcement";
   };
@@ -129,6 +134,7 @@ export function render(view, _params, signal) {
         if (!Number.isFinite(n)) throw new Error(`${name}: "${raw}" is not a number.`);
         hp[name] = n;
       } else if (kind === "list") hp[name] = raw === "all-linear" ? raw : raw.split(/[\s,]+/).filter(Boolean);
+      else if (kind === "json" && /^[[{]/.test(raw)) hp[name] = parseJson(control, name);
       else if (raw === "true" || raw === "false") hp[name] = raw === "true";
       else hp[name] = raw;
     }
@@ -206,11 +212,11 @@ export function render(view, _params, signal) {
   })();
 }
 
-function parseJson(textarea, what) {
+function parseJson(control, what) {
   try {
-    return JSON.parse(textarea.value);
+    return JSON.parse(control.value);
   } catch (e) {
-    textarea.focus();
+    control.focus();
     throw new Error(`The ${what} is not valid JSON: ${e.message}`);
   }
 }
