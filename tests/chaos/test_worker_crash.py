@@ -197,3 +197,43 @@ def test_kill_9_mid_reinforcement_job(chaos: Chaos) -> None:
     assert status_events(events) == ["running", "queued", "running", "succeeded"]
     assert any(e.message.startswith("Resuming from the checkpoint at step") for e in events)
     assert_same(final_adapter(chaos, straight), final_adapter(chaos, job_id))
+
+
+def test_kill_9_mid_eval_run(chaos: Chaos) -> None:
+    """An eval run's worker dies mid-run: the reaper requeues the run, the next attempt grades only the items not
+    recorded yet, and every item ends with exactly one output item."""
+    import psycopg
+
+    client = chaos.stack.client()
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    nonempty = {"type": "string_check", "name": "said", "input": "{{sample.output_text}}", "reference": "",
+                "operation": "ne"}
+    evaluation = client.evals.create(name="crash", data_source_config={"type": "custom", "item_schema": schema},
+                                     testing_criteria=[nonempty])  # type: ignore[list-item]
+    n = 400
+    source = {"type": "file_content", "content": [{"item": {"q": f"Question number {i}?"}} for i in range(n)]}
+    run = client.evals.runs.create(evaluation.id, data_source={  # type: ignore[arg-type]
+        "type": "completions", "model": TINY, "source": source, "sampling_params": {"max_completion_tokens": 48},
+        "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]}})
+
+    def graded() -> int:
+        return len(list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=100)))
+
+    def lease_owner() -> str | None:
+        with psycopg.connect(chaos.db_url, connect_timeout=5) as conn:
+            row = conn.execute("SELECT lease_owner, status FROM eval_runs WHERE id = %s", (run.id,)).fetchone()
+        return row[0] if row and row[1] == "in_progress" and row[0] else None
+
+    chaos.stack.wait(lambda: graded() > 0, 120, f"run {run.id} to grade its first items")
+    owner = lease_owner()
+    assert owner is not None, "the run finished before it could be interrupted: give it more items"
+    os.kill(int(owner.split("/")[2]), signal.SIGKILL)
+    done = chaos.stack.wait(lambda: (r := client.evals.runs.retrieve(run.id, eval_id=evaluation.id)).status in (
+        "completed", "failed") and r, 300, f"run {run.id} to finish")
+    assert done.status == "completed", done.error
+    assert done.result_counts.total == n and done.result_counts.errored == 0
+    items = list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=100))
+    assert len(items) == n and len({i.datasource_item_id for i in items}) == n  # each item graded once
+    with psycopg.connect(chaos.db_url, connect_timeout=5) as conn:
+        (attempt,) = conn.execute("SELECT attempt FROM eval_runs WHERE id = %s", (run.id,)).fetchone() or (0,)
+    assert attempt >= 1  # it did resume in a new attempt
