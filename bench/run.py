@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
+from bench.grpo import grpo_row
 from bench.kernels import kernel_rows
 from bench.report import Row, print_table
 from bench.serving import adapter_load_row, adapters_rows, long_prompt_row, served_step_row, streams_row
 from bench.workloads import Job, Progress, ceilings, decode, longest, loss_agreement, short, train
 
 WORKS = ("train", "loss", "longest", "decode", "ceilings", "kernels", "adapters", "streams", "served-step",
-         "adapter-load", "long-prompt")
+         "adapter-load", "long-prompt", "grpo")
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT_FILE = ROOT / "bench" / "COMMIT"  # written by `bash bench/gpu_check.sh stamp`: the device gets no .git
 
@@ -48,6 +49,10 @@ CPU_PLAN = [
     Job("served-step", "smollm2-135m", bsz=8, seq=32, new=64),
     Job("adapter-load", "smollm2-135m", bsz=8, seq=32, new=128),
     Job("long-prompt", "smollm2-135m", bsz=8, seq=32, new=128, long=2048),
+    # GRPO against TRL's GRPOTrainer (bench/grpo.py), each side in its own process: 16 completions a step of 64
+    # tokens (about 4 minutes for the pair at one thread), then 8 of 256 (HF's cache grows by concatenation).
+    Job("grpo", "smollm2-135m", bsz=2, generations=8, seq=32, new=64, warmup=1, steps=4),
+    Job("grpo", "smollm2-135m", bsz=1, generations=8, seq=32, new=256, warmup=1, steps=3),
 ]
 # Within each work the rows PERFORMANCE.md sets a target on come first (Llama-1B training with GC, the loss curve,
 # Llama-1B decode), so a run cut short by a time limit keeps them; rows are written out as each one finishes.
@@ -215,6 +220,8 @@ def run_job(job: Job, device: torch.device, dtype: torch.dtype, state: dict[str,
         return [adapter_load_row(job, device, dtype)]
     if job.work == "long-prompt":
         return [long_prompt_row(job, device, dtype)]
+    if job.work == "grpo":
+        return [grpo_row(job, device, dtype)]
     return [one_row(job, device, dtype, state, progress)]
 
 

@@ -67,6 +67,7 @@ class Job:
     long: int = 0  # long-prompt: the length of the prompt that arrives while the streams run
     compiled: bool | None = None  # decode: our step compiled (None: on a GPU only, as Generator defaults)
     nf4: bool = False  # train: our base in 4-bit NF4 (QLoRA), HF's in the compute dtype (no bitsandbytes here)
+    generations: int = 0  # grpo: completions per prompt (G); bsz is the prompts a step (bench/grpo.py)
 
     @property
     def setting(self) -> str:
@@ -76,6 +77,9 @@ class Job:
                 ", ours NF4 base" if self.nf4 else "")
         if self.work == "decode":
             return f"bsz {self.bsz}, {self.seq}+{self.new}" + (", compiled" if self.compiled else "")
+        if self.work == "grpo":
+            return (f"{self.bsz} prompt{'s' * (self.bsz != 1)} x G {self.generations}, {self.seq}+{self.new}"
+                    + (" GC" if self.gc else ""))
         if self.work == "longest":
             return f"bsz 1, GC, cap {self.cap:,}" + (f", {self.deadline:g} s a side" if self.deadline else "")
         return ""
