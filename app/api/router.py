@@ -1,11 +1,11 @@
 from fastapi import APIRouter
 from starlette.types import Scope
 
-from app.api.routes import completions, evals, exports, files, graders, health, jobs, models
+from app.api.routes import admin_keys, completions, evals, exports, files, graders, health, jobs, models
 
 V1_PREFIX = "/v1"
 _v1_routers = (files.router, jobs.router, graders.router, models.router, completions.router, exports.router,
-               evals.router)
+               evals.router, admin_keys.router)
 
 v1 = APIRouter(prefix=V1_PREFIX)
 for _router in _v1_routers:

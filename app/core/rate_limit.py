@@ -1,6 +1,7 @@
 """Per-API-key request rate limits, per route family (issue 15): `/v1/files...` is one family, `/v1/fine_tuning...`
-another (with `/v1/exports...`), `/v1/models...` a third, and `/v1/completions` with `/v1/chat/completions` the
-fourth; each has its own limit of requests per window (a minute) and one key's count never touches another's.
+another (with `/v1/exports...` and `/v1/evals...`), `/v1/models...` a third (with `/v1/organization...`, the key
+admin API), and `/v1/completions` with `/v1/chat/completions` the fourth; each has its own limit of requests per
+window (a minute) and one key's count never touches another's.
 
 A fixed window that starts at a key's first request in a family: its count goes up by one per request (refused
 ones included, so a client that ignores Retry-After gains nothing) and starts again at 0 when the window ends.
@@ -26,8 +27,10 @@ from app.core.errors import APIError
 log = logging.getLogger("app.rate_limit")
 
 FAMILIES = ("files", "fine_tuning", "models", "completions")
-# /v1/chat/completions counts with /v1/completions; /v1/exports (a fine-tune's artifacts) with /v1/fine_tuning
-_ALIASES = {"chat": "completions", "exports": "fine_tuning", "evals": "fine_tuning"}
+# /v1/chat/completions counts with /v1/completions; /v1/exports (a fine-tune's artifacts) with /v1/fine_tuning.
+# /v1/organization (API keys) with /v1/models: both are cheap reads and writes of small rows, and kept apart from
+# fine_tuning's job polling, so a script polling with an admin key cannot use up what revoking a leaked key needs.
+_ALIASES = {"chat": "completions", "exports": "fine_tuning", "evals": "fine_tuning", "organization": "models"}
 
 
 def route_family(path: str, prefix: str = "/v1/") -> str | None:

@@ -1,4 +1,6 @@
-"""API keys: create, list, revoke, authenticate; the admin keys from `UNSLOTH_API_KEY` and the embedded mode."""
+"""API keys: create, list, revoke, authenticate; the admin keys from `UNSLOTH_API_KEY` and the embedded mode; the
+admin API's view of them (`/v1/organization/admin_api_keys`). A key's plaintext is returned once, when it is made,
+and never logged or stored: only its SHA-256 is."""
 
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ from sqlalchemy.orm import Session
 from app.core import ids
 from app.core.config import Settings
 from app.core.disk_full import is_storage_full
+from app.core.errors import APIError, bad_request, not_found
 from app.core.security import generate_key, hash_key, shown_prefix
-from app.db.base import utcnow
+from app.db.base import unix, utcnow
 from app.db.models import ApiKey
+from app.schemas.admin_keys import AdminApiKey, AdminApiKeyCreated, AdminApiKeyList, AdminApiKeyOwner
+from app.services.common import page
 
 log = logging.getLogger("app.keys")
 
@@ -113,3 +118,56 @@ def bootstrap_keys(*, session: Session, settings: Settings) -> str | None:
     if created:  # the key itself goes to the operator's terminal only (app/main.py), never to a log
         log.warning("generated an API key, kept in %s (readable by this user only)", settings.api_key_file)
     return key
+
+
+# ---- the admin API: /v1/organization/admin_api_keys ----
+
+
+def check_admin(key: ApiKey) -> ApiKey:
+    if not key.is_admin:
+        raise APIError(403, "You have insufficient permissions for this operation: API keys are managed with an "
+                            "admin key.", type="permission_error", code="insufficient_permissions")
+    return key
+
+
+def get_key(*, session: Session, key_id: str) -> ApiKey:
+    """A live key by id; a revoked one is gone, as a deleted key is at OpenAI (404)."""
+    row = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)))
+    if row is None:
+        raise not_found("API key", key_id, param="key_id", code="api_key_not_found")
+    return row
+
+
+def list_key_objects(*, session: Session, after: str | None, limit: int) -> AdminApiKeyList:
+    """Live keys, oldest first (OpenAI's default order), paged with `after`."""
+    rows, more = page(session, select(ApiKey).where(ApiKey.revoked_at.is_(None)), ApiKey.id, after=after,
+                      limit=limit, descending=False)
+    data = [key_object(r) for r in rows]
+    return AdminApiKeyList(data=data, has_more=more, first_id=data[0].id if data else None,
+                           last_id=data[-1].id if data else None)
+
+
+def create_key_object(*, session: Session, caller: ApiKey, name: str, is_admin: bool) -> AdminApiKeyCreated:
+    row, value = create_key(session=session, name=name, is_admin=is_admin, source="api")
+    log.info("API key %s%s created by %s", row.id, " (admin)" if is_admin else "", caller.id)  # ids only
+    return AdminApiKeyCreated(**key_object(row).model_dump(), value=value)
+
+
+def revoke_key_by_id(*, session: Session, caller: ApiKey, key_id: str) -> ApiKey:
+    """Revoke at once: every request authenticates against the database (app/api/deps.py), so the key's next one
+    is a 401. The calling key cannot revoke itself (that would lock its holder out mid-request)."""
+    row = get_key(session=session, key_id=key_id)
+    if row.id == caller.id:
+        raise bad_request("An API key cannot revoke itself: revoke it with another admin key (or `unsloth keys "
+                          "revoke`).", param="key_id", code="cannot_revoke_own_key")
+    row.revoked_at = utcnow()
+    session.commit()
+    log.info("API key %s revoked by %s", row.id, caller.id)
+    return row
+
+
+def key_object(row: ApiKey) -> AdminApiKey:
+    created = unix(row.created_at) or 0
+    owner = AdminApiKeyOwner(id=row.id, name=row.name, created_at=created, role="owner" if row.is_admin else "member")
+    return AdminApiKey(id=row.id, name=row.name, redacted_value=f"{row.prefix}...", created_at=created,
+                       last_used_at=unix(row.last_used_at), owner=owner, admin=row.is_admin)

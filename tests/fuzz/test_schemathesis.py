@@ -24,6 +24,8 @@ What is configured rather than derived from the schema, and why it is our contra
   - a file's content with a `Range` beyond its size (416 `range_not_satisfiable`: no schema knows the size);
   - evals: a testing criterion that is no runnable grader (as graders/validate); a run whose model, file or items
     are not there or do not fit the eval; canceling a finished run, deleting an active run or an eval with one.
+  - API keys (`/v1/organization/admin_api_keys`): the run's key is a user key, and only an admin key may manage
+    keys (OpenAI: 403 `insufficient_permissions`), so each of these operations is a 403 here.
 - Completions may take 120 s instead of the response-time check's 10 s: without `max_tokens` one runs to the end of
   the context, as OpenAI's does, and that is seconds on a CPU.
 - A live event stream (`?stream=true`) stays open while its job runs: at most 4 events are read, and 2 s is enough.
@@ -70,6 +72,11 @@ REFUSED_BY_STATE = {
     "POST /v1/evals/{eval_id}/runs/{run_id}/cancel": [400],
     "DELETE /v1/evals/{eval_id}": [400],
     "DELETE /v1/evals/{eval_id}/runs/{run_id}": [400],
+    # API keys: admin keys only, and the run's key is a user key
+    "GET /v1/organization/admin_api_keys": [403],
+    "POST /v1/organization/admin_api_keys": [403],
+    "GET /v1/organization/admin_api_keys/{key_id}": [403],
+    "DELETE /v1/organization/admin_api_keys/{key_id}": [403],
 }
 # Every request carries a valid key: 401 or 403 is never a valid answer to schema-valid data (issue 15), except
 # where an operation above says why.
