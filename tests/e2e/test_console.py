@@ -5,10 +5,11 @@ The tests run in order on one page, as a user would: sign in (by keyboard), uplo
 their numbers, create a job from the form (dry run first) and watch its loss chart fill in until it succeeds, open a
 checkpoint in the playground and read a streamed answer, compare two checkpoints side by side, try a grader and browse
 a reinforcement job's reward charts and rollouts, pause and resume a longer job, export a fine-tune and download it,
-and the other pages at laptop and phone widths (and one in dark mode). Every page is
-screenshotted into test-artifacts/console/ (printed). The last test checks what the browser asked for: the console's
-own files and operations of the public /v1 API (as its OpenAPI document lists them), each with the key as a Bearer
-token and never in a URL, and nothing refused by the Content-Security-Policy.
+the other pages at laptop and phone widths (and one in dark mode), and make an API key on the Keys page, sign in with
+it in a second browser context and revoke it. Every page is screenshotted into test-artifacts/console/ (printed). The
+last test checks what the browser asked for: the console's own files and operations of the public /v1 API (as its
+OpenAPI document lists them), each with the key as a Bearer token and never in a URL, and nothing refused by the
+Content-Security-Policy.
 
 Chromium comes from `apt-get install chromium` (Playwright cannot download its own here); without it these tests
 are skipped.
@@ -365,10 +366,6 @@ def test_models_files_exports_and_keys(browser: Browser) -> None:
     expect(page.locator('#file-detail tr[data-line="4"]')).to_be_visible()
     b.shot("15-files")
 
-    b.go("keys")
-    expect(page.locator("pre")).to_contain_text("unsloth keys create")
-    b.shot("16-keys")
-
     b.go("jobs")
     expect(page.locator("tbody tr")).to_have_count(3)
     page.select_option("#filter-status", "cancelled")
@@ -393,6 +390,62 @@ def test_models_files_exports_and_keys(browser: Browser) -> None:
     page.emulate_media(color_scheme="light")
 
 
+def test_keys_create_one_sign_in_with_it_and_revoke_it(browser: Browser) -> None:
+    """The Keys page with the embedded admin key: create a key (its secret shown once, copied), sign in with it in
+    another browser context (not an admin: the page says who manages keys), revoke it here (after a confirm), and
+    the other context is signed out on its next request."""
+    b, page = browser, browser.page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=b.base_url)
+    b.go("keys")
+    signed_in = page.locator("tr[data-current]")
+    expect(signed_in).to_have_count(1)
+    expect(signed_in.locator("button", has_text="Revoke")).to_be_disabled()  # a key cannot revoke itself
+    page.fill("#key-name", "console e2e")
+    page.click("#key-create button[type=submit]")
+    secret = page.locator("#new-key-value")
+    expect(secret).to_have_text(re.compile(r"^sk-unsloth-\S{40,}$"))
+    value = secret.inner_text()
+    expect(page.locator("#new-key")).to_contain_text("it will not be shown again")
+    page.locator("#new-key button", has_text="Copy").click()
+    expect(page.locator("#new-key button", has_text="Copied")).to_be_visible()
+    assert page.evaluate("navigator.clipboard.readText()") == value
+    row = page.locator("tbody tr", has_text="console e2e")
+    expect(row).to_contain_text(value[:17] + "...")
+    expect(row).to_contain_text("never")  # not used yet
+    assert value not in page.url and value not in page.evaluate("JSON.stringify(sessionStorage)")
+    b.shot("16-keys")
+
+    other = page.context.browser.new_context(viewport={"width": 1280, "height": 860})  # type: ignore[union-attr]
+    try:
+        them = other.new_page()
+        them.on("pageerror", lambda e: b.problems.append(f"page error (second context): {e}"))
+        them.goto(f"{b.base_url}/#/keys")
+        them.fill("#api-key", value)
+        them.keyboard.press("Enter")
+        expect(them.locator("h1")).to_have_text("API keys")
+        expect(them.locator("#keys-not-admin")).to_contain_text("API keys are managed by an admin.")
+        expect(them.locator("#key-create")).to_have_count(0)
+        them.screenshot(path=SHOTS / "16b-keys-not-admin.png", full_page=True)
+
+        page.once("dialog", lambda d: d.dismiss())  # cancelled: nothing happens
+        row.locator("button", has_text="Revoke").click()
+        expect(row).to_have_count(1)
+        page.reload()  # the secret is gone from the page, and the key shows its use
+        expect(page.locator("#new-key")).to_have_count(0)
+        expect(row.locator('td[data-label="Last used"]')).not_to_have_text("never")
+        page.once("dialog", lambda d: d.accept())
+        row.locator("button", has_text="Revoke").click()
+        expect(page.locator(".form-status")).to_contain_text("Revoked console e2e")
+        expect(row).to_have_count(0)
+
+        them.goto(f"{b.base_url}/#/jobs")  # their next request: refused, so signed out
+        expect(them.locator("#api-key")).to_be_visible()
+        expect(them.locator(".error")).to_contain_text("Incorrect API key provided.")
+        assert them.evaluate("sessionStorage.getItem('unsloth.apiKey')") is None
+    finally:
+        other.close()
+
+
 def test_the_console_only_calls_the_public_api(browser: Browser, server: Stack) -> None:
     with urllib.request.urlopen(f"{server.base_url}/openapi.json", timeout=10) as r:
         spec = json.load(r)
@@ -413,6 +466,7 @@ def test_the_console_only_calls_the_public_api(browser: Browser, server: Stack) 
             used.add(f"{method} {parts.path.split('/')[2]}")
         else:
             assert method == "GET" and (parts.path == "/" or parts.path.startswith("/console/")), (method, url)
-    assert {"POST files", "POST fine_tuning", "GET fine_tuning", "GET models", "POST chat", "GET exports"} <= used
+    assert {"POST files", "POST fine_tuning", "GET fine_tuning", "GET models", "POST chat", "GET exports",
+            "POST organization", "DELETE organization"} <= used
     assert not browser.problems, browser.problems
 
