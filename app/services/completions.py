@@ -97,28 +97,22 @@ def response_constraint(body: ChatCompletionRequest) -> Constraint | None:
 
 
 def _check_constraint(served: Served, constraint: Constraint, tools: ToolUse | None) -> None:
-    """On the tokenizer threads: compiling a schema, and reading the tokenizer the first time, take real time. A
-    tool grammar that does not compile names the tool whose parameters schema is at fault."""
-    from unsloth_core.constrained import Constraint, GrammarError, check
-    from unsloth_core.tool_calls import call_schema
+    """On the tokenizer threads: compiling a schema, and reading the tokenizer the first time, take real time."""
+    from unsloth_core.constrained import GrammarError, check
 
     eos = sorted(served.engine.eos | set(served.tokenizer.eos_token_ids))
 
-    def fails(c: Constraint) -> bool:
+    def compiles(c: Constraint) -> bool:
         try:
             check(c, served.tokenizer, eos)
         except GrammarError:
-            return True
-        return False
+            return False
+        return True
 
     try:
         check(constraint, served.tokenizer, eos)
     except GrammarError as e:
-        param = "response_format.json_schema.schema"
-        if constraint.kind == "lark" and tools is not None and tools.convention is not None:
-            key = tools.convention.arguments_key
-            param = tool_use.grammar_param(tools, [fails(Constraint.json_schema(call_schema(
-                t["function"]["name"], t["function"].get("parameters"), key))) for t in tools.offered])
+        param = tool_use.grammar_param(tools, compiles) if constraint.kind == "lark" else tool_use.ANSWER_SCHEMA
         raise bad_request(f"This JSON schema cannot be used for structured output: {e}", param=param,
                           code="invalid_json_schema") from None
 

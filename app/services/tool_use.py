@@ -12,12 +12,14 @@ forced call is held to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from app.core.errors import bad_request
 from app.schemas.completions import ChatCompletionRequest, NamedToolChoice
+
+ANSWER_SCHEMA = "response_format.json_schema.schema"
 
 if TYPE_CHECKING:
     from unsloth_core.constrained import Constraint
@@ -124,10 +126,17 @@ def output_constraint(use: ToolUse | None, answer: Constraint | None) -> Constra
     return tool_call_constraint(use.convention, use.offered, use.parallel, None if use.forced else answer)
 
 
-def grammar_param(use: ToolUse, fails: Sequence[bool]) -> str:
-    """The field to name when a tool grammar does not compile: the first tool whose call schema does not
-    (`fails[i]` for `use.offered[i]`), else the response format's schema."""
-    bad = next((t for t, f in zip(use.offered, fails) if f), None)
-    if bad is None:
-        return "response_format.json_schema.schema"
-    return f"tools[{use.tools.index(bad)}].function.parameters"
+def grammar_param(use: ToolUse | None, compiles: Callable[[Constraint], bool]) -> str:
+    """The field to name when a tool grammar does not compile: the first offered tool whose call schema does not
+    compile alone, else the response format's schema (the answer half of a call-or-answer grammar)."""
+    from unsloth_core.constrained import Constraint
+    from unsloth_core.tool_calls import call_schema
+
+    if use is None or use.convention is None:
+        return ANSWER_SCHEMA
+    for tool in use.offered:
+        function = tool["function"]
+        schema = call_schema(function["name"], function.get("parameters"), use.convention.arguments_key)
+        if not compiles(Constraint.json_schema(schema)):
+            return f"tools[{use.tools.index(tool)}].function.parameters"
+    return ANSWER_SCHEMA
