@@ -20,7 +20,6 @@ them.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.core.errors import APIError
+from app.core.json_safe import json_safe
 from app.db.models import ApiKey, EvalRun
 from app.services import dispatch, eval_criteria, eval_items, eval_lifecycle, evals
 from app.services.eval_criteria import Criterion
@@ -229,8 +229,8 @@ def answer_and_grade(ctx: WorkerContext, row: EvalRun, criteria: list[Criterion]
         results = [_result(c, grades[c.id][index], passed[c.id]) for c in criteria if c.id in passed]
         usage = (completion.prompt_tokens, completion.completion_tokens) if completion else (0, 0)
         sample = _sample(row, requests.get(index), completion, errors.get(index))
-        out.append(GradedItem(index=index, item=_json_safe(item), sample=_json_safe(sample),
-                              results=_json_safe(results), criteria_passed=passed, usage=usage))
+        out.append(GradedItem(index=index, item=json_safe(item), sample=json_safe(sample),
+                              results=json_safe(results), criteria_passed=passed, usage=usage))
     return out
 
 
@@ -306,20 +306,6 @@ def _result(criterion: Criterion, graded: GradeResult, passed: bool) -> dict[str
     return {"name": criterion.id, "type": graded.type, "score": graded.score, "passed": passed,
             "sample": graded.details or None,
             "errors": [{"code": e.code, "message": e.message, "grader": e.grader} for e in graded.errors]}
-
-
-def _json_safe(value: Any) -> Any:
-    """As stored: no NUL in a string (PostgreSQL's JSONB refuses it; a byte-level model can write one) and no
-    non-finite number (not JSON)."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ---- failures ----

@@ -7,12 +7,12 @@ The caps are constants, not settings: they only bound what a job can store, what
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from app.core.json_safe import json_safe
 from app.db.base import unix
 from app.db.models import Job, JobRollout
 from app.schemas.rollouts import RolloutList, RolloutObject
@@ -26,24 +26,12 @@ MAX_PER_JOB = 2_000  # rows kept per job: a new step's rows push out its oldest
 
 def capped(sample: dict[str, Any]) -> dict[str, Any]:
     """One prompt's rollout as stored: its completions at most MAX_COMPLETIONS, every string at most MAX_TEXT
-    characters, and non-finite numbers (not JSON; PostgreSQL refuses them) as null. The caller's dict is left
-    as it was."""
-    out = _json_safe(sample)
+    characters, NULs (PostgreSQL's JSONB refuses them) as U+FFFD and non-finite numbers (not JSON) as null. The
+    caller's dict is left as it was."""
+    out = json_safe(sample, MAX_TEXT)
     if isinstance(out.get("completions"), list):
         out["completions"] = out["completions"][:MAX_COMPLETIONS]
     return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, str):
-        return value[:MAX_TEXT]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def prune(session: Session, job_id: str) -> None:

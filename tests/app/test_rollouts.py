@@ -129,3 +129,13 @@ def test_another_keys_rollouts_are_not_found(backend: Backend) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         get_rollouts(backend, key, job_id, step=-1)
     assert bad.value.param == "step"
+
+
+def test_a_nul_written_by_the_model_is_stored(backend: Backend) -> None:
+    """A byte-level model can write a NUL: PostgreSQL's JSONB refuses one, so it is kept as U+FFFD, not lost with
+    the whole step (or the job)."""
+    key = backend.new_key("rollouts-nul")
+    job_id = claimed_job(backend, key)
+    record(backend, job_id, 1, [sample("p\x00", "a\x00b")])
+    (row,) = get_rollouts(backend, key, job_id)["data"]
+    assert row["prompt"] == "p\ufffd" and row["completions"][0]["text"] == "a\ufffdb"
