@@ -321,3 +321,35 @@ def test_a_call_or_an_answer_in_the_response_format(model: Llama) -> None:
                                                  constraint=constraint))[0]
         content, calls = parse_tool_calls(out.text, HERMES, NAMES)
         assert calls or json.loads(content) in ({"ok": True}, {"ok": False}), out.text
+
+
+# ---- training renders tool turns as serving does ----
+
+TRAINING_ROW = {"messages": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]}], "tools": [WEATHER]}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "unsloth_core/data/chat.py renders training rows with the raw messages and `tools=`: a template without a tools "
+    "section (ChatML, SmolLM2's) drops the tools block and the call, so the assistant turn is empty and its only "
+    "label is <|im_end|>; a template that renders tools (Qwen's) gets the arguments as JSON text, which `tojson` "
+    "writes again as a string. Serving goes through unsloth_core.tool_calls.prompt_messages; training should too."))
+@pytest.mark.parametrize("template", [CHATML, QWEN_STYLE], ids=["chatml-without-tools", "qwen-style"])
+def test_a_training_row_renders_as_the_serving_prompt_plus_the_call(template: str) -> None:
+    from unsloth_core.data.formats import parse_row
+    from unsloth_core.data.sft import IGNORE_INDEX, tokenize_sft
+
+    tok = make_tiny_tokenizer(template)
+    _, example = parse_row(TRAINING_ROW)
+    trained = tokenize_sft(example, tok, None)  # type: ignore[arg-type]
+    prompt, tools = prompt_messages(TRAINING_ROW["messages"][:-1], [WEATHER], HERMES, renders_tools(tok))
+    served = tok.render_chat(prompt, add_generation_prompt=True, **({"tools": tools} if tools else {}))
+    reply = HERMES.call_text([_weather_call("Paris")]) + "<|im_end|>"
+    assert tok.decode(trained.input_ids) == served + reply + "\n"
+    assert tok.decode([t for t in trained.labels if t != IGNORE_INDEX]) == reply
+
+
+def _weather_call(city: str) -> ToolCall:
+    return ToolCall("get_weather", json.dumps({"city": city, "unit": "celsius"}))
