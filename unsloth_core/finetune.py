@@ -122,8 +122,8 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
         tokenizer.save_pretrained(tokenizer_dir)
     artifacts = {name: tokenizer_dir / name for name in TOKENIZER_FILES}
     prompts = args.probe_prompts if args.probe_prompts is not None else example_prompts(data.held_out, args.n_probes)
-    probes = make_probes(prompts[:args.n_probes] if args.probe_prompts is None else prompts, tokenizer,
-                         args.probe_max_tokens, max_prompt_tokens=max(1, args.max_seq_length - args.probe_max_tokens))
+    probes = make_probes(prompts, tokenizer, args.probe_max_tokens,
+                         max_prompt_tokens=max(1, args.max_seq_length - args.probe_max_tokens))
     graded = None
     if eval_rewards and validation_file is not None and method.name != "grpo":
         graded = graded_eval(validation_file, eval_rewards, tokenizer, eval_samples,

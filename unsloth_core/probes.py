@@ -61,11 +61,11 @@ def example_prompts(examples: Sequence[Any], n: int = DEFAULT_PROBES) -> list[Pr
     """The prompts of the first `n` examples that have one."""
     out: list[Prompt] = []
     for example in examples:
+        if len(out) >= n:
+            break
         prompt = example_prompt(example)
         if prompt is not None:
             out.append(prompt)
-        if len(out) == n:
-            break
     return out
 
 

@@ -110,7 +110,8 @@ def _method_hyperparameters(payload: JobCreate, plan: JobPlan) -> AnyHyperparame
             plan.fail("method.reinforcement", "missing_required_parameter", "A reinforcement job needs "
                                                                             "method.reinforcement.grader.")
             return ReinforcementHyperparameters()
-        _check_grader(plan, method.reinforcement.grader, "method.reinforcement.grader")
+        plan.grader, plan.judge_models = _check_grader(plan, method.reinforcement.grader,
+                                                       "method.reinforcement.grader")
         return method.reinforcement.hyperparameters
     if method.type == "dpo":
         return method.dpo.hyperparameters if method.dpo else DPOHyperparameters()
@@ -121,15 +122,16 @@ def _method_hyperparameters(payload: JobCreate, plan: JobPlan) -> AnyHyperparame
     return hp
 
 
-def _check_grader(plan: JobPlan, grader: dict[str, Any], param: str) -> None:
-    """The grader's JSON is one (each problem named by its path), and this server can run it."""
+def _check_grader(plan: JobPlan, grader: dict[str, Any], param: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The grader's JSON is one (each problem named by its path), and this server can run it. Returns it as
+    validated (None when it is not one) and the judge models it names."""
     from unsloth_core.graders import requirements, validate_grader
 
     try:
         checked = validate_grader(grader)
     except GraderValidationError as e:
         plan.fail(_grader_param(param, e), "invalid_grader", f"The grader is not valid: {e}")
-        return
+        return None, []
     needs = requirements(checked)
     if needs.python and not plan.allow_python_graders:
         plan.fail(param, "python_graders_disabled", "This server does not run python graders; its operator can "
@@ -137,8 +139,7 @@ def _check_grader(plan: JobPlan, grader: dict[str, Any], param: str) -> None:
     if needs.embed:
         plan.fail(param, "grader_not_supported", "text_similarity's 'cosine' needs an embedding model, which this "
                                                  "server does not serve; use another evaluation_metric.")
-    plan.judge_models = list(needs.judge_models)
-    plan.grader = checked.to_openai()
+    return checked.to_openai(), list(needs.judge_models)
 
 
 def _grader_param(base: str, error: GraderValidationError) -> str:
@@ -187,7 +188,7 @@ def plan_job(*, session: Session, settings: Settings, key: ApiKey, payload: JobC
         plan.fail(f"{hp_param}.max_seq_length", "invalid_value", f"max_seq_length must be at most {ctx}, the "
                                                                   f"context length of {payload.model}.")
     if plan.grader is not None:
-        _check_judges(plan, session, settings, key)
+        _check_judges(plan, session, settings, key, plan.judge_models, "method.reinforcement.grader")
         for param, row in (("training_file", plan.training), ("validation_file", plan.validation)):
             if row is not None and row.status != "error":
                 _check_grader_fields(plan, settings, row, param, plan.grader)
@@ -245,10 +246,10 @@ def _inherit_lora(plan: JobPlan, hp: AnyHyperparameters, hp_param: str) -> None:
         plan.hyperparameters["lora_alpha"] = parent["lora_alpha"]
 
 
-def _check_judges(plan: JobPlan, session: Session, settings: Settings, key: ApiKey,
-                  param: str = "method.reinforcement.grader") -> None:
+def _check_judges(plan: JobPlan, session: Session, settings: Settings, key: ApiKey, judges: list[str],
+                  param: str) -> None:
     """Each judge a model grader names is a model this key may use on this server."""
-    for name in plan.judge_models:
+    for name in judges:
         try:
             resolve_servable(session=session, settings=settings, key=key, model_id=name)
         except APIError as e:
@@ -262,18 +263,14 @@ def _check_eval_graders(plan: JobPlan, session: Session, settings: Settings, key
     if plan.validation is None:
         plan.fail(param, "invalid_value", "eval_graders score answers to validation prompts: give a "
                                           "validation_file.")
-    judges_before = plan.judge_models
     checked: list[dict[str, Any]] = []
     for i, grader in enumerate(graders):
-        plan.judge_models = []
-        plan.grader = None
-        _check_grader(plan, grader, f"{param}[{i}]")
-        if plan.grader is not None:
-            checked.append(plan.grader)
-            _check_judges(plan, session, settings, key, f"{param}[{i}]")
+        valid, judges = _check_grader(plan, grader, f"{param}[{i}]")
+        if valid is not None:
+            checked.append(valid)
+            _check_judges(plan, session, settings, key, judges, f"{param}[{i}]")
             if plan.validation is not None and plan.validation.status != "error":
-                _check_grader_fields(plan, settings, plan.validation, "validation_file", plan.grader)
-    plan.grader, plan.judge_models = None, judges_before
+                _check_grader_fields(plan, settings, plan.validation, "validation_file", valid)
     names = [g.get("name") or g["type"] for g in checked]
     if len(set(names)) != len(names):
         plan.fail(param, "invalid_value", "eval_graders need distinct names: each is reported as "
