@@ -33,6 +33,7 @@ from typing import Any, Literal
 from unsloth_core.data import IGNORE_INDEX, TokenizedExample, pack
 from unsloth_core.model import Llama
 from unsloth_core.tokenizer import Tokenizer
+from unsloth_core.tool_calls import conversation_inputs
 from unsloth_core.train_checkpoint import TrainerState
 from unsloth_core.trainer import TrainArgs, Trainer, TrainerCallbacks
 
@@ -257,7 +258,9 @@ class _Preparer:
         elif isinstance(row.get(field_name), str):
             text = row[field_name]
         elif isinstance(row.get("messages"), list):
-            return self.tokenizer.render_chat(row["messages"]), False
+            # A row's tools and calls as serving renders them (TRL passes `tools` to the template as it is).
+            messages, tools = conversation_inputs(self.tokenizer, row["messages"], row.get("tools"))
+            return self.tokenizer.render_chat(messages, **({"tools": tools} if tools else {})), False
         else:
             raise ValueError(f"the dataset has no text column {field_name!r} (it has {', '.join(row)}): set "
                              f"dataset_text_field, pass formatting_func, or give a 'messages' column")

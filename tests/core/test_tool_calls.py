@@ -331,11 +331,6 @@ TRAINING_ROW = {"messages": [
         "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]}], "tools": [WEATHER]}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "unsloth_core/data/chat.py renders training rows with the raw messages and `tools=`: a template without a tools "
-    "section (ChatML, SmolLM2's) drops the tools block and the call, so the assistant turn is empty and its only "
-    "label is <|im_end|>; a template that renders tools (Qwen's) gets the arguments as JSON text, which `tojson` "
-    "writes again as a string. Serving goes through unsloth_core.tool_calls.prompt_messages; training should too."))
 @pytest.mark.parametrize("template", [CHATML, QWEN_STYLE], ids=["chatml-without-tools", "qwen-style"])
 def test_a_training_row_renders_as_the_serving_prompt_plus_the_call(template: str) -> None:
     from unsloth_core.data.formats import parse_row
@@ -353,3 +348,62 @@ def test_a_training_row_renders_as_the_serving_prompt_plus_the_call(template: st
 
 def _weather_call(city: str) -> ToolCall:
     return ToolCall("get_weather", json.dumps({"city": city, "unit": "celsius"}))
+
+
+CONVERSATION_ROW = {"messages": [
+    *TRAINING_ROW["messages"],
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees."}], "tools": [WEATHER]}
+
+
+@pytest.mark.parametrize("template", [CHATML, QWEN_STYLE], ids=["chatml-without-tools", "qwen-style"])
+def test_every_assistant_turn_of_a_tool_conversation_is_trained_as_served(template: str) -> None:
+    """The tool's result and the answer after it: the row renders as serving renders the conversation up to the
+    answer, plus the answer; both assistant turns (the call, the answer) carry the labels, the result none."""
+    from unsloth_core.data.formats import parse_row
+    from unsloth_core.data.sft import IGNORE_INDEX, tokenize_sft
+
+    tok = make_tiny_tokenizer(template)
+    _, example = parse_row(CONVERSATION_ROW)
+    trained = tokenize_sft(example, tok, None)  # type: ignore[arg-type]
+    prompt, tools = prompt_messages(CONVERSATION_ROW["messages"][:-1], [WEATHER], HERMES, renders_tools(tok))
+    served = tok.render_chat(prompt, add_generation_prompt=True, **({"tools": tools} if tools else {}))
+    assert tok.decode(trained.input_ids) == served + "It is 21 degrees.<|im_end|>\n"
+    call = HERMES.call_text([_weather_call("Paris")]) + "<|im_end|>"
+    assert tok.decode([t for t in trained.labels if t != IGNORE_INDEX]) == call + "It is 21 degrees.<|im_end|>"
+
+
+def test_tools_for_a_template_that_cannot_write_them_are_a_data_error_naming_the_line(tmp_path: Any) -> None:
+    """Zephyr's template has no tools section and follows no convention we write: training on the row would drop
+    the tools and the call silently, so validation refuses the line."""
+    from unsloth_core.data.validation import validate_file
+
+    path = tmp_path / "train.jsonl"
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps(plain) + "\n" + json.dumps(TRAINING_ROW) + "\n")
+    report = validate_file(path, make_tiny_tokenizer(CHAT_FORMATS["zephyr"].template), purpose="sft")
+    assert [(e.line, e.code) for e in report.errors] == [(2, "template_error")]
+    assert "tools" in report.errors[0].message and "dropped" in report.errors[0].message
+
+
+def test_an_rl_prompt_offers_its_row_s_tools_as_serving_does() -> None:
+    from unsloth_core.rl.prompts import prompt_example, render
+
+    tok = make_tiny_tokenizer(CHATML)
+    row = {"messages": TRAINING_ROW["messages"][:-1], "tools": [WEATHER], "answer": "Paris"}
+    prompt, _ = prompt_messages(row["messages"], [WEATHER], HERMES, False)
+    assert render(prompt_example(row), tok) == tok.encode(tok.render_chat(prompt, add_generation_prompt=True),
+                                                          add_special_tokens=False)
+    assert "get_weather" in tok.decode(render(prompt_example(row), tok))
+
+
+def test_the_sft_trainer_renders_a_messages_row_s_tools_and_calls() -> None:
+    """SFTTrainer's `messages` column with `tools`: the text holds the tools block and the call as serving writes
+    them (before, the ChatML template dropped both)."""
+    from unsloth_core.sft_trainer import SFTConfig, _Preparer
+
+    tok = make_tiny_tokenizer(CHATML)
+    text, plain = _Preparer(tok, SFTConfig(output_dir="unused"), 64, None).text(TRAINING_ROW)
+    prompt, _ = prompt_messages(TRAINING_ROW["messages"], [WEATHER], HERMES, False)
+    assert (text, plain) == (tok.render_chat(prompt), False)
+    assert "<tools>" in text and HERMES.call_text([_weather_call("Paris")]) in text

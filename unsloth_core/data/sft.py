@@ -76,14 +76,13 @@ def tokenize_sft(example: SFTExample, tokenizer: Tokenizer, max_seq_length: int 
 
 
 def _tokenize_chat(example: ChatExample, tokenizer: Tokenizer, train_on_inputs: bool) -> tuple[list[int], list[int]]:
-    text, turns = turn_spans(tokenizer, example.messages, example.tools)
+    text, messages, turns = turn_spans(tokenizer, example.messages, example.tools)
     if train_on_inputs:
         # Everything but the turns the file marked weight 0 (their headers too: the turn is excluded as a whole).
-        skipped = [(t.start, t.end) for m, t in zip(example.messages, turns)
-                   if m.role == "assistant" and not m.trainable]
+        skipped = [(t.start, t.end) for m, t in zip(messages, turns) if m.role == "assistant" and not m.trainable]
         ids, labels, _ = _label_spans(tokenizer, text, _complement(skipped, len(text)), add_special_tokens=False)
         return ids, labels
-    replies = [(t.reply_start, t.end) for m, t in zip(example.messages, turns) if m.trainable]
+    replies = [(t.reply_start, t.end) for m, t in zip(messages, turns) if m.trainable]
     ids, labels, runs = _label_spans(tokenizer, text, replies, add_special_tokens=False)
     eos_ids = tokenizer.eos_token_ids
     for first, stop in runs:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from unsloth_core.data.chat import render
 from unsloth_core.data.examples import Example, PreferenceExample, RLExample
 from unsloth_core.data.formats import Format, Purpose, RowError, detect_format, json_type
 from unsloth_core.data.preference import tokenize_preference
@@ -252,8 +253,10 @@ class _LineChecker:
             n_tokens = len(tokenizer.encode(example.prompt))
         else:
             try:
-                n_tokens = len(tokenizer.apply_chat_template([m.to_template() for m in example.prompt],
-                                                             add_generation_prompt=True, tools=example.tools))
+                text = render(tokenizer, example.prompt, example.tools, add_generation_prompt=True)
+                n_tokens = len(tokenizer.encode(text, add_special_tokens=False))
+            except DataFormatError as e:
+                raise RowError("template_error", str(e)) from None
             except Exception as e:  # the template's own raise_exception, or a message it cannot render
                 raise RowError("template_error", f"the chat template cannot render this prompt: {e}") from None
         report = self.report

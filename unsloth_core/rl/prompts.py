@@ -22,6 +22,7 @@ from typing import Any
 from unsloth_core.data.validation import DataFileError, ValidationReport
 from unsloth_core.errors import DataFormatError
 from unsloth_core.tokenizer import Tokenizer
+from unsloth_core.tool_calls import ToolCallError, conversation_inputs
 
 Prompt = str | list[dict[str, Any]]
 
@@ -130,11 +131,16 @@ def load_prompts(source: str | Path, tokenizer: Tokenizer | None = None, role: s
 
 def render(example: PromptExample, tokenizer: Tokenizer) -> list[int]:
     """The prompt's token ids: text encoded as is, a conversation through the chat template with its generation
-    prompt (as TRL renders it)."""
+    prompt (as TRL renders it; a row's `tools` offered as serving offers them)."""
     if isinstance(example.prompt, str):
         return tokenizer.encode(example.prompt)
+    tools = example.columns.get("tools")
     try:
-        ids = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True)
+        messages, tools = conversation_inputs(tokenizer, example.prompt, tools if isinstance(tools, list) else None)
+    except ToolCallError as e:
+        raise DataFormatError(f"{e.where}: {e}") from None
+    try:
+        ids = tokenizer.apply_chat_template(messages, tools, add_generation_prompt=True)
     except Exception as e:  # the template's own raise_exception, or a message it cannot render
         raise DataFormatError(f"the chat template cannot render this prompt: {e}") from None
     return list(ids)

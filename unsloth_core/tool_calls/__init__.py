@@ -20,8 +20,17 @@ from unsloth_core.tool_calls.parser import (
     parse_tool_calls,
     tool_call_parser,
 )
-from unsloth_core.tool_calls.prompt import ToolCallError, calls_of, prompt_messages, renders_tools
+from unsloth_core.tool_calls.prompt import (
+    ToolCallError,
+    calls_of,
+    conversation_inputs,
+    prompt_messages,
+    renders_tools,
+    tool_support,
+    uses_tools,
+)
 
 __all__ = ["CONVENTIONS", "HERMES", "LLAMA3", "Call", "Content", "Convention", "Event", "Tool", "ToolCall",
-           "ToolCallError", "ToolCallParser", "call_schema", "calls_of", "detect_convention", "parse_tool_calls",
-           "prompt_messages", "renders_tools", "tool_call_constraint", "tool_call_parser"]
+           "ToolCallError", "ToolCallParser", "call_schema", "calls_of", "conversation_inputs", "detect_convention",
+           "parse_tool_calls", "prompt_messages", "renders_tools", "tool_call_constraint", "tool_call_parser",
+           "tool_support", "uses_tools"]

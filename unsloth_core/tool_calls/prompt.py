@@ -12,12 +12,13 @@ Qwen 2.5's template writes for the same conversation.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from unsloth_core.errors import UnslothError
 from unsloth_core.tokenizer import Tokenizer
-from unsloth_core.tool_calls.conventions import Convention, Message, Tool, ToolCall
+from unsloth_core.tool_calls.conventions import Convention, Message, Tool, ToolCall, detect_convention
 
 _PROBE = "unsloth_probe_function"
 
@@ -44,6 +45,44 @@ def renders_tools(tokenizer: Tokenizer) -> bool:
     except Exception:  # a template that fails on tools (by raise_exception, a type error...) has none
         return False
     return _PROBE in offered and _PROBE + "_called" in answered
+
+
+# Probing a template renders it twice; training asks once per row. Keyed by tokenizer, checked against its template
+# (get_chat_template replaces a tokenizer's template in place).
+_SUPPORT: weakref.WeakKeyDictionary[Tokenizer, tuple[str | None, Convention | None, bool]] = \
+    weakref.WeakKeyDictionary()
+
+
+def tool_support(tokenizer: Tokenizer) -> tuple[Convention | None, bool]:
+    """(the convention the template's family follows, whether the template renders tools itself)."""
+    template = tokenizer.chat_template
+    cached = _SUPPORT.get(tokenizer)
+    if cached is None or cached[0] != template:
+        cached = (template, detect_convention(template), renders_tools(tokenizer))
+        _SUPPORT[tokenizer] = cached
+    return cached[1], cached[2]
+
+
+def uses_tools(messages: Sequence[Message], tools: Sequence[Tool] | None) -> bool:
+    """Whether a conversation offers tools, calls one or carries a tool's result."""
+    return bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+
+
+def conversation_inputs(tokenizer: Tokenizer, messages: Sequence[Message], tools: Sequence[Tool] | None
+                        ) -> tuple[list[Message], list[Tool] | None]:
+    """(messages, tools) to give `tokenizer`'s template for a whole conversation with every tool offered: what
+    serving gives it for the same conversation, so a training row renders as the served prompt plus the reply.
+
+    Raises ToolCallError when the conversation uses tools and the template can neither render them nor follows a
+    convention we can write them in (its tools and calls would be dropped silently)."""
+    if not uses_tools(messages, tools):
+        return list(messages), None
+    convention, native = tool_support(tokenizer)
+    if not native and convention is None:
+        raise ToolCallError("the model's chat template neither renders tools nor follows a tool-call convention "
+                            "this engine writes (ChatML/Hermes <tool_call> tags, Llama 3 JSON calls), so its tools "
+                            "and calls would be dropped", "tools" if tools else "messages")
+    return prompt_messages(messages, tools or [], convention, native)
 
 
 def prompt_messages(messages: Sequence[Message], tools: Sequence[Tool], convention: Convention | None,
