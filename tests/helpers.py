@@ -48,10 +48,10 @@ def make_llama3_like_tokenizer() -> Tokenizer:
 
 
 
-def tiny_model_dir(directory: Path, seed: int = 0, std: float = 0.02) -> Path:
+def tiny_model_dir(directory: Path, seed: int = 0, std: float = 0.02, **overrides: object) -> Path:
     """A saved tiny model (vocab 320 covers the tiny tokenizer's 259 ids) with its tokenizer files."""
     make_tiny_tokenizer().save_pretrained(directory / "tok")
-    save_model(tiny_model(seed=seed, std=std), directory / "model", tokenizer_dir=directory / "tok")
+    save_model(tiny_model(seed=seed, std=std, **overrides), directory / "model", tokenizer_dir=directory / "tok")
     return directory / "model"
 
 

@@ -28,6 +28,7 @@ from unsloth_core.model import Llama
 from unsloth_core.probes import example_prompts, make_probes
 from unsloth_core.rl.rewards import RewardFunc
 from unsloth_core.tokenizer import Tokenizer
+from unsloth_core.tool_call_check import DEFAULT_MAX_TOKENS, file_tool_turns, tool_call_check
 from unsloth_core.trainer import Callbacks, TrainArgs, Trainer, TrainResult, resolve_dtype
 
 FINAL_DIR = "final"
@@ -128,9 +129,14 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
     if eval_rewards and validation_file is not None and method.name != "grpo":
         graded = graded_eval(validation_file, eval_rewards, tokenizer, eval_samples,
                              max_prompt_tokens=max(1, args.max_seq_length - 256))
+    tool_check = tool_call_check(file_tool_turns([validation_file, train_file], args.tool_call_turns), tokenizer,
+                                 max_prompt_tokens=max(1, args.max_seq_length - DEFAULT_MAX_TOKENS))
     trainer = Trainer(model, args, data.train, data.eval, callbacks, pad_id=tokenizer.pad_token_id or 0,
                       artifact_files=artifacts, base_model=base_name, method=method, probes=probes,
-                      graded_eval=graded)
+                      graded_eval=graded, tool_check=tool_check)
+    if tool_check is not None:  # the model as training starts (base, or the fine-tune continued), before any resume
+        start = tool_check.run(model)
+        trainer.tool_check_start = {k.replace("/", "/start_", 1): v for k, v in start.items()}
     result = trainer.train(resume_from=resume)
     final = output / FINAL_DIR
     if result.status in ("completed", "early_stopped"):

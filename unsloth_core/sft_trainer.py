@@ -260,7 +260,7 @@ class _Preparer:
         elif isinstance(row.get("messages"), list):
             # A row's tools and calls as serving renders them (TRL passes `tools` to the template as it is).
             messages, tools = conversation_inputs(self.tokenizer, row["messages"], row.get("tools"))
-            return self.tokenizer.render_chat(messages, **({"tools": tools} if tools else {})), False
+            return self.tokenizer.apply_chat_template(messages, tools, tokenize=False), False
         else:
             raise ValueError(f"the dataset has no text column {field_name!r} (it has {', '.join(row)}): set "
                              f"dataset_text_field, pass formatting_func, or give a 'messages' column")

@@ -34,6 +34,7 @@ from unsloth_core.train_checkpoint import (
 if TYPE_CHECKING:
     from unsloth_core.graded_eval import GradedEval
     from unsloth_core.probes import Probes
+    from unsloth_core.tool_call_check import ToolCallCheck
 
 StopRequest = Literal["cancel", "pause"] | None
 Status = Literal["completed", "cancelled", "paused", "early_stopped"]
@@ -74,6 +75,8 @@ class TrainArgs:
     probe_prompts: list[Any] | None = None
     n_probes: int = 3
     probe_max_tokens: int = 64
+    # Tool-use turns of the job's data (validation first) checked at each checkpoint (tool_call_check.py); 0: never
+    tool_call_turns: int = 16
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
@@ -88,6 +91,7 @@ class TrainArgs:
             (0 <= self.validation_split < 1, "validation_split must be in [0, 1)"),
             (self.beta > 0, "beta must be positive"),
             (self.logging_steps >= 1, "logging_steps must be at least 1"),
+            (self.tool_call_turns >= 0, "tool_call_turns must be 0 or more"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
             (isinstance(self.load_in_4bit, bool), "load_in_4bit must be true or false"),
             (self.lr_scheduler in ("linear", "cosine", "constant"), "lr_scheduler must be linear, cosine or constant"),
@@ -179,7 +183,7 @@ class Trainer:
     def __init__(self, model: Llama, args: TrainArgs, train_data: Sequence[Any], eval_data: Sequence[Any] = (),
                  callbacks: Callbacks | None = None, pad_id: int = 0, artifact_files: dict[str, Path] | None = None,
                  base_model: str | None = None, method: Method | None = None, probes: Probes | None = None,
-                 graded_eval: GradedEval | None = None) -> None:
+                 graded_eval: GradedEval | None = None, tool_check: ToolCallCheck | None = None) -> None:
         if not train_data:
             raise ValueError("no training examples")
         self.method = method or method_for(args)
@@ -189,7 +193,9 @@ class Trainer:
         self.train_data, self.eval_data = list(train_data), list(eval_data)
         self.callbacks: Callbacks = callbacks or TrainerCallbacks()
         self.pad_id, self.artifact_files, self.base_model = pad_id, artifact_files or {}, base_model
-        self.probes, self.graded_eval = probes, graded_eval
+        self.probes, self.graded_eval, self.tool_check = probes, graded_eval, tool_check
+        # The tool-call check's figure for the model training starts from, beside each checkpoint's (finetune sets it)
+        self.tool_check_start: dict[str, float] = {}
         self.device = model.device
         self.compute_dtype = resolve_dtype(args.dtype, self.device)
         self.output_dir = Path(args.output_dir)
@@ -345,6 +351,8 @@ class Trainer:
         last = self.state.log_history[-1] if self.state.log_history else {}
         if self.probes is not None:  # greedy, in eval mode: no random draw, so training goes on as without them
             last = {**last, "samples": self.probes.run(self.model)}
+        if self.tool_check is not None:  # greedy too
+            last = {**last, **self.tool_check_start, **self.tool_check.run(self.model)}
         self.callbacks.on_checkpoint(path, self.state.step, last)
         return path
 

@@ -53,7 +53,14 @@ METRIC_NAMES = {"loss": "train_loss", "mean_token_accuracy": "train_mean_token_a
                 "eval_mean_token_accuracy": "valid_mean_token_accuracy",
                 # GRPO: the grader's mean score on the step's completions, and on held-out prompts
                 "reward": "train_reward_mean", "reward_std": "train_reward_std", "eval_reward": "valid_reward_mean",
-                "eval_reward_std": "valid_reward_std"}
+                "eval_reward_std": "valid_reward_std",
+                # the tool-call check (unsloth_core/tool_call_check.py), and its figure for the model training started
+                # from (the base, or the fine-tune being continued)
+                "eval_tool_calls/valid": "tool_call_valid_rate", "eval_tool_calls/matched": "tool_call_match_rate",
+                "eval_tool_calls/start_valid": "start_tool_call_valid_rate",
+                "eval_tool_calls/start_matched": "start_tool_call_match_rate"}
+# A checkpoint whose tool-call validity is this far below the start's gets a warning event.
+TOOL_CALL_DROP = 0.1
 # Our evaluations cover the whole validation file: OpenAI's full_valid_* names as well as its valid_* ones.
 FULL_VALID = {"eval_loss": "full_valid_loss", "eval_mean_token_accuracy": "full_valid_mean_token_accuracy"}
 # What a checkpoint's metrics keep of the latest logs (beside METRIC_NAMES' values).
@@ -433,6 +440,22 @@ class JobCallbacks:
             self.lease.lost.set()
             raise LeaseLost(self.lease.job_id)
         self.checkpoint_step = step
+        self._warn_tool_calls(step, kept)
+
+    def _warn_tool_calls(self, step: int, kept: dict[str, Any]) -> None:
+        """A fine-tune losing tool calling is said where the user reads the job, while it runs."""
+        now, start = kept.get("tool_call_valid_rate"), kept.get("start_tool_call_valid_rate")
+        if now is None or start is None or now > start - TOOL_CALL_DROP:
+            return
+        message = (f"Tool-call check at step {step}: {now:.0%} of the data's tool-use turns get valid tool calls, "
+                   f"against {start:.0%} before training")
+        try:
+            with self.ctx.sessions() as session:
+                lifecycle.record_event(session=session, message=message, level="warn",
+                                       data={"step": step, "tool_call_valid_rate": now,
+                                             "start_tool_call_valid_rate": start}, **self.lease.fence)
+        except OperationalError as e:
+            log.warning("job %s: event not recorded (%s): %s", self.lease.job_id, type(e).__name__, message)
 
     def on_rollouts(self, step: int, rollouts: list[dict[str, Any]]) -> None:
         """A reinforcement step's sampled completions, kept with the job (GET .../rollouts)."""

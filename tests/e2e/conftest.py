@@ -241,12 +241,14 @@ def upload_facts(client: openai.OpenAI, n: int, seed: int = 0) -> str:
     return str(client.files.create(file=("facts.jsonl", jsonl(fact_rows(n, seed=seed))), purpose="fine-tune").id)
 
 
-def create_job(client: openai.OpenAI, training_file: str, *, model: str = TINY, seed: int = 7, **hp: Any) -> str:
+def create_job(client: openai.OpenAI, training_file: str, *, model: str = TINY, seed: int = 7,
+               validation_file: str | None = None, **hp: Any) -> str:
     defaults = {"n_epochs": 1, "batch_size": 2, "learning_rate": 5e-3, "lora_r": 4, "n_checkpoints": 2,
                 "max_seq_length": 128}
     method: Any = {"type": "supervised", "supervised": {"hyperparameters": {**defaults, **hp}}}
+    extra: Any = {"validation_file": validation_file} if validation_file else {}
     return str(client.fine_tuning.jobs.create(model=model, training_file=training_file, seed=seed,
-                                              method=method).id)
+                                              method=method, **extra).id)
 
 
 def progress(client: openai.OpenAI, job_id: str) -> dict[str, Any]:

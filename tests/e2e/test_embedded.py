@@ -5,6 +5,7 @@ fine-tuning flow through it; and Ctrl-C, which stops both processes cleanly (a r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -159,6 +160,55 @@ def test_embedded_reinforcement_job_learns_the_graders_rule(embedded: tuple[Stac
     reply = client.chat.completions.create(model=done.fine_tuned_model, messages=validation[0]["messages"],
                                            max_tokens=8, temperature=0)
     assert (reply.choices[0].message.content or "").startswith("A "), reply
+
+
+# Tool calls: SmolLM2-135M answers a tools prompt in prose (0 of 4 turns call a tool, measured by the check itself);
+# 4 steps on 8 rows teach it the hermes call. Measured on 2 cores (engine): 1.0 valid after 4 steps, about 55 s.
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def tool_rows(cities: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for city in cities:
+        for name, question in (("get_weather", f"What is the weather in {city}?"),
+                               ("get_time", f"What time is it in {city}?")):
+            call = {"id": "call_1", "type": "function",
+                    "function": {"name": name, "arguments": json.dumps({"city": city})}}
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": None, "tool_calls": [call]}],
+                         "tools": [WEATHER_TOOL, TIME_TOOL]})
+    return rows
+
+
+@pytest.mark.slow
+def test_embedded_tool_use_fine_tune_is_checked_at_each_checkpoint(embedded: tuple[Stack, list[int]]) -> None:
+    """The tool-call check runs by itself because the data has tools: the checkpoint says how many of the data's
+    tool-use turns get valid calls, against the base's figure; the fine-tune, served with tools, calls one."""
+    stack, _ = embedded
+    client = stack.client(timeout=120)
+    files = [client.files.create(file=(name, jsonl(tool_rows(cities))), purpose="fine-tune").id
+             for name, cities in (("tools-train.jsonl", ["Paris", "Oslo", "Rome", "Lima"]),
+                                  ("tools-valid.jsonl", ["Sydney", "Seoul"]))]
+    job_id = create_job(client, files[0], model=DEFAULT_MODEL, validation_file=files[1], n_checkpoints=1,
+                        learning_rate=2e-3, lora_r=16, max_seq_length=512, probe_prompts=[])
+    done = stack.wait_status(job_id, ("succeeded", "failed", "cancelled"), timeout=900)
+    assert done.status == "succeeded", (done.error, stack.logs())
+    [checkpoint] = client.fine_tuning.jobs.checkpoints.list(job_id)
+    metrics = checkpoint.metrics.model_extra or {}
+    assert metrics["start_tool_call_valid_rate"] <= 0.25, metrics  # the base rarely calls (measured: never)
+    assert metrics["tool_call_valid_rate"] >= max(0.75, metrics["start_tool_call_valid_rate"]), metrics
+    assert metrics["tool_call_match_rate"] >= 0.75, metrics
+    assert not [e for e in all_events(client, job_id) if "Tool-call check" in e.message]  # no drop to warn of
+
+    reply = client.chat.completions.create(model=str(done.fine_tuned_model), max_tokens=48, temperature=0,
+                                           messages=[{"role": "user", "content": "What time is it in Nairobi?"}],
+                                           tools=[TIME_TOOL, WEATHER_TOOL])  # type: ignore[list-item]
+    calls = reply.choices[0].message.tool_calls or []
+    assert reply.choices[0].finish_reason == "tool_calls" and len(calls) == 1, reply
+    assert calls[0].function.name == "get_time" and json.loads(calls[0].function.arguments) == {"city": "Nairobi"}
 
 
 def test_ctrl_c_stops_both_processes_cleanly(embedded: tuple[Stack, list[int]]) -> None:

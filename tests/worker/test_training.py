@@ -277,6 +277,29 @@ def test_a_database_hiccup_costs_a_metrics_event_not_the_job(env: WorkerEnv, mon
     assert env.job(job_id).status == "succeeded"
 
 
+def test_a_checkpoint_losing_tool_calls_is_a_warning_event(env: WorkerEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's tool-call figures (unsloth_core/tool_call_check.py; the tiny base's context is too short for a
+    tools prompt, so they are given here) reach the checkpoint under their API names, and a checkpoint far below the
+    start's figure is said in a warning event; one within TOOL_CALL_DROP of it is not."""
+    figures = iter([0.85, 0.2])
+    original = training.JobCallbacks.on_checkpoint
+
+    def on_checkpoint(self: training.JobCallbacks, path: Path, step: int, metrics: dict[str, Any]) -> None:
+        original(self, path, step, {**metrics, "eval_tool_calls/start_valid": 0.9,
+                                    "eval_tool_calls/valid": next(figures), "eval_tool_calls/matched": 0.1})
+
+    monkeypatch.setattr(training.JobCallbacks, "on_checkpoint", on_checkpoint)
+    job_id = env.create_job(env.upload(fact_rows(8)), n_checkpoints=2)  # 4 steps, checkpoints at 2 and 4
+    assert run(env, job_id) == "succeeded"
+    checkpoints = env.checkpoints(job_id)
+    assert [(c.step_number, c.metrics["tool_call_valid_rate"], c.metrics["start_tool_call_valid_rate"],
+             c.metrics["tool_call_match_rate"]) for c in checkpoints] == [(2, 0.85, 0.9, 0.1), (4, 0.2, 0.9, 0.1)]
+    warnings = [e for e in env.events(job_id) if e.message.startswith("Tool-call check")]
+    assert [(e.level, e.data) for e in warnings] == [
+        ("warn", {"step": 4, "tool_call_valid_rate": 0.2, "start_tool_call_valid_rate": 0.9})]
+    assert "20% of the data's tool-use turns" in warnings[0].message and "against 90%" in warnings[0].message
+
+
 @pytest.mark.parametrize(("error", "where"), [
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU"),
     (RuntimeError("CUDA error: out of memory"), "GPU"),
