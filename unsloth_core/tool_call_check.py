@@ -20,6 +20,7 @@ from typing import Any
 
 import jsonschema
 import torch
+from referencing.exceptions import Unresolvable
 
 from unsloth_core.model import Llama
 from unsloth_core.tokenizer import Tokenizer
@@ -108,26 +109,38 @@ def _rows(path: Path) -> Iterable[dict[str, Any]]:
 
 
 def check_reply(text: str, turn: ToolTurn, tokenizer: Tokenizer) -> TurnResult:
-    """One reply judged against its turn's tools (see the module's docstring)."""
+    """One reply's text judged against its turn's tools (see the module's docstring)."""
     convention, _ = tool_support(tokenizer)
     if convention is None:
         return TurnResult(text, [], ["the chat template follows no tool-call convention"], False)
     _, calls = parse_tool_calls(text, convention)
+    return judge_calls(text, calls, turn)
+
+
+def judge_calls(output: str, calls: Sequence[ToolCall], turn: ToolTurn) -> TurnResult:
+    """A reply's calls (as parsed from `output`) judged against its turn's tools."""
     schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in turn.tools}
     problems = [] if calls else ["no tool call"]
     for i, call in enumerate(calls):
         problems += [f"tool_calls[{i}]: {p}" for p in _call_problems(call, schemas)]
     matched = not problems and [c.name for c in calls] == turn.expected
-    return TurnResult(text, calls, problems, matched)
+    return TurnResult(output, list(calls), problems, matched)
 
 
 def _call_problems(call: ToolCall, schemas: dict[str, dict[str, Any]]) -> list[str]:
     if call.name not in schemas:
         return [f"{call.name!r} is not an offered function"]
-    arguments = json.loads(call.arguments)  # the parser hands out calls whose arguments are a JSON object
-    validator = jsonschema.Draft202012Validator(schemas[call.name])
-    return [f"arguments{''.join(f'[{p!r}]' for p in e.absolute_path)}: {e.message}"
-            for e in validator.iter_errors(arguments)][:3]
+    try:
+        arguments = json.loads(call.arguments)
+    except ValueError as e:
+        return [f"the arguments are not JSON: {e}"]
+    try:
+        jsonschema.Draft202012Validator.check_schema(schemas[call.name])
+        errors = list(jsonschema.Draft202012Validator(schemas[call.name]).iter_errors(arguments))
+    except (jsonschema.exceptions.SchemaError, jsonschema.exceptions.UnknownType, Unresolvable) as e:
+        # the data's schema, not the reply, is at fault
+        return [f"{call.name!r}'s parameters are not a JSON Schema this check can apply: {e}"[:300]]
+    return [f"arguments{''.join(f'[{p!r}]' for p in e.absolute_path)}: {e.message}" for e in errors][:3]
 
 
 @dataclass

@@ -1,11 +1,22 @@
 from fastapi import APIRouter
 from starlette.types import Scope
 
-from app.api.routes import admin_keys, completions, evals, exports, files, graders, health, jobs, models
+from app.api.routes import (
+    admin_keys,
+    completions,
+    evals,
+    exports,
+    files,
+    graders,
+    health,
+    jobs,
+    models,
+    tool_call_checks,
+)
 
 V1_PREFIX = "/v1"
 _v1_routers = (files.router, jobs.router, graders.router, models.router, completions.router, exports.router,
-               evals.router, admin_keys.router)
+               evals.router, admin_keys.router, tool_call_checks.router)
 
 v1 = APIRouter(prefix=V1_PREFIX)
 for _router in _v1_routers:

@@ -30,7 +30,8 @@ FAMILIES = ("files", "fine_tuning", "models", "completions")
 # /v1/chat/completions counts with /v1/completions; /v1/exports (a fine-tune's artifacts) with /v1/fine_tuning.
 # /v1/organization (API keys) with /v1/models: both are cheap reads and writes of small rows, and kept apart from
 # fine_tuning's job polling, so a script polling with an admin key cannot use up what revoking a leaked key needs.
-_ALIASES = {"chat": "completions", "exports": "fine_tuning", "evals": "fine_tuning", "organization": "models"}
+_ALIASES = {"chat": "completions", "tool_call_checks": "completions", "exports": "fine_tuning", "evals": "fine_tuning",
+            "organization": "models"}
 
 
 def route_family(path: str, prefix: str = "/v1/") -> str | None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -195,3 +196,59 @@ def test_tools_for_a_template_with_no_known_convention_are_refused(client: opena
     assert e.value.body["param"] == "tools" and e.value.body["code"] == "unsupported_tools"  # type: ignore[index]
     out = chat(client, model="tiny-zephyr", tools=TOOLS, tool_choice="none", max_tokens=2)
     assert out.choices[0].message.tool_calls is None
+
+
+# ---- POST /v1/tool_call_checks ----
+
+def tool_row(city: str) -> dict[str, Any]:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "unit": "celsius"})}}
+    return {"messages": [{"role": "user", "content": f"Weather in {city}?"},
+                         {"role": "assistant", "content": None, "tool_calls": [call]}], "tools": TOOLS}
+
+
+def tool_check(client: openai.OpenAI, **body: Any) -> httpx.Response:
+    body.setdefault("model", TINY)
+    body.setdefault("max_tokens", 24)
+    return httpx.post(f"{client.base_url}tool_call_checks", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {client.api_key}"})
+
+
+def test_a_tool_call_check_asks_each_tool_turn_as_served(client: openai.OpenAI) -> None:
+    """The random model writes no calls: every asked turn is reported with its output and why it is not valid."""
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            tool_row("Paris"), tool_row("Oslo"), tool_row("Rome")]
+    report = tool_check(client, conversations=rows, max_turns=2).json()
+    assert report["object"] == "tool_call_check" and report["model"] == TINY
+    assert (report["n_turns"], report["n_skipped"], report["valid_rate"], report["match_rate"]) == (2, 0, 0.0, 0.0)
+    assert [t["conversation"] for t in report["turns"]] == [1, 2]
+    for turn in report["turns"]:
+        assert turn["expected"] == ["get_weather"] and isinstance(turn["output"], str)
+        assert not turn["valid"] and turn["problems"] == ["no tool call"] and turn["tool_calls"] == []
+    # the same rows from an uploaded file give the same report (greedy)
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    uploaded = client.files.create(file=("tools.jsonl", data), purpose="fine-tune")
+    assert tool_check(client, file_id=uploaded.id, max_turns=2).json() == report
+
+
+@pytest.mark.parametrize(("body", "status", "param", "code"), [
+    ({}, 400, "file_id", None),
+    ({"file_id": "file-x", "conversations": [{}]}, 400, "file_id", None),
+    ({"file_id": "file-missing"}, 404, "file_id", "file_not_found"),
+    ({"conversations": [{"messages": [{"role": "user", "content": "hi"}]}]}, 400, "conversations", "no_tool_turns"),
+    ({"conversations": [{**tool_row("Paris"), "messages": [{"role": "robot", "content": "hi"},
+                                                          *tool_row("Paris")["messages"][1:]]}]},
+     400, "conversations[0]", None),
+    ({"conversations": [tool_row("Paris")], "model": "tiny-zephyr"}, 400, "tools", "unsupported_tools"),
+    ({"conversations": [tool_row("Paris")], "model": "no-such-model"}, 404, "model", None),
+    ({"conversations": [tool_row("Paris")], "max_turns": 0}, 400, None, None),
+])
+def test_a_tool_call_check_names_what_is_wrong(client: openai.OpenAI, body: dict[str, Any], status: int,
+                                               param: str | None, code: str | None) -> None:
+    answer = tool_check(client, **body)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error

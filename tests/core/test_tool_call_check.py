@@ -129,3 +129,12 @@ def test_each_checkpoint_carries_the_check_beside_the_start_s_figure_without_cha
     unchecked, plain = run("b", tool_call_turns=0)
     assert not any(k.startswith("eval_tool_calls/") for m in unchecked.metrics.values() for k in m)
     assert plain.keys() == adapter.keys() and all(torch.equal(plain[k], adapter[k]) for k in adapter)
+
+
+def test_a_schema_the_check_cannot_apply_is_named_not_raised() -> None:
+    broken = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    unresolved = {"type": "function", "function": {"name": "g", "parameters": {"$ref": "#/$defs/missing"}}}
+    turn = ToolTurn([], [broken, unresolved], ["f"])
+    for name in ("f", "g"):
+        result = check_reply(_hermes(name, {}), turn, make_tiny_tokenizer())
+        assert not result.valid and "not a JSON Schema this check can apply" in result.problems[0], result.problems

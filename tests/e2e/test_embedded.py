@@ -186,7 +186,8 @@ def tool_rows(cities: list[str]) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_embedded_tool_use_fine_tune_is_checked_at_each_checkpoint(embedded: tuple[Stack, list[int]]) -> None:
     """The tool-call check runs by itself because the data has tools: the checkpoint says how many of the data's
-    tool-use turns get valid calls, against the base's figure; the fine-tune, served with tools, calls one."""
+    tool-use turns get valid calls, against the base's figure; the fine-tune, served with tools, calls one; and
+    POST /v1/tool_call_checks says the same of the base and the fine-tune."""
     stack, _ = embedded
     client = stack.client(timeout=120)
     files = [client.files.create(file=(name, jsonl(tool_rows(cities))), purpose="fine-tune").id
@@ -209,6 +210,11 @@ def test_embedded_tool_use_fine_tune_is_checked_at_each_checkpoint(embedded: tup
     calls = reply.choices[0].message.tool_calls or []
     assert reply.choices[0].finish_reason == "tool_calls" and len(calls) == 1, reply
     assert calls[0].function.name == "get_time" and json.loads(calls[0].function.arguments) == {"city": "Nairobi"}
+    # the same check for any model, over the API: the base against the fine-tune on the held-out file
+    rates = {model: client.post("/tool_call_checks", cast_to=httpx.Response, body={
+        "model": model, "file_id": files[1], "max_tokens": 48}).json()["valid_rate"]
+        for model in (DEFAULT_MODEL, str(done.fine_tuned_model))}
+    assert rates[DEFAULT_MODEL] <= 0.25 and rates[str(done.fine_tuned_model)] >= 0.75, rates
 
 
 def test_ctrl_c_stops_both_processes_cleanly(embedded: tuple[Stack, list[int]]) -> None:

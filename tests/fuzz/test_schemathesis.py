@@ -24,6 +24,7 @@ What is configured rather than derived from the schema, and why it is our contra
   - a file's content with a `Range` beyond its size (416 `range_not_satisfiable`: no schema knows the size);
   - evals: a testing criterion that is no runnable grader (as graders/validate); a run whose model, file or items
     are not there or do not fit the eval; canceling a finished run, deleting an active run or an eval with one.
+  - a tool-call check whose conversations hold no tool-calling turn, or whose model cannot be given tools (400);
   - API keys (`/v1/organization/admin_api_keys`): the run's key is a user key, and only an admin key may manage
     keys (OpenAI: 403 `insufficient_permissions`), so each of these operations is a 403 here.
 - Completions may take 120 s instead of the response-time check's 10 s: without `max_tokens` one runs to the end of
@@ -72,6 +73,9 @@ REFUSED_BY_STATE = {
     "POST /v1/evals/{eval_id}/runs/{run_id}/cancel": [400],
     "DELETE /v1/evals/{eval_id}": [400],
     "DELETE /v1/evals/{eval_id}/runs/{run_id}": [400],
+    # A tool-call check: conversations with no tool-calling turn, a file that is not there, a model whose chat
+    # template follows no tool-call convention, a turn beyond the model's context
+    "POST /v1/tool_call_checks": [400],
     # API keys: admin keys only, and the run's key is a user key
     "GET /v1/organization/admin_api_keys": [403],
     "POST /v1/organization/admin_api_keys": [403],
@@ -122,7 +126,7 @@ def config(live: Live, report_dir: Path) -> str:
         path = operation.split(" ")[1]
         expected = sorted({*ACCEPTED, *map(str, statuses)})
         lines += ["[[operations]]", f'include-name = "{operation}"']  # method and path together
-        if path.endswith("completions"):
+        if path.endswith(("completions", "tool_call_checks")):
             # Without max_tokens a completion runs to the end of the context, as OpenAI's does: on the test box's
             # CPU that is seconds past the check's default 10 s. Generation length is the client's choice.
             lines += ["request-timeout = 120", "[operations.checks]", "max_response_time = 120"]
