@@ -68,21 +68,25 @@ class Constraint:
         return llguidance.LLMatcher.grammar_from_regex(self.source)
 
 
-_TOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
+# Per tokenizer, per end-of-sequence set: a grammar may end only on the eos ids its view was built with, so a
+# view built for one set (a check with the tokenizer's own) must not serve rows that stop on another.
+_TOKENIZERS: weakref.WeakKeyDictionary[Tokenizer, dict[tuple[int, ...], llguidance.LLTokenizer]] = \
+    weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
 def grammar_tokenizer(tokenizer: Tokenizer, eos_ids: Sequence[int]) -> llguidance.LLTokenizer:
-    """llguidance's view of the tokenizer, built once per tokenizer (it takes up to a second: warm it off the
-    decode loop, as `check` does)."""
+    """llguidance's view of the tokenizer with `eos_ids` (the tokenizer's own when empty) as its ends, built once
+    per tokenizer and set (it takes up to a second: warm it off the decode loop, as `check` does)."""
     import llguidance
 
+    eos = tuple(eos_ids) or tuple(tokenizer.eos_token_ids)
     with _LOCK:
-        found = _TOKENIZERS.get(tokenizer)
+        views = _TOKENIZERS.setdefault(tokenizer, {})
+        found = views.get(eos)
         if found is None:
-            eos = list(eos_ids) or list(tokenizer.eos_token_ids)
-            found = llguidance.LLTokenizer(tokenizer.backend.to_str(), eos_token=eos or None)
-            _TOKENIZERS[tokenizer] = found
+            found = llguidance.LLTokenizer(tokenizer.backend.to_str(), eos_token=list(eos) or None)
+            views[eos] = found
         return found
 
 

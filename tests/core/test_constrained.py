@@ -117,3 +117,17 @@ def test_a_lark_grammar_holds_the_output(model: Llama, tok: Tokenizer) -> None:
     out = Generator(model, tok).generate(["q"], SamplingParams(max_new_tokens=20, temperature=1.0, seed=4,
                                                                constraint=Constraint("lark", grammar)))[0]
     assert out.text in ("answer: yes", "answer: no") and out.finish_reason == "stop"
+
+
+def test_the_grammar_view_of_a_tokenizer_is_built_per_end_of_sequence_set() -> None:
+    """A view built for one eos set (the first caller's) served every later row before, so a row stopping on other
+    tokens was held to ends it does not stop on: e.g. a check with the tokenizer's own eos, then a row whose stop
+    ids are the engine's wider set."""
+    from unsloth_core.constrained import grammar_tokenizer
+
+    tok = make_tiny_tokenizer()
+    own = grammar_tokenizer(tok, [])
+    assert own.eos_tokens == list(tok.eos_token_ids) and grammar_tokenizer(tok, tok.eos_token_ids) is own
+    wider = grammar_tokenizer(tok, [*tok.eos_token_ids, 5])
+    assert wider.eos_tokens == [*tok.eos_token_ids, 5] and wider is not own
+    assert grammar_tokenizer(tok, [*tok.eos_token_ids, 5]) is wider
