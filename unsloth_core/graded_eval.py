@@ -37,12 +37,14 @@ class GradedEval:
         if probes is None:
             return {}
         answers = probes.run(model)
+        # reward functions get conversations as message lists (TRL's shape), a tools prompt's messages included
+        prompts: list[Any] = [p["messages"] if isinstance(p, dict) else p for p in self.prompts]
         texts: list[Any] = [[{"role": "assistant", "content": a["output"]}] if isinstance(p, list) else a["output"]
-                            for p, a in zip(self.prompts, answers)]
+                            for p, a in zip(prompts, answers)]
         keys = list(dict.fromkeys(k for row in self.rows for k in row))
         columns = {k: [row.get(k) for row in self.rows] for k in keys if k not in ("prompt", "messages")}
         ids = [self.tokenizer.encode(a["output"], add_special_tokens=False) for a in answers]
-        per_func = score(self.rewards, list(self.prompts), texts, ids, columns)  # (rows, funcs), NaN: not scored
+        per_func = score(self.rewards, prompts, texts, ids, columns)  # (rows, funcs), NaN: not scored
         means = torch.nanmean(per_func, dim=0)
         metrics = {f"eval_rewards/{reward_name(f)}/mean": float(m) for f, m in zip(self.rewards, means)}
         metrics["eval_reward"] = float(torch.nanmean(means))

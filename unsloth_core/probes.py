@@ -2,8 +2,9 @@
 next can be read rather than guessed from a loss.
 
 The prompts are the user's, or the first held-out examples' prompts: a conversation up to its last assistant turn, a
-completion's or a preference pair's prompt, a reinforcement prompt (plain text examples have none). Answers are
-greedy, so two checkpoints' answers differ only because their weights do.
+completion's or a preference pair's prompt, a reinforcement prompt (plain text examples have none). A conversation
+whose row offers tools is asked with them, rendered as training and serving render it. Answers are greedy, so two
+checkpoints' answers differ only because their weights do.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from unsloth_core.generate import Generator
 from unsloth_core.model import Llama
 from unsloth_core.sampling import SamplingParams
 from unsloth_core.tokenizer import Tokenizer
+from unsloth_core.tool_calls import ToolCallError, conversation_inputs
 
-Prompt = str | list[dict[str, Any]]
+# Text, a conversation, or {"messages": [...], "tools": [...]}: a conversation offering tools (a chat row's shape)
+Prompt = str | list[dict[str, Any]] | dict[str, Any]
 DEFAULT_PROBES = 3
 DEFAULT_MAX_TOKENS = 64
 
@@ -39,8 +42,28 @@ class Probes:
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
         with torch.no_grad(), rollout_mode(model):
             outputs = Generator(model, self.tokenizer).generate(self.ids, params)
-        return [{"prompt": p, "output": o.text, "finish_reason": o.finish_reason}
+        return [{**_shown(p), "output": o.text, "finish_reason": o.finish_reason}
                 for p, o in zip(self.prompts, outputs)]
+
+
+def _shown(prompt: Prompt) -> dict[str, Any]:
+    """A sample's prompt as a checkpoint shows it: text or messages, and the names of the tools offered."""
+    if isinstance(prompt, dict):
+        return {"prompt": prompt["messages"], "tools": [t["function"]["name"] for t in prompt.get("tools") or []]}
+    return {"prompt": prompt}
+
+
+def prompt_ids(prompt: Prompt, tokenizer: Tokenizer) -> list[int]:
+    """A prompt's token ids: text as is, a conversation through the chat template with its generation prompt (and
+    its tools as serving offers them; a template that cannot be given tools renders the messages alone)."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    messages, tools = (prompt["messages"], prompt.get("tools")) if isinstance(prompt, dict) else (prompt, None)
+    try:
+        messages, tools = conversation_inputs(tokenizer, messages, tools)
+    except ToolCallError:
+        tools = None
+    return list(tokenizer.apply_chat_template(messages, tools, add_generation_prompt=True))
 
 
 def make_probes(prompts: Sequence[Prompt], tokenizer: Tokenizer, max_new_tokens: int = DEFAULT_MAX_TOKENS,
@@ -51,8 +74,7 @@ def make_probes(prompts: Sequence[Prompt], tokenizer: Tokenizer, max_new_tokens:
         return None
     ids = []
     for prompt in prompts:
-        tokens = (tokenizer.encode(prompt) if isinstance(prompt, str)
-                  else list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)))
+        tokens = prompt_ids(prompt, tokenizer)
         ids.append(tokens[-max_prompt_tokens:] if max_prompt_tokens else tokens)
     return Probes(list(prompts), ids, tokenizer, max_new_tokens)
 
@@ -74,12 +96,18 @@ def example_prompt(example: Any) -> Prompt | None:
     if isinstance(example, ChatExample):
         last = max((i for i, m in enumerate(example.messages) if m.role == "assistant"), default=None)
         head = example.messages[:last] if last is not None else example.messages
-        return [m.to_template() for m in head] or None
+        return _with_tools([m.to_template() for m in head], example.tools) if head else None
     if isinstance(example, CompletionExample):
         return example.prompt or None
     if isinstance(example, PreferenceExample):
-        return [m.to_template() for m in example.prompt]
+        return _with_tools([m.to_template() for m in example.prompt], example.tools)
     if isinstance(example, RLExample):
-        return example.prompt if isinstance(example.prompt, str) else [m.to_template() for m in example.prompt]
+        if isinstance(example.prompt, str):
+            return example.prompt
+        return _with_tools([m.to_template() for m in example.prompt], example.tools)
     prompt = getattr(example, "prompt", None)  # GRPO's PromptExample
     return prompt if isinstance(prompt, str | list) else None
+
+
+def _with_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Prompt:
+    return {"messages": messages, "tools": tools} if tools else messages

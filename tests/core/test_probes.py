@@ -59,3 +59,27 @@ def test_held_out_prompts_are_answered_at_each_checkpoint_without_changing_train
 def test_the_users_probe_prompts(tmp_path: Path, files: tuple[Path, Path, Path]) -> None:
     probed, _ = run(tmp_path / "c", files, probe_prompts=["Once upon", [{"role": "user", "content": "Hi"}]])
     assert [s["prompt"] for s in probed.samples[4]] == ["Once upon", [{"role": "user", "content": "Hi"}]]
+
+
+def test_a_held_out_tool_conversation_is_probed_with_its_tools() -> None:
+    """A chat row offering tools is asked with them (rendered as serving renders them), and the sample names them."""
+    import json
+
+    from tests.helpers import make_tiny_tokenizer, tiny_model
+    from unsloth_core.data.formats import parse_row
+    from unsloth_core.probes import example_prompts, make_probes
+    from unsloth_core.tool_calls import HERMES, prompt_messages
+
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    call = {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": json.dumps({})}}
+    row = {"messages": [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": None,
+                                                                "tool_calls": [call]}], "tools": [tool]}
+    tok = make_tiny_tokenizer()
+    prompts = example_prompts([parse_row(row)[1]])
+    assert prompts == [{"messages": row["messages"][:1], "tools": [tool]}]
+    probes = make_probes(prompts, tok, max_new_tokens=4)
+    assert probes is not None
+    served, _ = prompt_messages(row["messages"][:1], [tool], HERMES, False)
+    assert probes.ids == [tok.encode(tok.render_chat(served, add_generation_prompt=True), add_special_tokens=False)]
+    [sample] = probes.run(tiny_model(seed=1, max_position_embeddings=2048))
+    assert sample["prompt"] == row["messages"][:1] and sample["tools"] == ["get_time"]
