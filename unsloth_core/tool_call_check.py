@@ -13,7 +13,7 @@ with the base's figure beside it, the loss is seen while the job runs, not after
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,11 +93,12 @@ def file_tool_turns(paths: Sequence[str | Path | None], n: int = DEFAULT_TURNS) 
     for path in paths:
         if path is None or len(out) == n:
             continue
-        out += tool_turns(_rows(Path(path)), n - len(out))
+        out += tool_turns(read_rows(Path(path)), n - len(out))
     return out
 
 
-def _rows(path: Path) -> Iterable[dict[str, Any]]:
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """A JSONL file's object rows, lazily; lines that are not JSON objects are passed over."""
     with path.open("rb") as f:
         for raw in f:
             try:

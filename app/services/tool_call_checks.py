@@ -6,9 +6,7 @@ engine's check (unsloth_core/tool_call_check.py), the one every fine-tuning chec
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -23,7 +21,7 @@ from app.schemas.completions import ChatCompletion, ChatCompletionRequest
 from app.schemas.tool_call_checks import CheckedCall, CheckedTurn, ToolCallCheck, ToolCallCheckRequest
 from app.services import completions, files
 from app.services.models import Servable
-from unsloth_core.tool_call_check import ToolTurn, judge_calls, tool_turns
+from unsloth_core.tool_call_check import ToolTurn, judge_calls, read_rows, tool_turns
 from unsloth_core.tool_calls import ToolCall
 
 # Turns asked at once: each holds one of the key's generation slots, and the engine batches them together.
@@ -38,7 +36,7 @@ def turns_of(*, session: Session, settings: Settings, key: ApiKey, body: ToolCal
         raise bad_request("Give either file_id or conversations.", param="file_id")
     if body.file_id is not None:
         row = files.get_file(session=session, key=key, file_id=body.file_id, param="file_id")
-        rows: Iterator[dict[str, Any]] = _file_rows(files.readable_content(settings, row, param="file_id"))
+        rows: Iterator[dict[str, Any]] = read_rows(files.readable_content(settings, row, param="file_id"))
         param = "file_id"
     else:
         rows, param = iter(body.conversations or []), "conversations"
@@ -51,17 +49,6 @@ def turns_of(*, session: Session, settings: Settings, key: ApiKey, body: ToolCal
         raise bad_request("No tool-use turn found: the check needs chat rows with `tools` whose assistant calls "
                           "tools (`tool_calls`).", param=param, code="no_tool_turns")
     return turns
-
-
-def _file_rows(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open("rb") as f:
-        for raw in f:
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                continue  # not a row; the check reads what it can
-            if isinstance(row, dict):
-                yield row
 
 
 async def check(*, engine: InferenceEngine, request: Request, servable: Servable, body: ToolCallCheckRequest,
