@@ -104,7 +104,7 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 row = json.loads(raw)
             except ValueError:
-                continue  # the file was validated for training already
+                continue  # a line that is no row holds no turn (uploads report bad lines themselves)
             if isinstance(row, dict):
                 yield row
 
