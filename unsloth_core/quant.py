@@ -10,7 +10,10 @@ trains against.
 in an `nn.Linear` as `weight` (frozen) and travels with the model: `.to(device)`, `state_dict`, deepcopy. Every
 projection is computed through `linear_4bit`, which dequantizes into a temporary for the matmul and again in
 backward, so autograd never keeps a dense copy of a frozen weight (a per-layer 16-bit temporary lives only while its
-matmul runs). The fused LoRA kernels call `dense()` on their base weights the same way. Any other op on an NF4Tensor
+matmul runs). The fused LoRA kernels call `dense()` on their base weights the same way. The exception is inference
+on a CPU (`keep_dense`, switched on by `FastLanguageModel.for_inference`): there dequantizing costs several times
+the decode step's matmuls, so each weight keeps its dense value until training or a change of the weight drops it.
+Any other op on an NF4Tensor
 runs on its dequantized value; ops that would write into one (in place or through `out=`) are refused, except
 `copy_`, which requantizes. A view or slice of one (`w[0]`, `w.t()`) is a dequantized copy: writing into it does
 not change the weight. An NF4 weight cannot be trained: asking for its gradient is an error.
@@ -88,6 +91,11 @@ class NF4Tensor(torch.Tensor):
     absmax: Tensor
     code: Tensor
     blocksize: int
+    # While `keep` is on (keep_dense), the last dense value a product asked for, keyed by its dtype and the version
+    # counters of the 4-bit storage: any write into the storage makes the key stale, so a changed weight is never
+    # read from an old copy.
+    keep: bool = False
+    kept: tuple[tuple[torch.dtype, int, int], Tensor] | None = None
 
     @staticmethod
     def __new__(cls, packed: Tensor, absmax: Tensor, code: Tensor, shape: torch.Size | tuple[int, ...],
@@ -109,6 +117,18 @@ class NF4Tensor(torch.Tensor):
         """The dequantized weight, a new plain tensor in `dtype` (default: the compute dtype)."""
         out = dequantize(self.packed, self.absmax, self.code, self.numel(), self.blocksize, dtype or self.dtype)
         return out.view(self.shape)
+
+    def matmul_weight(self, dtype: torch.dtype) -> Tensor:
+        """The dense weight in `dtype` for a product: the kept copy while `keep` is on (read it, never write into
+        it), else `dense(dtype)`."""
+        if not self.keep:
+            return self.dense(dtype)
+        key = (dtype, _version(self.packed), _version(self.absmax))
+        if self.kept is None or self.kept[0] != key:
+            self.kept = None  # the stale copy goes before the new one is made: never two at once
+            with torch.inference_mode(False):  # made inside generation, it may still be read by autograd later
+                self.kept = (key, self.dense(dtype))
+        return self.kept[1]
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.absmax))
@@ -166,6 +186,11 @@ class NF4Tensor(torch.Tensor):
                     **tree_map(lambda t: t.dense() if isinstance(t, NF4Tensor) else t, kwargs))
 
 
+def _version(t: Tensor) -> int:
+    """The in-place write counter (an inference tensor has none; only `copy_` writes into it, and drops the copy)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _is_param(t: Tensor) -> bool:
     return bool(getattr(t, "_is_param", False))
 
@@ -203,6 +228,7 @@ def _copy(dst: Tensor, src: Tensor, *_: Any, **__: Any) -> Tensor:
         packed, absmax = quantize_blocks(src.dense() if isinstance(src, NF4Tensor) else src, dst.blocksize)
     dst.packed.copy_(packed)
     dst.absmax.copy_(absmax)
+    dst.kept = None  # stale now (the version key would say so too); free it at once
     return dst
 
 
@@ -241,7 +267,7 @@ class Linear4bitFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: NF4Tensor, bias: Tensor | None) -> Tensor:
         dtype = _matmul_dtype(x, weight)
         ctx.weight, ctx.x_dtype, ctx.has_bias = weight, x.dtype, bias is not None
-        return F.linear(x.to(dtype), weight.dense(dtype), None if bias is None else bias.to(dtype))
+        return F.linear(x.to(dtype), weight.matmul_weight(dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     @once_differentiable
@@ -292,6 +318,22 @@ def quantize_model(model: nn.Module, blocksize: int = BLOCKSIZE,
             if isinstance(child, nn.Linear) and name in modules:
                 setattr(parent, name, quantize_linear(child, blocksize))
     return model
+
+
+def keep_dense(model: nn.Module, keep: bool = True) -> int:
+    """Let each 4-bit weight of `model` keep its dequantized value between products (`keep`), or drop the kept
+    values and stop keeping them; returns how many weights it set.
+
+    For inference on a CPU: there the dequantization of a weight costs several times its decode-step product, and
+    every generated token paid it once per weight. Kept, the projections take their 16/32-bit size in host memory
+    again (for SmolLM2-135M in fp32 about 0.4 GB more), which is why training drops them (`for_training`, the
+    trainer's start): QLoRA trains against the 4-bit storage in its 4-bit footprint. Not for a GPU, where the
+    dequantize kernel is cheap beside the product and the memory saved is the reason to load in 4-bit."""
+    n = 0
+    for p in model.parameters():
+        if isinstance(p, NF4Tensor):
+            p.keep, p.kept, n = keep, p.kept if keep else None, n + 1
+    return n
 
 
 def should_quantize(name: str, modules: tuple[str, ...] = QUANTIZED_MODULES) -> bool:

@@ -21,6 +21,7 @@ from unsloth_core.checkpoint import parse_dtype
 from unsloth_core.data import iter_batches, num_batches
 from unsloth_core.method import METHODS, Method, method_for
 from unsloth_core.model import Llama
+from unsloth_core.quant import keep_dense
 from unsloth_core.train_checkpoint import (
     TrainerState,
     list_checkpoints,
@@ -319,6 +320,7 @@ class Trainer:
     def _prepare_model(self) -> None:
         torch.manual_seed(self.args.seed)
         random.seed(self.args.seed)
+        keep_dense(self.model, False)  # a model trained after for_inference without for_training: 4-bit footprint
         for p in self.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # trained weights are fp32 masters (a model loaded in bf16 included)

@@ -22,6 +22,7 @@ from unsloth_core.quant import (
     Linear4bit,
     NF4Tensor,
     is_quantized,
+    keep_dense,
     linear,
     nf4_code,
     quantize_model,
@@ -248,3 +249,84 @@ def test_smollm2_in_4bit_still_knows_paris(smollm_dir: Path) -> None:
                                      add_generation_prompt=True)
     out = Generator(model, tok).generate([prompt], SamplingParams(temperature=0, max_new_tokens=8))[0]
     assert "Paris" in out.text
+
+
+def kept(model: Llama) -> list[torch.Tensor]:
+    """The dequantized copies the model's 4-bit weights hold now."""
+    return [p.kept[1] for p in model.parameters() if isinstance(p, NF4Tensor) and p.kept is not None]
+
+
+def test_for_inference_keeps_dense_weights_that_generate_as_the_uncached_path() -> None:
+    """On a CPU, for_inference keeps each 4-bit weight dequantized: one copy per weight, the tokens and logits of
+    the per-product dequantization, and never a stale copy (LoRA steps do not touch it; a write into the 4-bit
+    weight or a merge replaces it); for_training and the trainer drop them."""
+    model = apply_lora(quantize_model(tiny_model(seed=7, std=0.3)), r=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=6, eos_token_id=[]), model(ids).logits
+
+    uncached = run()
+    FastLanguageModel.for_inference(model)
+    assert not kept(model)  # made on first use
+    cached = run()
+    assert len(kept(model)) == 7 * model.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(cached, uncached, strict=True))
+    first = kept(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(), uncached, strict=True))
+    assert all(a is b for a, b in zip(kept(model), first, strict=True))  # made once, then read
+
+    FastLanguageModel.for_training(model)  # a LoRA step, then inference again
+    assert not kept(model) and not any(p.keep for p in model.parameters() if isinstance(p, NF4Tensor))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss = model(ids, labels=ids).loss
+    assert loss is not None
+    loss.backward()
+    optimizer.step()
+    FastLanguageModel.for_inference(model)
+    stepped = run()
+    keep_dense(model, False)
+    assert all(torch.equal(a, b) for a, b in zip(stepped, run(), strict=True))
+    assert not torch.equal(stepped[1], uncached[1])  # the step changed the model, and the cache followed
+
+    FastLanguageModel.for_inference(model)  # a write into a 4-bit weight: the kept copy goes with it
+    run()
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(5)))
+    assert layer.weight.kept is None
+    after_write = run()
+    keep_dense(model, False)
+    assert all(torch.equal(a, b) for a, b in zip(after_write, run(), strict=True))
+
+    FastLanguageModel.for_inference(model)  # merged: the layer's weight is a new, dense one
+    run()
+    attn = model.model.layers[1].self_attn.q_proj
+    assert isinstance(attn, LoRALinear)
+    attn.merge()
+    assert not is_quantized(attn.weight)
+    merged = run()
+    keep_dense(model, False)
+    assert all(torch.equal(a, b) for a, b in zip(merged, run(), strict=True))
+
+
+def test_training_drops_kept_weights_left_by_for_inference(tmp_path: Path) -> None:
+    from tests.helpers import make_tiny_tokenizer
+    from unsloth_core.data import tokenize_sft
+    from unsloth_core.data.examples import TextExample
+    from unsloth_core.trainer import TrainArgs, Trainer
+
+    tok = make_tiny_tokenizer()
+    model = apply_lora(quantize_model(tiny_model(seed=8, std=0.3)), r=4, alpha=8, seed=0)
+    FastLanguageModel.for_inference(model)
+    model.generate(torch.tensor([tok.encode("some text")]), max_new_tokens=2)
+    assert kept(model)
+    rows = [tokenize_sft(TextExample(t), tok, 64) for t in ("one sample", "another sample")]
+    Trainer(model, TrainArgs(micro_batch_size=2, max_steps=1, output_dir=str(tmp_path)), rows,
+            pad_id=tok.pad_token_id or 0).train()
+    assert not kept(model)  # trained in its 4-bit footprint, as QLoRA does
