@@ -21,6 +21,7 @@ import torch
 from unsloth_core.export_verify import (
     EXACT,
     LOGIT_NOISE,
+    NEW_TOKENS,
     ExportVerificationError,
     adapter_check,
     compare,
@@ -37,6 +38,7 @@ from unsloth_core.tokenizer import Tokenizer
 MERGED_TYPES = {"merged_16bit": None, "merged_32bit": "f32"}  # merged_16bit: bf16 for a bf16 model, else f16
 # transformers and we compute the same fp32 model with different kernels and summation orders
 TRANSFORMERS_BOUND = 1e-3
+TRANSFORMERS_TOKENS = 8  # of the reference's greedy continuation, compared with transformers' argmax
 VERIFICATION_FILE = "verification.json"
 
 
@@ -71,9 +73,11 @@ def write_merged(model: Llama, directory: Path, tokenizer: Tokenizer | None, qua
     prompts = (probe_prompts(tokenizer, merged.config.max_position_embeddings) if tokenizer is not None else
                [("ids", list(range(1, min(merged.config.vocab_size, 17))))])
     reference = rounded(merged, EXACT[quantization])
+    continuations = greedy(reference, [ids for _, ids in prompts], NEW_TOKENS)  # for both read-backs
     report: dict[str, Any] = {"format": "merged", "file": directory.name, "quantization": quantization,
                               "reference": f"merged model, weights in {quantization}",
-                              **compare(reference, load_model(directory, dtype=torch.float32), prompts)}
+                              **compare(reference, load_model(directory, dtype=torch.float32), prompts,
+                                        continuations)}
     report["bound"] = f"exact: logits within {LOGIT_NOISE}, every greedy token equal"
     ok = report["max_abs_logit_diff"] <= LOGIT_NOISE and report["greedy_identical"] == len(prompts)
     report["tokenizer_problems"] = (tokenizer_check(tokenizer, Tokenizer.from_dir(directory))
@@ -81,22 +85,24 @@ def write_merged(model: Llama, directory: Path, tokenizer: Tokenizer | None, qua
     if model.lora_config is not None:
         report["adapter_vs_merged"] = adapter_check(model, merged, prompts)
         ok = ok and report["adapter_vs_merged"]["passed"]
-    report["transformers"] = transformers_check(directory, reference, prompts)
+    report["transformers"] = transformers_check(directory, reference, prompts, continuations)
     ok = ok and report["transformers"].get("passed", True)
     report["passed"] = bool(ok and not report["tokenizer_problems"])
     return report
 
 
-def transformers_check(directory: Path, reference: Llama, prompts: list[tuple[str, list[int]]]) -> dict[str, Any]:
-    """The directory loaded by transformers' LlamaForCausalLM in fp32, against `reference` on the probes."""
+def transformers_check(directory: Path, reference: Llama, prompts: list[tuple[str, list[int]]],
+                       continuations: list[list[int]]) -> dict[str, Any]:
+    """The directory loaded by transformers' LlamaForCausalLM in fp32, against `reference` on the probes, along the
+    first TRANSFORMERS_TOKENS of the reference's greedy `continuations`."""
     if importlib.util.find_spec("transformers") is None:
         return {"skipped": "transformers is not installed here; checked with our loader only"}
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
     worst, same = 0.0, 0
-    for _, ids in prompts:
-        continuation = greedy(reference, ids, 8)
+    for (_, ids), continuation in zip(prompts, continuations, strict=True):
+        continuation = continuation[:TRANSFORMERS_TOKENS]
         seq = ids + continuation
         with torch.no_grad():
             theirs = hf(torch.tensor([seq])).logits[0].float()

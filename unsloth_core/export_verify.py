@@ -16,6 +16,7 @@ export then fails rather than ship). The figures are returned and written beside
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,19 @@ def probe_prompts(tokenizer: Tokenizer, max_len: int) -> list[tuple[str, list[in
     return [(name, ids[: max_len - NEW_TOKENS]) for name, ids in texts if ids]
 
 
-def greedy(model: Llama, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens, never stopping at an EOS (the engine's KV-cached decoding, tested against transformers)."""
+def greedy(model: Llama, prompts: Sequence[list[int]], n: int) -> list[list[int]]:
+    """n greedy tokens after each prompt, never stopping at an EOS (the engine's KV-cached decoding, tested against
+    transformers). The prompts decode as one batch: a decode step reads every weight once for all of them, and the
+    verification's decoding was most of an export's time on a CPU when each probe read them alone."""
     from unsloth_core.generate import generate_ids
 
-    out = generate_ids(model, torch.tensor([ids]), max_new_tokens=n, eos_token_id=[])
-    return [int(i) for i in out[0, len(ids):].tolist()]
+    if not prompts:
+        return []
+    width = max(len(ids) for ids in prompts)
+    padded = torch.tensor([[0] * (width - len(ids)) + ids for ids in prompts])  # left padding, masked out
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+    out = generate_ids(model, padded, mask, max_new_tokens=n, eos_token_id=[])
+    return [[int(i) for i in row] for row in out[:, width:].tolist()]
 
 
 @torch.no_grad()
@@ -79,26 +87,34 @@ def rounded(model: Llama, dtype: torch.dtype) -> Llama:
     return out
 
 
-def compare(reference: Llama, exported: Llama, prompts: list[tuple[str, list[int]]]) -> dict[str, Any]:
-    worst, agree, total, greedy_same = 0.0, 0, 0, 0
+def teacher_forced(reference: Llama, exported: Llama, seq: list[int], n: int) -> tuple[float, int]:
+    """(largest |logit difference|, positions whose most likely token agrees) along `seq`, whose last n tokens are
+    the continuation. Agreement is counted where the continuation is predicted: there the model is sure enough to
+    pick tokens (inside a prompt a small model's next-token distribution is flat, and a near-tie flips under any
+    rounding)."""
+    a, b = logits_of(reference, seq), logits_of(exported, seq)
+    return float((a - b).abs().max()), int((a[-n - 1:-1].argmax(-1) == b[-n - 1:-1].argmax(-1)).sum())
+
+
+def compare(reference: Llama, exported: Llama, prompts: list[tuple[str, list[int]]],
+            continuations: list[list[int]] | None = None) -> dict[str, Any]:
+    """The figures of the module docstring; `continuations`: the reference's greedy ones, when already decoded."""
+    if continuations is None:
+        continuations = greedy(reference, [ids for _, ids in prompts], NEW_TOKENS)
+    forced = [teacher_forced(reference, exported, ids + c, len(c)) for (_, ids), c in zip(prompts, continuations,
+                                                                                          strict=True)]
+    # where every teacher-forced argmax agrees, the exported model's own greedy run is the same tokens
+    redo = [i for i, ((_, same), c) in enumerate(zip(forced, continuations)) if same != len(c)]
+    own = dict(zip(redo, greedy(exported, [prompts[i][1] for i in redo], NEW_TOKENS)))
     rows = []
-    for name, ids in prompts:
-        continuation = greedy(reference, ids, NEW_TOKENS)
-        a, b = logits_of(reference, ids + continuation), logits_of(exported, ids + continuation)
-        diff = float((a - b).abs().max())
-        # the positions that predict the continuation: where the model is sure enough to pick tokens (inside a
-        # prompt a small model's next-token distribution is flat, and a near-tie flips under any rounding)
-        n = len(continuation)
-        same_top1 = int((a[-n - 1:-1].argmax(-1) == b[-n - 1:-1].argmax(-1)).sum())
-        # where every teacher-forced argmax agrees, the exported model's own greedy run is the same tokens
-        theirs = continuation if same_top1 == n else greedy(exported, ids, NEW_TOKENS)
-        prefix = next((i for i, (x, y) in enumerate(zip(continuation, theirs)) if x != y), NEW_TOKENS)
+    for i, ((name, ids), c, (diff, same)) in enumerate(zip(prompts, continuations, forced)):
+        prefix = next((j for j, (x, y) in enumerate(zip(c, own.get(i, c))) if x != y), NEW_TOKENS)
         rows.append({"probe": name, "prompt_tokens": len(ids), "max_abs_logit_diff": diff,
-                     "top1_agreement": same_top1 / n, "greedy_tokens_equal": prefix})
-        worst, agree, total = max(worst, diff), agree + same_top1, total + n
-        greedy_same += prefix == NEW_TOKENS
-    return {"probes": rows, "max_abs_logit_diff": worst, "top1_agreement": agree / max(total, 1),
-            "greedy_identical": greedy_same, "greedy_probes": len(prompts), "new_tokens": NEW_TOKENS}
+                     "top1_agreement": same / len(c), "greedy_tokens_equal": prefix})
+    return {"probes": rows, "max_abs_logit_diff": max((d for d, _ in forced), default=0.0),
+            "top1_agreement": sum(s for _, s in forced) / max(sum(len(c) for c in continuations), 1),
+            "greedy_identical": sum(r["greedy_tokens_equal"] == NEW_TOKENS for r in rows),
+            "greedy_probes": len(prompts), "new_tokens": NEW_TOKENS}
 
 
 def tokenizer_check(ours: Tokenizer, theirs: Tokenizer) -> list[str]:

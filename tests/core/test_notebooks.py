@@ -6,8 +6,6 @@ there except for what the notebooks cannot do here, each marked `# changed:`:
 - imports from `unsloth`, `trl` and `transformers` come from `unsloth_core`;
 - the model is the bundled SmolLM2-135M-Instruct, and the dataset a small local one with the same columns;
 - `max_steps` is 2, and tensors go `.to("cpu")` instead of `.to("cuda")`;
-- the conversational notebook loads without 4-bit (`load_in_4bit = False`): on a CPU the 4-bit weights are
-  dequantized for every generated token, which made that test twice as long; the Alpaca notebook keeps QLoRA;
 - the save cells' `if False:` guards are lifted for saving merged and GGUF in f16 (push_to_hub, merged_4bit
   and the quantized GGUFs stay off: q8_0's export took 107 s here against f16's 23 s; test_export_gguf.py has it).
 Left out: the install cell, the GPU memory-stats cells (they need CUDA) and the unused list of 4-bit model names.
@@ -241,7 +239,7 @@ from unsloth_core import FastLanguageModel  # changed: from unsloth
 import torch
 max_seq_length = 2048 # Choose any! We auto support RoPE Scaling internally!
 dtype = None # None for auto detection. Float16 for Tesla T4, V100, Bfloat16 for Ampere+
-load_in_4bit = False  # changed: True (on a CPU, 4-bit weights are dequantized for every token; the Alpaca test has them)
+load_in_4bit = True # Use 4bit quantization to reduce memory usage. Can be False.
 
 model, tokenizer = FastLanguageModel.from_pretrained(
     model_name = "smollm2-135m-instruct",  # changed: "unsloth/Llama-3.2-3B-Instruct"
