@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from unsloth_core.checkpoint import atomic_directory
+from unsloth_core.export_cancel import StopCheck
 from unsloth_core.export_gguf import merged_copy, quantization_type, write_gguf
 from unsloth_core.export_verify import ExportVerificationError, summary, verify_gguf
 from unsloth_core.model import Llama
@@ -27,11 +28,12 @@ def gguf_file_name(quantization: str) -> str:
 
 
 def save_gguf(model: Llama, directory: str | os.PathLike[str], tokenizer: Tokenizer,
-              quantization_method: str | Sequence[str] = "fast_quantized", ollama: bool = True
-              ) -> list[dict[str, Any]]:
+              quantization_method: str | Sequence[str] = "fast_quantized", ollama: bool = True,
+              should_stop: StopCheck | None = None) -> list[dict[str, Any]]:
     """Write and verify one GGUF per quantization method (and the Modelfile, for the first); returns the
     verification reports. Raises ValueError for an unknown method (listing the valid ones) before any work, and
-    ExportVerificationError, leaving nothing, when a file does not behave as the model."""
+    ExportVerificationError, leaving nothing, when a file does not behave as the model. `should_stop` is asked
+    between tensors and probes; True raises ExportCancelled, leaving nothing (export_cancel.py)."""
     methods = [quantization_method] if isinstance(quantization_method, str) else list(quantization_method)
     types = list(dict.fromkeys(quantization_type(m) for m in methods))
     if not types:
@@ -42,12 +44,13 @@ def save_gguf(model: Llama, directory: str | os.PathLike[str], tokenizer: Tokeni
         from unsloth_core.ollama import modelfile
 
         modelfile_text = modelfile(gguf_file_name(types[0]), tokenizer, add_bos=adds_special_tokens(tokenizer)[0])
-    merged = merged_copy(model)
+    merged = merged_copy(model, should_stop)
     reports = []
     with atomic_directory(directory, manifest={"format": "gguf", "quantizations": types}) as tmp:
         for q in types:
-            path = write_gguf(merged, tokenizer, tmp / gguf_file_name(q), q)
-            report = verify_gguf(path, merged, tokenizer, q, adapter=model if model.lora_config else None)
+            path = write_gguf(merged, tokenizer, tmp / gguf_file_name(q), q, should_stop=should_stop)
+            report = verify_gguf(path, merged, tokenizer, q, adapter=model if model.lora_config else None,
+                                 should_stop=should_stop)
             reports.append(report)
             if not report["passed"]:
                 raise ExportVerificationError(f"the exported file does not match the model, so it was not "

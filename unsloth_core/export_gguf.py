@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 
 from unsloth_core.checkpoint import model_state_dict
 from unsloth_core.config import LlamaConfig
+from unsloth_core.export_cancel import StopCheck, check_stop
 from unsloth_core.export_gguf_tokenizer import gguf_vocab, write_vocab
 from unsloth_core.gguf_import import TENSOR_NAMES
 from unsloth_core.model import Llama, rope_inv_freq
@@ -56,12 +58,15 @@ def quantization_type(name: str) -> str:
                      f"{', '.join(QUANTIZATIONS)} (or {', '.join(ALIASES)})")
 
 
-def merged_copy(model: Llama) -> Llama:
+def merged_copy(model: Llama, should_stop: StopCheck | None = None) -> Llama:
     """The model with every adapter folded in, in fp32, on the CPU: a QLoRA base is dequantized to 16 bits first,
-    then the adapter added (lora.py's merge), so nothing is rounded to 4 bits twice. The model itself is unchanged."""
+    then the adapter added (lora.py's merge), so nothing is rounded to 4 bits twice. The model itself is unchanged.
+    `should_stop` is asked before each block's merge (export_cancel.py)."""
     from unsloth_core.lora import strip_lora
 
-    state = model_state_dict(strip_lora(copy.deepcopy(model)) if model.lora_config is not None else model)
+    merging = functools.partial(check_stop, should_stop, "merging the adapter")
+    merging()
+    state = model_state_dict(strip_lora(copy.deepcopy(model), merging) if model.lora_config is not None else model)
     config = dataclasses.replace(model.config, torch_dtype="float32")
     with torch.device("meta"):
         merged = Llama(config)
@@ -112,8 +117,9 @@ def encode_tensor(w: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
 
 
 def write_gguf(model: Llama, tokenizer: Tokenizer, path: str | os.PathLike[str], quantization: str,
-               name: str | None = None) -> Path:
-    """Write an fp32 (merged, adapter-free) `model` and its tokenizer as a GGUF file of `quantization`."""
+               name: str | None = None, should_stop: StopCheck | None = None) -> Path:
+    """Write an fp32 (merged, adapter-free) `model` and its tokenizer as a GGUF file of `quantization`;
+    `should_stop` is asked before each tensor is encoded (export_cancel.py; the caller removes the file)."""
     import gguf
 
     config, path = model.config, Path(path)
@@ -121,6 +127,7 @@ def write_gguf(model: Llama, tokenizer: Tokenizer, path: str | os.PathLike[str],
     write_config(writer, config, name or str(config.extra.get("_name_or_path") or path.stem), quantization)
     write_vocab(writer, gguf_vocab(tokenizer, config.vocab_size))
     for hf, t in model_state_dict(model).items():
+        check_stop(should_stop, "writing the GGUF file")
         w = t.detach().float().cpu().numpy()
         if hf.endswith(("q_proj.weight", "k_proj.weight")):
             w = permute_rope(w, config.num_attention_heads if "q_proj" in hf else config.n_kv_heads)

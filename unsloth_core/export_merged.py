@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from unsloth_core.export_cancel import StopCheck, check_stop
 from unsloth_core.export_verify import (
     EXACT,
     LOGIT_NOISE,
     NEW_TOKENS,
+    VERIFYING,
     ExportVerificationError,
     adapter_check,
     compare,
@@ -43,15 +45,16 @@ VERIFICATION_FILE = "verification.json"
 
 
 def save_merged(model: Llama, directory: str | os.PathLike[str], tokenizer: Tokenizer | None,
-                quantization: str) -> dict[str, Any]:
+                quantization: str, should_stop: StopCheck | None = None) -> dict[str, Any]:
     """Merge, save in `quantization` ("f32", "f16", "bf16") with the tokenizer, verify; returns the report. Raises
-    ExportVerificationError, writing nothing, when the directory does not behave as the model."""
+    ExportVerificationError, writing nothing, when the directory does not behave as the model, and ExportCancelled,
+    writing nothing, when `should_stop` says so (asked between blocks and probes, export_cancel.py)."""
     from unsloth_core.checkpoint import atomic_directory
 
     if quantization not in EXACT:
         raise ValueError(f"a merged export is saved in one of {', '.join(EXACT)}, not {quantization!r}")
     with atomic_directory(Path(directory)) as tmp:
-        report = write_merged(model, tmp, tokenizer, quantization)
+        report = write_merged(model, tmp, tokenizer, quantization, should_stop=should_stop)
         if not report["passed"]:
             raise ExportVerificationError(f"the merged export failed its check: {summary(report)}", report)
         (tmp / VERIFICATION_FILE).write_text(json.dumps([report], indent=2))
@@ -59,13 +62,14 @@ def save_merged(model: Llama, directory: str | os.PathLike[str], tokenizer: Toke
 
 
 def write_merged(model: Llama, directory: Path, tokenizer: Tokenizer | None, quantization: str,
-                 tokenizer_dir: Path | None = None) -> dict[str, Any]:
+                 tokenizer_dir: Path | None = None, should_stop: StopCheck | None = None) -> dict[str, Any]:
     """The merged weights and tokenizer (the files of `tokenizer_dir` when given, as trained) written to
-    `directory`, and the verification report."""
+    `directory`, and the verification report. On ExportCancelled the caller removes `directory`."""
     from unsloth_core.checkpoint import load_model, save_model
     from unsloth_core.export_gguf import merged_copy
 
-    merged = merged_copy(model)
+    merged = merged_copy(model, should_stop)
+    check_stop(should_stop, "writing the merged model")
     save_model(merged, directory, tokenizer_dir=tokenizer_dir, dtype=EXACT[quantization])
     if tokenizer_dir is None and tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -77,22 +81,22 @@ def write_merged(model: Llama, directory: Path, tokenizer: Tokenizer | None, qua
     report: dict[str, Any] = {"format": "merged", "file": directory.name, "quantization": quantization,
                               "reference": f"merged model, weights in {quantization}",
                               **compare(reference, load_model(directory, dtype=torch.float32), prompts,
-                                        continuations)}
+                                        continuations, should_stop)}
     report["bound"] = f"exact: logits within {LOGIT_NOISE}, every greedy token equal"
     ok = report["max_abs_logit_diff"] <= LOGIT_NOISE and report["greedy_identical"] == len(prompts)
     report["tokenizer_problems"] = (tokenizer_check(tokenizer, Tokenizer.from_dir(directory))
                                     if tokenizer is not None else [])
     if model.lora_config is not None:
-        report["adapter_vs_merged"] = adapter_check(model, merged, prompts)
+        report["adapter_vs_merged"] = adapter_check(model, merged, prompts, should_stop)
         ok = ok and report["adapter_vs_merged"]["passed"]
-    report["transformers"] = transformers_check(directory, reference, prompts, continuations)
+    report["transformers"] = transformers_check(directory, reference, prompts, continuations, should_stop)
     ok = ok and report["transformers"].get("passed", True)
     report["passed"] = bool(ok and not report["tokenizer_problems"])
     return report
 
 
 def transformers_check(directory: Path, reference: Llama, prompts: list[tuple[str, list[int]]],
-                       continuations: list[list[int]]) -> dict[str, Any]:
+                       continuations: list[list[int]], should_stop: StopCheck | None = None) -> dict[str, Any]:
     """The directory loaded by transformers' LlamaForCausalLM in fp32, against `reference` on the probes, along the
     first TRANSFORMERS_TOKENS of the reference's greedy `continuations`."""
     if importlib.util.find_spec("transformers") is None:
@@ -102,6 +106,7 @@ def transformers_check(directory: Path, reference: Llama, prompts: list[tuple[st
     hf = LlamaForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
     worst, same = 0.0, 0
     for (_, ids), continuation in zip(prompts, continuations, strict=True):
+        check_stop(should_stop, VERIFYING)
         continuation = continuation[:TRANSFORMERS_TOKENS]
         seq = ids + continuation
         with torch.no_grad():

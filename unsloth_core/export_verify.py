@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from unsloth_core.errors import UnslothError
+from unsloth_core.export_cancel import StopCheck, check_stop
 from unsloth_core.model import Llama
 from unsloth_core.tokenizer import Tokenizer
 
@@ -36,6 +37,7 @@ LOGIT_NOISE = 1e-4  # fp32 summation order, for the exact types
 PROBES = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
           "Prices rose 12.5% in 2024 \u2014 caf\u00e9 \u00fcber alles!")
 NEW_TOKENS = 16
+VERIFYING = "comparing the export with the model"  # where a cancel found it
 
 
 class ExportVerificationError(UnslothError):
@@ -97,12 +99,17 @@ def teacher_forced(reference: Llama, exported: Llama, seq: list[int], n: int) ->
 
 
 def compare(reference: Llama, exported: Llama, prompts: list[tuple[str, list[int]]],
-            continuations: list[list[int]] | None = None) -> dict[str, Any]:
-    """The figures of the module docstring; `continuations`: the reference's greedy ones, when already decoded."""
+            continuations: list[list[int]] | None = None, should_stop: StopCheck | None = None) -> dict[str, Any]:
+    """The figures of the module docstring; `continuations`: the reference's greedy ones, when already decoded.
+    `should_stop` is asked between probes (export_cancel.py)."""
+    check_stop(should_stop, VERIFYING)
     if continuations is None:
         continuations = greedy(reference, [ids for _, ids in prompts], NEW_TOKENS)
-    forced = [teacher_forced(reference, exported, ids + c, len(c)) for (_, ids), c in zip(prompts, continuations,
-                                                                                          strict=True)]
+    forced = []
+    for (_, ids), c in zip(prompts, continuations, strict=True):
+        check_stop(should_stop, VERIFYING)
+        forced.append(teacher_forced(reference, exported, ids + c, len(c)))
+    check_stop(should_stop, VERIFYING)
     # where every teacher-forced argmax agrees, the exported model's own greedy run is the same tokens
     redo = [i for i, ((_, same), c) in enumerate(zip(forced, continuations)) if same != len(c)]
     own = dict(zip(redo, greedy(exported, [prompts[i][1] for i in redo], NEW_TOKENS)))
@@ -132,20 +139,23 @@ def tokenizer_check(ours: Tokenizer, theirs: Tokenizer) -> list[str]:
 
 
 def verify_gguf(path: Path, merged: Llama, tokenizer: Tokenizer, quantization: str,
-                adapter: Llama | None = None) -> dict[str, Any]:
-    """Read `path` back and compare (see the module docstring); returns the report, with `passed`."""
+                adapter: Llama | None = None, should_stop: StopCheck | None = None) -> dict[str, Any]:
+    """Read `path` back and compare (see the module docstring); returns the report, with `passed`.
+    `should_stop` is asked between tensors while reading back and between probes (export_cancel.py)."""
     from unsloth_core.checkpoint import load_model
     from unsloth_core.gguf_import import import_gguf
 
     with tempfile.TemporaryDirectory(prefix=".verify-", dir=path.parent) as tmp:
-        out = import_gguf(path, Path(tmp) / "model", progress=False)
+        out = import_gguf(path, Path(tmp) / "model", progress=False,
+                          between=lambda: check_stop(should_stop, "reading the GGUF file back"))
         exported, read_tokenizer = load_model(out, dtype=torch.float32), Tokenizer.from_dir(out)
     prompts = probe_prompts(tokenizer, merged.config.max_position_embeddings)
     exact = quantization in EXACT
     reference = rounded(merged, EXACT[quantization]) if exact else merged
     report: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size, "quantization": quantization,
                               "reference": f"merged model, weights in {quantization}" if exact
-                              else "merged model in fp32", **compare(reference, exported, prompts)}
+                              else "merged model in fp32", **compare(reference, exported, prompts,
+                                                                      should_stop=should_stop)}
     report["tokenizer_problems"] = tokenizer_check(tokenizer, read_tokenizer)
     if exact:
         report["bound"] = f"exact: logits within {LOGIT_NOISE}, every greedy token equal"
@@ -154,15 +164,17 @@ def verify_gguf(path: Path, merged: Llama, tokenizer: Tokenizer, quantization: s
         report["bound"] = f"top-1 agreement >= {MIN_TOP1[quantization]}"
         ok = report["top1_agreement"] >= MIN_TOP1[quantization]
     if quantization != "f32":  # how far the file is from the fp32 merged model, whatever its type
-        report["vs_fp32_merged"] = {k: v for k, v in compare(merged, exported, prompts).items() if k != "probes"}
+        vs_merged = compare(merged, exported, prompts, should_stop=should_stop)
+        report["vs_fp32_merged"] = {k: v for k, v in vs_merged.items() if k != "probes"}
     if adapter is not None:
-        report["adapter_vs_merged"] = adapter_check(adapter, merged, prompts)
+        report["adapter_vs_merged"] = adapter_check(adapter, merged, prompts, should_stop)
         ok = ok and report["adapter_vs_merged"]["passed"]
     report["passed"] = bool(ok and not report["tokenizer_problems"])
     return report
 
 
-def adapter_check(adapter: Llama, merged: Llama, prompts: list[tuple[str, list[int]]]) -> dict[str, Any]:
+def adapter_check(adapter: Llama, merged: Llama, prompts: list[tuple[str, list[int]]],
+                  should_stop: StopCheck | None = None) -> dict[str, Any]:
     """The merge itself: the model with its adapters (as trained, in its own dtype and device) against the fp32
     merged one. Held to float noise when the adapter model computes in fp32; reported otherwise."""
     worst = 0.0
@@ -170,6 +182,7 @@ def adapter_check(adapter: Llama, merged: Llama, prompts: list[tuple[str, list[i
     adapter.eval()
     try:
         for _, ids in prompts:
+            check_stop(should_stop, VERIFYING)
             with torch.no_grad():
                 a = adapter(torch.tensor([ids], device=adapter.device)).logits
             assert a is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,8 +226,9 @@ def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[s
 
 
 def import_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], dtype: str | torch.dtype = "float32",
-                progress: bool = True) -> Path:
-    """Convert a Llama GGUF file into a Hugging Face directory at `out_dir` (written atomically)."""
+                progress: bool = True, between: Callable[[], object] | None = None) -> Path:
+    """Convert a Llama GGUF file into a Hugging Face directory at `out_dir` (written atomically). `between` is
+    called before each tensor is read (an export's cancel check, which raises to stop)."""
     from gguf.quants import dequantize
 
     f = GGUFFile(path)
@@ -238,6 +240,8 @@ def import_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], d
     config.torch_dtype = str(target).removeprefix("torch.")
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(f.reader.tensors, desc=f"importing {Path(path).name}", unit="tensor", disable=not progress):
+        if between is not None:
+            between()
         if t.name in DERIVED:
             config.rope_scaling = llama3_scaling_from_freqs(np.asarray(t.data, dtype=np.float32), config)
             continue

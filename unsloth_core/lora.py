@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -281,9 +281,12 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
-def strip_lora(model: Llama) -> Llama:
-    """Merge every adapter and put plain `nn.Linear`s back: a model with no trace of LoRA (for export)."""
+def strip_lora(model: Llama, between: Callable[[], object] | None = None) -> Llama:
+    """Merge every adapter and put plain `nn.Linear`s back: a model with no trace of LoRA (for export).
+    `between` is called before each block is merged (an export's cancel check)."""
     for block in model.blocks():
+        if between is not None:
+            between()
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, LoRALinear):

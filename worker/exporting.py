@@ -13,8 +13,10 @@ earlier attempts wrote -> load the base (and the adapter) in fp32 on the CPU -> 
 
 Nothing half-written is ever served: a file is recorded only in the transaction that marks its export succeeded, and
 any other end (the check failed, a full disk, the model deleted meanwhile, a cancel, a lost lease) deletes the
-attempt's directory. A worker that dies mid-export stops renewing its lease; the reaper requeues the export (attempt
-+ 1, capped by `max_job_restarts`) and the next attempt starts by deleting the dead one's files.
+attempt's directory. A cancel stops the engine's call itself: the engine asks `ExportLease.should_stop` between
+tensors and probes, which reads the export's cancel flag at most once a second. A worker that dies mid-export stops
+renewing its lease; the reaper requeues the export (attempt + 1, capped by `max_job_restarts`) and the next attempt
+starts by deleting the dead one's files.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from app.db.models import Export, ExportStatus, Model
 from app.services import export_lifecycle, storage
@@ -45,12 +47,14 @@ from worker.lease import Heartbeat, Lease
 from worker.training import _final_write
 
 if TYPE_CHECKING:
+    from unsloth_core.export_cancel import StopCheck
     from unsloth_core.model import Llama
     from unsloth_core.tokenizer import Tokenizer
 
 log = logging.getLogger("worker.exporting")
 
 MERGED_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+CANCEL_POLL_S = 1.0  # how often, at most, the engine's cancel check reads the database
 
 
 @dataclass
@@ -73,9 +77,11 @@ class Source:
 
 
 class ExportLease(Lease):
-    """The job lease's heartbeat, renewing an export row instead; it notes a cancel asked for meanwhile."""
+    """The job lease's heartbeat, renewing an export row instead; it notes a cancel asked for meanwhile, and
+    `should_stop` reads it for the engine between its units of work."""
 
     cancel_requested = False
+    polled = float("-inf")  # when should_stop last read the cancel flag (time.monotonic)
 
     def renew(self) -> None:
         started = time.monotonic()
@@ -86,10 +92,25 @@ class ExportLease(Lease):
         self.expires = started + self.ctx.settings.lease_s
 
     def check(self) -> str | None:
-        """The export's stop request as the heartbeat last read it (an export is one engine call: nothing asks
-        between steps)."""
+        """The export's stop request as the heartbeat or `should_stop` last read it."""
         self.ensure()
         return "cancel" if self.cancel_requested else None
+
+    def should_stop(self) -> bool:
+        """The engine's `should_stop` (unsloth_core/export_cancel.py): whether the user cancelled the export. The
+        engine asks between tensors and probes, hundreds of times an export, so the flag is read from the database
+        at most once per CANCEL_POLL_S; a lost lease stops the export at once (LeaseLost)."""
+        self.ensure()
+        now = time.monotonic()
+        if self.cancel_requested or now - self.polled < CANCEL_POLL_S:
+            return self.cancel_requested
+        self.polled = now
+        try:
+            with self.ctx.sessions() as session:
+                self.cancel_requested = export_lifecycle.cancel_requested(session=session, export_id=self.job_id)
+        except SQLAlchemyError as e:  # the heartbeat decides when an outage has cost us the lease
+            log.warning("export %s: cannot read its cancel flag (%s); going on", self.job_id, type(e).__name__)
+        return self.cancel_requested
 
 
 def run_export(ctx: WorkerContext, export_id: str, attempt: int, owner: str) -> str:
@@ -128,7 +149,7 @@ def _run_claimed(ctx: WorkerContext, row: Export, lease: ExportLease) -> str:
         out = storage.export_attempt_dir(settings, row.id, row.attempt)
         out.mkdir(parents=True, exist_ok=True)
         source = _source(ctx, row)
-        artifacts, verification = export_artifacts(ctx, row, source, out)
+        artifacts, verification = export_artifacts(ctx, row, source, out, lease.should_stop)
     except LeaseLost:
         raise
     except Exception as e:
@@ -138,6 +159,8 @@ def _run_claimed(ctx: WorkerContext, row: Export, lease: ExportLease) -> str:
             failure = _gone(ctx, row) or failure
         if failure.code in ("internal_error", "storage_error"):
             log.exception("export %s attempt %d failed", row.id, row.attempt)
+        elif failure.code == "cancelled":
+            log.info("export %s attempt %d: cancelled mid-export; its files deleted", row.id, row.attempt)
         else:
             log.warning("export %s attempt %d failed: %s", row.id, row.attempt, failure)
         ended = _final_write(ctx, lease, lambda session: export_lifecycle.fail_export(
@@ -207,9 +230,12 @@ def classify(error: BaseException) -> ExportFailure:
                                              "space left on device), and nothing of it was kept. Create the export "
                                              "again once space is freed.")
     from unsloth_core.errors import ModelFormatError
+    from unsloth_core.export_cancel import ExportCancelled
     from unsloth_core.export_verify import ExportVerificationError
     from unsloth_core.ollama import TemplateNotTranslatable
 
+    if isinstance(error, ExportCancelled):  # recorded as cancelled: the export's cancel flag is set
+        return ExportFailure("cancelled", "The export was cancelled while it ran; nothing of it was kept.")
     if isinstance(error, ExportVerificationError):
         return ExportFailure("export_verification_failed", f"The export failed its read-back check, so it was not "
                                                            f"kept: {error}. The figures are in `verification`; a "
@@ -240,13 +266,15 @@ def _release_memory() -> None:
 # ---- the engine's part ----
 
 
-def export_artifacts(ctx: WorkerContext, row: Export, source: Source, out: Path) -> tuple[list[Artifact],
-                                                                                        dict[str, Any]]:
+def export_artifacts(ctx: WorkerContext, row: Export, source: Source, out: Path,
+                     should_stop: StopCheck | None = None) -> tuple[list[Artifact], dict[str, Any]]:
     """Write the export into `out` and read it back; returns its artifacts (the file to download first) and the
-    check's report. Raises ExportVerificationError (with the report) when the check fails."""
+    check's report. Raises ExportVerificationError (with the report) when the check fails, and ExportCancelled when
+    `should_stop` says so (asked between tensors and probes; the caller deletes `out`)."""
     import torch
 
     from unsloth_core.checkpoint import load_model
+    from unsloth_core.export_cancel import check_stop
     from unsloth_core.lora import load_adapter
     from unsloth_core.tokenizer import Tokenizer
 
@@ -254,19 +282,20 @@ def export_artifacts(ctx: WorkerContext, row: Export, source: Source, out: Path)
         torch.set_num_threads(ctx.settings.torch_threads)
     base = load_model(source.base, dtype=torch.float32)
     model = load_adapter(base, source.adapter) if source.adapter is not None else base
+    check_stop(should_stop, "loading the model")
     tokenizer_dir = source.base
     if source.adapter is not None and (source.adapter / "tokenizer.json").is_file():
         tokenizer_dir = source.adapter  # the tokenizer and chat template the adapter was trained with
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     if row.format == "gguf":
-        return _gguf(model, tokenizer, row, out)
+        return _gguf(model, tokenizer, row, out, should_stop)
     name = f"{slug(row.model)}-{row.format}"
     directory = out / name
     if row.format == "merged":
-        report = _merged(model, tokenizer, tokenizer_dir, row.quantization or "bf16", directory)
+        report = _merged(model, tokenizer, tokenizer_dir, row.quantization or "bf16", directory, should_stop)
     else:
         assert source.adapter is not None, "the API refuses a peft export of a base model"
-        report = _peft(base, model, tokenizer, source.adapter, directory)
+        report = _peft(base, model, tokenizer, source.adapter, directory, should_stop)
     report = {"file": f"{name}.tar", **report}
     if not report["passed"]:
         from unsloth_core.export_verify import ExportVerificationError
@@ -275,17 +304,19 @@ def export_artifacts(ctx: WorkerContext, row: Export, source: Source, out: Path)
         raise ExportVerificationError(f"the {row.format} export does not match the model ({report['bound']}): max "
                                       f"|logit diff| {report['max_abs_logit_diff']:.3g}; tokenizer problems: "
                                       f"{report['tokenizer_problems'] or 'none'}", report)
+    check_stop(should_stop, "packing the export")
     tar = pack(directory, out / f"{name}.tar", arcname=name)
     shutil.rmtree(directory)  # packed: one copy on disk
     return [artifact(tar, tar.name)], report
 
 
-def _gguf(model: Llama, tokenizer: Tokenizer, row: Export, out: Path) -> tuple[list[Artifact], dict[str, Any]]:
+def _gguf(model: Llama, tokenizer: Tokenizer, row: Export, out: Path,
+          should_stop: StopCheck | None) -> tuple[list[Artifact], dict[str, Any]]:
     from unsloth_core.export import gguf_file_name, save_gguf
 
     quantization = row.quantization or "q8_0"
     directory = out / "gguf"
-    reports = save_gguf(model, directory, tokenizer, quantization, ollama=row.ollama)
+    reports = save_gguf(model, directory, tokenizer, quantization, ollama=row.ollama, should_stop=should_stop)
     # The file keeps the engine's name: the Modelfile's `FROM ./model.<TYPE>.gguf` names it.
     files = [artifact(directory / gguf_file_name(quantization), gguf_file_name(quantization))]
     if row.ollama:
@@ -294,22 +325,25 @@ def _gguf(model: Llama, tokenizer: Tokenizer, row: Export, out: Path) -> tuple[l
 
 
 def _merged(model: Llama, tokenizer: Tokenizer, tokenizer_dir: Path, quantization: str,
-            directory: Path) -> dict[str, Any]:
+            directory: Path, should_stop: StopCheck | None) -> dict[str, Any]:
     """The merged model saved in `quantization`'s dtype and verified (the engine's export_merged: read back by our
     loader and by transformers, the merge against the adapter, the tokenizer written beside it)."""
     from unsloth_core.export_merged import write_merged
 
-    return write_merged(model, directory, tokenizer, quantization, tokenizer_dir=tokenizer_dir)
+    return write_merged(model, directory, tokenizer, quantization, tokenizer_dir=tokenizer_dir,
+                        should_stop=should_stop)
 
 
-def _peft(base: Llama, model: Llama, tokenizer: Tokenizer, adapter: Path, directory: Path) -> dict[str, Any]:
+def _peft(base: Llama, model: Llama, tokenizer: Tokenizer, adapter: Path, directory: Path,
+          should_stop: StopCheck | None) -> dict[str, Any]:
     """The adapter's own files (PEFT's two, and the tokenizer it was trained with), loaded back onto the base: every
     adapter tensor bit for bit, and the logits on the probes (teacher-forced: nothing was rounded, so a greedy run
     would only repeat them)."""
     import torch
 
     from unsloth_core.checkpoint import TOKENIZER_FILES, atomic_directory
-    from unsloth_core.export_verify import LOGIT_NOISE, logits_of, probe_prompts, tokenizer_check
+    from unsloth_core.export_cancel import check_stop
+    from unsloth_core.export_verify import LOGIT_NOISE, VERIFYING, logits_of, probe_prompts, tokenizer_check
     from unsloth_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, load_adapter
     from unsloth_core.tokenizer import Tokenizer
 
@@ -321,8 +355,11 @@ def _peft(base: Llama, model: Llama, tokenizer: Tokenizer, adapter: Path, direct
     ours, theirs = adapter_state_dict(model), adapter_state_dict(reloaded)
     same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     prompts = probe_prompts(tokenizer, model.config.max_position_embeddings)
-    diff = max((float((logits_of(model, ids) - logits_of(reloaded, ids)).abs().max()) for _, ids in prompts),
-               default=0.0)
+    diffs = []
+    for _, ids in prompts:
+        check_stop(should_stop, VERIFYING)
+        diffs.append(float((logits_of(model, ids) - logits_of(reloaded, ids)).abs().max()))
+    diff = max(diffs, default=0.0)
     has_tokenizer = (directory / "tokenizer.json").is_file()
     report: dict[str, Any] = {
         "format": "peft", "quantization": None, "reference": "the adapter as trained", "tensors_equal": same,

@@ -82,6 +82,13 @@ def renew_lease(*, session: Session, export_id: str, attempt: int, owner: str,
     return cancel
 
 
+def cancel_requested(*, session: Session, export_id: str) -> bool:
+    """Whether the user asked to cancel the export (one indexed read; the worker's engine polls it)."""
+    cancel = bool(session.scalar(select(Export.cancel_requested).where(Export.id == export_id)))
+    session.rollback()  # end the read's transaction: a poller must not hold a snapshot open
+    return cancel
+
+
 def _hold(session: Session, export_id: str, attempt: int, owner: str) -> Export | None:
     """The export, held for this transaction while this worker owns it (a fenced write first, as lifecycle._hold
     explains: SQLite has no row lock to read under)."""

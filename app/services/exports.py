@@ -145,8 +145,9 @@ def list_exports(*, session: Session, key: ApiKey, after: str | None, limit: int
 
 
 def cancel_export(*, session: Session, key: ApiKey, export_id: str) -> Export:
-    """A queued export is cancelled at once; a running one when its worker's export call returns (merging and
-    quantizing are one call): its output is then deleted, never recorded. A compare-and-set each time: a worker's
+    """A queued export is cancelled at once; a running one when its worker's engine next checks (between tensors
+    while merging, writing and reading back, and between probe prompts while verifying; the flag is read at most
+    once a second): what it wrote is then deleted, never recorded. A compare-and-set each time: a worker's
     claim between the read and the write makes the write miss, and the export is read again."""
     for _ in range(3):
         row = get_export(session=session, key=key, export_id=export_id)

@@ -1,13 +1,16 @@
 """The export task's body (`worker.exporting.run_export`) in this process, on real databases, with the real engine
 exporting a LoRA adapter on the tiny model: merged and PEFT exports packed as tars that load back, a file that fails
-its read-back check, a full disk, a dead worker's attempt reaped and swept, a cancel and a lost lease mid-export, and a
-model deleted before its export ran. In every failure, nothing of the export is recorded or left on disk."""
+its read-back check, a full disk, a dead worker's attempt reaped and swept, a cancel (once the engine call returned,
+and inside it, at the engine's next check) and a lost lease mid-export, and a model deleted before its export ran.
+In every failure, nothing of the export is recorded or left on disk."""
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import shutil
 import tarfile
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -213,8 +216,8 @@ def during_export(monkeypatch: pytest.MonkeyPatch, action: Callable[[str], None]
     """Run `action(export id)` once the export is written, before the worker records it."""
     original = exporting.export_artifacts
 
-    def export_artifacts(ctx: Any, row: Export, source: Any, out: Path) -> Any:
-        result = original(ctx, row, source, out)
+    def export_artifacts(ctx: Any, row: Export, source: Any, out: Path, *rest: Any) -> Any:
+        result = original(ctx, row, source, out, *rest)
         action(row.id)
         return result
 
@@ -232,6 +235,49 @@ def test_a_cancel_during_the_export_records_nothing(env: WorkerEnv, tiny_adapter
     during_export(monkeypatch, cancel)
     assert run(env, export_id) == "cancelled"
     assert export(env, export_id).status == "cancelled"
+    assert_nothing_left(env, export_id)
+
+
+def test_a_cancel_while_the_engine_exports_stops_it_at_the_next_check(env: WorkerEnv, tiny_adapter: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled as the read-back check starts, with each probe slowed to make the check outlast the poll: the engine
+    stops at the worker's next read of the flag (at most one a second), the export ends cancelled, and nothing of it
+    is recorded or left. The heartbeat, which notes a cancel too, is slowed past the export so the poll is what
+    sees it."""
+    from unsloth_core import export_verify
+
+    monkeypatch.setattr(env.ctx.settings, "heartbeat_s", 60.0)
+    export_id = create(env, fine_tune(env, tiny_adapter), format="gguf", quantization="f16")
+    probes: list[float] = []
+    original_probe = export_verify.teacher_forced
+
+    def slow_probe(*args: Any) -> Any:
+        if not probes:
+            with env.ctx.sessions() as session:
+                assert exports.cancel_export(session=session, key=env.key, export_id=export_id).cancel_requested
+        probes.append(time.monotonic())
+        time.sleep(0.2)
+        return original_probe(*args)
+
+    reads: list[float] = []
+    original_read = export_lifecycle.cancel_requested
+
+    def read(**kwargs: Any) -> bool:
+        reads.append(time.monotonic())
+        return original_read(**kwargs)
+
+    completed: list[str] = []
+    original_complete = export_lifecycle.complete_export
+    monkeypatch.setattr(export_verify, "teacher_forced", slow_probe)
+    monkeypatch.setattr(export_lifecycle, "cancel_requested", read)
+    monkeypatch.setattr(export_lifecycle, "complete_export",
+                        lambda **kwargs: completed.append(kwargs["export_id"]) or original_complete(**kwargs))
+    assert run(env, export_id) == "cancelled"
+    assert time.monotonic() - probes[0] < exporting.CANCEL_POLL_S + 1.5  # stopped at the next poll, not the end
+    assert not completed and len(probes) < 10  # the engine stopped mid-check: 2 x 5 probes make a whole one
+    assert reads and all(b - a >= exporting.CANCEL_POLL_S * 0.99 for a, b in itertools.pairwise(reads))
+    row = export(env, export_id)
+    assert (row.status, row.error) == ("cancelled", None)
     assert_nothing_left(env, export_id)
 
 
@@ -270,12 +316,12 @@ def test_a_checkpoint_pruned_while_it_is_exported(env: WorkerEnv, tiny_adapter: 
     export_id = create(env, model, format="merged")
     original = exporting.export_artifacts
 
-    def pruned_first(ctx: Any, row: Export, source: Any, out: Path) -> Any:
+    def pruned_first(ctx: Any, row: Export, source: Any, out: Path, *rest: Any) -> Any:
         with env.ctx.sessions() as session:
             session.execute(update(Model).where(Model.id == model).values(deleted_at=utcnow()))
             session.commit()
         shutil.rmtree(source.adapter)
-        return original(ctx, row, source, out)
+        return original(ctx, row, source, out, *rest)
 
     monkeypatch.setattr(exporting, "export_artifacts", pruned_first)
     assert run(env, export_id) == "failed"
