@@ -12,7 +12,7 @@ import torch
 from tests.helpers import make_tiny_tokenizer, tiny_model
 from unsloth_core.checkpoint import load_model
 from unsloth_core.errors import ModelFormatError
-from unsloth_core.gguf_import import TENSOR_NAMES, import_gguf
+from unsloth_core.gguf_import import TENSOR_NAMES, default_model_gguf, import_gguf, reader_class
 from unsloth_core.model import Llama
 from unsloth_core.tokenizer import Tokenizer
 
@@ -131,6 +131,21 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path) -> None:
     assert hello[0] == 1 and len(hello) == 3  # <s>, then the merged pieces "\u2581hello" and "\u2581world"
     bytes_of = [3 + b for b in "\u65e5".encode()]  # not in the vocabulary: its UTF-8 bytes (<0xE6> is id 3 + 0xE6)
     assert ours.encode("\u65e5", add_special_tokens=False) == [ours.backend.token_to_id(S), *bytes_of]
+
+
+def test_our_reader_reads_what_gguf_reads() -> None:
+    """reader_class (GGUFReader on a plain view of the map, for speed) gives GGUFReader's fields and tensors, on
+    the bundled model's file: a quantized one with a 49k-token vocabulary, merges and a chat template."""
+    path = str(default_model_gguf())
+    ours, theirs = reader_class()(path), gguf.GGUFReader(path)
+    assert ours.fields.keys() == theirs.fields.keys()
+    for key, field in theirs.fields.items():
+        mine = ours.fields[key]
+        assert (mine.types, mine.data, len(mine.parts)) == (field.types, field.data, len(field.parts)), key
+        assert np.array_equal(np.asarray(mine.contents()), np.asarray(field.contents())), key
+    assert [(t.name, t.tensor_type, t.data_offset) for t in ours.tensors] == [
+        (t.name, t.tensor_type, t.data_offset) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors, strict=True))
 
 
 def test_other_architecture_is_refused(tmp_path: Path) -> None:
