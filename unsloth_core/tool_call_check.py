@@ -16,16 +16,17 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
-import torch
 from referencing.exceptions import Unresolvable
 
-from unsloth_core.model import Llama
 from unsloth_core.tokenizer import Tokenizer
 from unsloth_core.tool_calls import Tool, ToolCall, calls_of, conversation_inputs, parse_tool_calls, tool_support
 from unsloth_core.tool_calls.prompt import ToolCallError
+
+if TYPE_CHECKING:  # the API imports this module for judge_calls: torch stays out of it until generation
+    from unsloth_core.model import Llama
 
 DEFAULT_TURNS = 16
 DEFAULT_MAX_TOKENS = 128
@@ -154,6 +155,8 @@ class ToolCallCheck:
     max_prompt_tokens: int | None = None
 
     def report(self, model: Llama) -> ToolCallReport:
+        import torch
+
         from unsloth_core.generate import Generator
         from unsloth_core.rl.grpo import rollout_mode
         from unsloth_core.sampling import SamplingParams
