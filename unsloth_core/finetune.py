@@ -135,8 +135,7 @@ def finetune(model_path: str | Path, train_file: str | Path, args: TrainArgs, lo
                       artifact_files=artifacts, base_model=base_name, method=method, probes=probes,
                       graded_eval=graded, tool_check=tool_check)
     if tool_check is not None:  # the model as training starts (base, or the fine-tune continued), before any resume
-        start = tool_check.run(model)
-        trainer.tool_check_start = {k.replace("/", "/start_", 1): v for k, v in start.items()}
+        tool_check.measure_start(model)
     result = trainer.train(resume_from=resume)
     final = output / FINAL_DIR
     if result.status in ("completed", "early_stopped"):

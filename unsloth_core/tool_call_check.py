@@ -153,6 +153,7 @@ class ToolCallCheck:
     tokenizer: Tokenizer
     max_new_tokens: int = DEFAULT_MAX_TOKENS
     max_prompt_tokens: int | None = None
+    start: dict[str, float] = field(default_factory=dict)
 
     def report(self, model: Llama) -> ToolCallReport:
         import torch
@@ -176,11 +177,18 @@ class ToolCallCheck:
         return ToolCallReport(results, len(self.turns) - len(fitting))
 
     def run(self, model: Llama) -> dict[str, float]:
-        """The rates as checkpoint metrics; none when no turn fits the context."""
+        """The rates as checkpoint metrics, beside the start's (`measure_start`); none when no turn fits."""
         report = self.report(model)
         if not report.turns:
             return {}
-        return {"eval_tool_calls/valid": report.valid_rate, "eval_tool_calls/matched": report.match_rate}
+        return {**self.start, "eval_tool_calls/valid": report.valid_rate,
+                "eval_tool_calls/matched": report.match_rate}
+
+    def measure_start(self, model: Llama) -> None:
+        """Check the model training starts from (the base, or the fine-tune continued): every later `run` reports
+        its figures as `start_valid` and `start_matched`."""
+        self.start = {}
+        self.start = {k.replace("/", "/start_", 1): v for k, v in self.run(model).items()}
 
     def _prompt(self, turn: ToolTurn) -> list[int]:
         messages, tools = conversation_inputs(self.tokenizer, turn.messages, turn.tools)

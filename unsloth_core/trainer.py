@@ -195,8 +195,6 @@ class Trainer:
         self.callbacks: Callbacks = callbacks or TrainerCallbacks()
         self.pad_id, self.artifact_files, self.base_model = pad_id, artifact_files or {}, base_model
         self.probes, self.graded_eval, self.tool_check = probes, graded_eval, tool_check
-        # The tool-call check's figure for the model training starts from, beside each checkpoint's (finetune sets it)
-        self.tool_check_start: dict[str, float] = {}
         self.device = model.device
         self.compute_dtype = resolve_dtype(args.dtype, self.device)
         self.output_dir = Path(args.output_dir)
@@ -354,7 +352,7 @@ class Trainer:
         if self.probes is not None:  # greedy, in eval mode: no random draw, so training goes on as without them
             last = {**last, "samples": self.probes.run(self.model)}
         if self.tool_check is not None:  # greedy too
-            last = {**last, **self.tool_check_start, **self.tool_check.run(self.model)}
+            last = {**last, **self.tool_check.run(self.model)}
         self.callbacks.on_checkpoint(path, self.state.step, last)
         return path
 
