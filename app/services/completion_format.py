@@ -39,6 +39,13 @@ SYSTEM_FINGERPRINT = "fp_unsloth"
 Finish = Literal["stop", "length"]
 
 
+# JSON may hold U+0085, U+2028 and U+2029 raw inside strings (pydantic writes them so), but Python's str.splitlines,
+# which httpx's `aiter_lines` uses to read SSE, ends a line at each: a model that emits one broke the client's stream
+# ("Unterminated string", tests.load). Escaped, the event stays one line with the same meaning; outside strings JSON
+# has none of them, so escaping is always safe.
+_ONE_LINE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 @dataclass
 class Choice:
     """One choice collected whole (a non-streamed answer)."""
@@ -66,7 +73,7 @@ class Formatter:
         self.header, self.echo = header, echo
 
     def sse(self, choices: Sequence[BaseModel], usage: Usage | None = None) -> str:
-        return f"data: {self.chunk(choices, usage).model_dump_json(exclude_unset=True)}\n\n"
+        return f"data: {self.chunk(choices, usage).model_dump_json(exclude_unset=True).translate(_ONE_LINE)}\n\n"
 
     def chunk(self, choices: Sequence[BaseModel], usage: Usage | None) -> BaseModel:
         raise NotImplementedError
