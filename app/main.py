@@ -21,6 +21,7 @@ from app.core.errors import install_error_handlers
 from app.core.middleware import (
     AuthGateMiddleware,
     BodyLimitMiddleware,
+    FairShareMiddleware,
     MetricsMiddleware,
     PathGuardMiddleware,
     RateLimitMiddleware,
@@ -69,8 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return settings.max_upload_bytes + UPLOAD_OVERHEAD
         return settings.max_request_bytes
 
-    # The last added runs first: metrics, the path guard, the key gate, the key's rate limit, the body limit.
+    # The last added runs first: metrics, the path guard, the key gate, the key's rate limit, its fair share of
+    # the API's turns, the body limit.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(FairShareMiddleware, share=ctx.fair_share, retry_after_s=settings.retry_after_s)
     app.add_middleware(RateLimitMiddleware, limiter=limiter)
     gate = KeyGate(ctx.sessions)
     app.add_middleware(AuthGateMiddleware, identify=gate.identify, remembered=gate.remembered)

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     rpm_fine_tuning: int = Field(12000, ge=0)  # job creates, polls, events, checkpoints
     rpm_models: int = Field(6000, ge=0)
     rpm_completions: int = Field(6000, ge=0)  # completions and chat completions together
+    # Requests one key has handled at once (app.core.fair_share); the rest wait their turn, up to the queue, then 429
+    max_requests_in_flight_per_key: int = Field(2, ge=1)
+    max_queued_requests_per_key: int = Field(256, ge=1)
     rate_limit_window_s: float = Field(60.0, gt=0)  # the window the RPM_* limits count in (tests shorten it)
     upload_idle_timeout_s: float = Field(60.0, gt=0)  # an upload that sends nothing for this long is cut off: 408
     max_file_lines: int = Field(1_000_000, ge=1)

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.broker import Broker
 from app.core.config import Settings, SettingsError
+from app.core.fair_share import FairShare
 from app.core.metrics import Metrics
 from app.core.probes import CachedProbe
 from app.db import migrate
@@ -30,6 +31,7 @@ class AppContext:
     broker: Broker
     metrics: Metrics
     inference: InferenceEngine
+    fair_share: FairShare
     embedded_key: str | None = None
     readiness: CachedProbe[list[str]] | None = None  # what is not ready (empty: ready), reused `probe_cache_s`
 
@@ -38,7 +40,8 @@ class AppContext:
         engine = make_engine(settings.database_url)
         metrics = Metrics()
         ctx = cls(settings=settings, engine=engine, sessions=make_session_factory(engine), broker=Broker(settings),
-                  metrics=metrics, inference=InferenceEngine(settings, metrics))
+                  metrics=metrics, inference=InferenceEngine(settings, metrics),
+                  fair_share=FairShare(settings.max_requests_in_flight_per_key, settings.max_queued_requests_per_key))
         ttl = settings.probe_cache_s
         ctx.readiness = CachedProbe(ctx.unready, ttl)
         metrics.add_scrape_sources(CachedProbe(ctx.jobs_by_status, ttl),

@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import APIError, database_busy, database_unavailable, unauthorized
+from app.core.fair_share import FairShare, ShareFull, turn_held
 from app.core.metrics import Metrics
 from app.core.rate_limit import RateLimiter, route_family
 from app.schemas.common import CONTROL_CHARACTERS
@@ -110,6 +111,51 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class FairShareMiddleware:
+    """Runs a known key's request in one of its fair-share slots (app.core.fair_share), before any of its body is
+    read; the slot is given back when the answer starts (or the request ends without one). A key with a full queue
+    is answered 429 with Retry-After."""
+
+    def __init__(self, app: ASGIApp, share: FairShare, retry_after_s: int) -> None:
+        self.app, self.share, self.retry_after_s = app, share, retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key_id = scope.get("state", {}).get(KEY_ID) if scope["type"] == "http" else None
+        if key_id is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.share.acquire(key_id)
+        except ShareFull:
+            await _send_error(send, too_many_in_flight(self.share.queue_per_key, self.retry_after_s),
+                              close=_may_have_body(scope))
+            return
+        held = True
+
+        def give_back() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.share.release(key_id)
+
+        async def send_releasing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                give_back()
+            await send(message)
+
+        try:
+            with turn_held(give_back):
+                await self.app(scope, receive, send_releasing)
+        finally:
+            give_back()
+
+
+def too_many_in_flight(queued: int, retry_after_s: int) -> APIError:
+    return APIError(429, f"This API key already has {queued} requests waiting for their turn; retry after "
+                         f"{retry_after_s} s.", code="too_many_requests_in_flight", type="requests",
+                    headers={"Retry-After": str(retry_after_s)})
 
 
 def bearer_token(header: bytes | None) -> str | None:

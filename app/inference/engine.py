@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import APIError
+from app.core.fair_share import yield_turn
 from app.core.metrics import Metrics
 from app.inference.cache import ModelCache, Served
 from app.services.models import Servable
@@ -219,6 +220,7 @@ class InferenceEngine:
         it."""
         self.metrics.prompt_tokens.labels(served.kind).inc(sum(len(p) for p in prompts))
         run = GenerationRun(served, list(prompts), list(params), self.metrics, functools.partial(self.release, key_id))
+        yield_turn()  # from here the request waits on the engine, whose per-key share governs it, not on the API
         if not run.finished:
             self.runs.add(run)
         return run
