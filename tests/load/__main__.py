@@ -1,7 +1,8 @@
 """Load test over loopback: `python -m tests.load [--duration 15] [--url URL --key KEY --model MODEL]`.
 
 Without `--url` it starts the service itself (`python -m app`: embedded SQLite and broker, a tiny random Llama in a
-temporary data dir, no worker, no request rate limits: it measures capacity) and stops it at the end. Phases, each
+temporary data dir, no worker, no request rate limits: it measures capacity; its torch threads sized as `unsloth serve`
+sizes the API's, `--torch-threads`) and stops it at the end. Phases, each
 `--duration` seconds:
 1. job polling, `GET /v1/fine_tuning/jobs/{id}` from 1, 8 and 32 clients (and wrk -t2 -c32 when installed);
 2. streaming completions (`ignore_eos`, `max_tokens` each) from 1, 8 and 32 clients: aggregate completion tokens/s
@@ -48,6 +49,7 @@ import httpx
 
 from app.core.config import Settings
 from app.core.rate_limit import FAMILIES
+from app.core.threads import cpu_count, embedded_split
 from tests.load.loadgen import FLOOD_KINDS, PhaseResult, flood_in_process, poll_job, ready, stream_completions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,8 +64,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(data_dir: Path, key: str, max_generations: int, max_batch_size: int) -> tuple[subprocess.Popen[bytes],
-                                                                                             str]:
+def start_server(data_dir: Path, key: str, max_generations: int, max_batch_size: int,
+                 torch_threads: int) -> tuple[subprocess.Popen[bytes], str]:
     from tests.fuzz.conftest import write_tiny_model
 
     write_tiny_model(data_dir / "models" / MODEL)
@@ -71,7 +73,8 @@ def start_server(data_dir: Path, key: str, max_generations: int, max_batch_size:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNSLOTH_")}
     env.update(UNSLOTH_DATA_DIR=str(data_dir), UNSLOTH_API_KEY=key, UNSLOTH_PORT=str(port),
                UNSLOTH_HOST="127.0.0.1", UNSLOTH_LOG_LEVEL="warning",
-               UNSLOTH_MAX_CONCURRENT_GENERATIONS=str(max_generations), UNSLOTH_MAX_BATCH_SIZE=str(max_batch_size))
+               UNSLOTH_MAX_CONCURRENT_GENERATIONS=str(max_generations), UNSLOTH_MAX_BATCH_SIZE=str(max_batch_size),
+               UNSLOTH_TORCH_THREADS=str(torch_threads))
     # It measures capacity: one key polls and streams as fast as the machine answers, past any per-minute limit
     # on a fast machine, so the server it starts counts no request rates (a server given with --url keeps its own).
     env.update({f"UNSLOTH_RPM_{family.upper()}": "0" for family in FAMILIES})
@@ -260,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-generations", type=int, default=defaults["max_concurrent_generations"].default,
                         help="the server's concurrency limit (UNSLOTH_MAX_CONCURRENT_GENERATIONS; default: the "
                              "service's)")
+    parser.add_argument("--torch-threads", type=int, default=embedded_split(cpu_count())[0],
+                        help="the started server's torch threads (default: the API's share under `unsloth serve`; "
+                             "every core, as `python -m app` alone takes, oversubscribed them under a flood)")
     parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"].default,
                         help="the started server's decode batch (UNSLOTH_MAX_BATCH_SIZE; default: the service's)")
     parser.add_argument("--fine-tunes", type=int, default=8,
@@ -279,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         tmp = Path(tempfile.mkdtemp(prefix="unsloth-load-"))
         key = "sk-load-" + secrets.token_hex(12)
-        proc, url = start_server(tmp / "data", key, args.max_generations, args.max_batch_size)
+        proc, url = start_server(tmp / "data", key, args.max_generations, args.max_batch_size,
+                                 args.torch_threads)
     assert key is not None, "--key is needed with --url"
     data_dir = tmp / "data" if tmp is not None else args.data_dir
     try:
