@@ -17,7 +17,7 @@ import queue
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +150,20 @@ MAX_PREFILL_TOKENS = 4096
 # A prompt longer than this that arrives while other rows decode is prefilled this many tokens a step, between their
 # decode steps, so a long prompt delays their next token by one chunk's forward, not by its whole prefill.
 PREFILL_CHUNK = 512
+
+
+def shared_prompts(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """(indices of each key's first occurrence, and for each key the position of its first occurrence among
+    those): the prompts to run, and where each request's prompt was run."""
+    firsts: list[int] = []
+    seen: dict[Hashable, int] = {}
+    source = []
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen[key] = len(firsts)
+            firsts.append(i)
+        source.append(seen[key])
+    return firsts, source
 
 
 def _only_scored(request: _Request) -> bool:
@@ -538,19 +552,27 @@ class BatchEngine:
     def _prefill(self, requests: list[_Request]) -> Tensor:
         """Grow the cache for the requests, run their prompts into the next free rows (right-padded: the padding
         lands in slots a row's own decode overwrites before it attends to them), and return each one's next-token
-        logits."""
+        logits. Requests with the same prompt on the same adapter (a GRPO group, a request's `n` choices) share one
+        prompt forward: its cache row is copied to theirs."""
         row, dev = len(self._live), self.model.device
         reserve = max(len(r.prompt) + r.params.max_new_tokens for r in self._live + requests)
         self._ensure_cache(row + len(requests), reserve)
-        t = max(len(r.prompt) for r in requests)
-        ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in requests], device=dev)
-        pos = torch.arange(t, device=dev).expand(len(requests), t)
-        with self._adapters_of(requests, t):
+        firsts, source = shared_prompts([(tuple(r.prompt), r.slot) for r in requests])
+        run = [requests[i] for i in firsts]
+        t = max(len(r.prompt) for r in run)
+        ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in run], device=dev)
+        pos = torch.arange(t, device=dev).expand(len(run), t)
+        with self._adapters_of(run, t):
             hidden = self.model.hidden_states(ids, pos, None, pos, cache_row=row)
         for i, r in enumerate(requests):
-            self._score_prompt(r, hidden[i, :len(r.prompt)], 0)
-        last = torch.tensor([len(r.prompt) - 1 for r in requests], device=dev)
-        return self.model.lm_head(hidden[torch.arange(len(requests), device=dev), last]).float()
+            self._score_prompt(r, hidden[source[i], :len(r.prompt)], 0)
+        for i in reversed(range(len(requests))):  # sources sit at or before their copies: nothing is overwritten
+            if source[i] != i:  # before it is read
+                for cache in self._caches():
+                    cache.move_row(row + source[i], row + i, t)
+        last = torch.tensor([len(r.prompt) - 1 for r in run], device=dev)
+        logits = self.model.lm_head(hidden[torch.arange(len(run), device=dev), last]).float()
+        return logits if len(run) == len(requests) else logits[torch.tensor(source, device=dev)]
 
     def _decode(self) -> None:
         """One token for every live row. Its tokens stay on the device until a read-back (`_flush`): every step

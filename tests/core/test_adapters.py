@@ -59,7 +59,8 @@ def test_a_mixed_batch_gives_what_each_adapter_gives_alone(adapters: dict[str, P
         pool.load(name, directory)
     engine = BatchEngine(model, None, max_batch_size=8, max_seq_length=64, adapters=pool)
     rows: list[tuple[str | None, list[int]]] = [("all-r8", [1, 2, 3]), (None, [4, 5, 6, 7]), ("qv-r4", [1, 2, 3]),
-                                                ("mlp-r16", [9]), ("all-r8", [200, 100, 50]), (None, [1, 2, 3])]
+                                                ("mlp-r16", [9]), ("all-r8", [200, 100, 50]), (None, [1, 2, 3]),
+                                                ("all-r8", [1, 2, 3])]  # shares its prefill with row 0 alone
     release = threading.Event()
     items: list[object] = []
 

@@ -444,6 +444,38 @@ def test_waiting_prompts_are_prefilled_together(monkeypatch: pytest.MonkeyPatch)
     assert prefills == [(2, 6), (2, 4)]
 
 
+def test_identical_prompts_share_one_prefill_and_get_what_they_get_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GRPO group or a request's `n` choices: the same prompt is run once, its cache row copied to the others;
+    each still gets the tokens and prompt logprobs it gets alone."""
+    model = tiny_model(seed=12, std=0.3)
+    forward = model.hidden_states
+    prefills: list[tuple[int, int]] = []
+
+    def counting(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if ids.size(1) > 1:
+            prefills.append(tuple(ids.shape))  # type: ignore[arg-type]
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", counting)
+    a, b, c = [1, 2, 3, 4, 5], [9, 8, 7], [42, 43, 44, 45, 46, 47]
+    prompts = [a, b, a, a, c, b, a]
+    params = SamplingParams(temperature=0, max_new_tokens=8, prompt_logprobs=2, **NO_EOS)
+    reference = Generator(tiny_model(seed=12, std=0.3), None)
+    alone = [reference.generate([p], params)[0] for p in prompts]
+    got = Generator(model, None).generate(prompts, params)
+    assert prefills == [(3, 6)]  # a, b and c once each
+    for mine, theirs in zip(got, alone):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.prompt_logprobs is not None and theirs.prompt_logprobs is not None
+        assert [p and round(p.logprob, 4) for p in mine.prompt_logprobs] == \
+            [p and round(p.logprob, 4) for p in theirs.prompt_logprobs]
+
+
+def test_shared_prompts_maps_each_request_to_the_run_that_holds_its_prompt() -> None:
+    assert serving.shared_prompts(["a", "b", "a", "c", "b"]) == ([0, 1, 3], [0, 1, 0, 2, 1])
+    assert serving.shared_prompts([]) == ([], [])
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps() -> None:
     """A prompt longer than `prefill_chunk` that arrives while rows decode is prefilled a chunk a step: the running
     rows get a token after each chunk, a row that retires meanwhile moves the partly filled row down with it, and
