@@ -419,10 +419,8 @@ def test_tokens_read_back_in_blocks_come_out_as_tokens_read_every_step(model: Ll
     assert len(in_blocks.generate(["long one"], params[-1])[0].token_ids) == 26 and len(steps) == 25
 
 
-def test_waiting_prompts_are_prefilled_together(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Requests waiting at a step share one prefill forward (right-padded), up to `max_prefill_tokens` of padded
-    prompt, and each gets the tokens it gets prefilled alone."""
-    model = tiny_model(seed=12, std=0.3)
+def counted_prefills(model: Llama, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (rows, tokens) of each prefill forward the model runs from now on."""
     forward = model.hidden_states
     prefills: list[tuple[int, int]] = []
 
@@ -432,6 +430,14 @@ def test_waiting_prompts_are_prefilled_together(monkeypatch: pytest.MonkeyPatch)
         return forward(ids, *args, **kwargs)
 
     monkeypatch.setattr(model, "hidden_states", counting)
+    return prefills
+
+
+def test_waiting_prompts_are_prefilled_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests waiting at a step share one prefill forward (right-padded), up to `max_prefill_tokens` of padded
+    prompt, and each gets the tokens it gets prefilled alone."""
+    model = tiny_model(seed=12, std=0.3)
+    prefills = counted_prefills(model, monkeypatch)
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4], [42, 43], [11, 12, 13, 14]]
     params = SamplingParams(temperature=0, max_new_tokens=8, **NO_EOS)
     alone = [Generator(tiny_model(seed=12, std=0.3), None).generate([p], params)[0].token_ids for p in prompts]
@@ -448,15 +454,7 @@ def test_identical_prompts_share_one_prefill_and_get_what_they_get_alone(monkeyp
     """A GRPO group or a request's `n` choices: the same prompt is run once, its cache row copied to the others;
     each still gets the tokens and prompt logprobs it gets alone."""
     model = tiny_model(seed=12, std=0.3)
-    forward = model.hidden_states
-    prefills: list[tuple[int, int]] = []
-
-    def counting(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if ids.size(1) > 1:
-            prefills.append(tuple(ids.shape))  # type: ignore[arg-type]
-        return forward(ids, *args, **kwargs)
-
-    monkeypatch.setattr(model, "hidden_states", counting)
+    prefills = counted_prefills(model, monkeypatch)
     a, b, c = [1, 2, 3, 4, 5], [9, 8, 7], [42, 43, 44, 45, 46, 47]
     prompts = [a, b, a, a, c, b, a]
     params = SamplingParams(temperature=0, max_new_tokens=8, prompt_logprobs=2, **NO_EOS)
