@@ -79,6 +79,11 @@ class AuthGateMiddleware:
         await self.app(scope, receive, send)
 
 
+def known_key(scope: Scope) -> str | None:
+    """The id of the key AuthGateMiddleware let this HTTP request in with, else None."""
+    return scope.get("state", {}).get(KEY_ID) if scope["type"] == "http" else None
+
+
 class RateLimitMiddleware:
     """Counts each request of a known key (AuthGateMiddleware's) in its route family: past the family's limit the
     answer is 429 before any of the body is read, and every answer carries OpenAI's `x-ratelimit-*-requests`
@@ -88,7 +93,7 @@ class RateLimitMiddleware:
         self.app, self.limiter = app, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key_id = scope.get("state", {}).get(KEY_ID) if scope["type"] == "http" else None
+        key_id = known_key(scope)
         family = route_family(scope["path"]) if key_id is not None else None
         if key_id is None or family is None:
             await self.app(scope, receive, send)
@@ -122,7 +127,7 @@ class FairShareMiddleware:
         self.app, self.share, self.retry_after_s = app, share, retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key_id = scope.get("state", {}).get(KEY_ID) if scope["type"] == "http" else None
+        key_id = known_key(scope)
         if key_id is None:
             await self.app(scope, receive, send)
             return
